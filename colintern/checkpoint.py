@@ -1,0 +1,90 @@
+"""ColIntern checkpoints (SPEC §6): one `torch.save` file of tensors and plain values, written atomically.
+
+Layout of the saved dict:
+    format_version: int
+    config:         ColInternConfig.to_dict()
+    head:           head state_dict (tensors)
+    lora:           {"config": plain dict, "state": {name: tensor}} or None
+    training:       {"step", "epoch", "epoch_position", "phase", "optimizer", "scheduler", "rng", "fingerprint", ...}
+                    or None (plain values and tensors only)
+    metrics:        dict of the last metrics
+Always read back with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from colintern.config import ColInternConfig
+from colintern.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: the old file survives any failure."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str, *, config: ColInternConfig, head: dict[str, torch.Tensor],
+                    lora: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
+                    metrics: dict[str, Any] | None = None) -> None:
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "head": {k: v.detach().cpu() for k, v in head.items()},
+        "lora": lora,
+        "training": training,
+        "metrics": dict(metrics or {}),
+    }
+    atomic_torch_save(payload, path)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read a checkpoint safely (weights_only=True); one clear line for a missing or foreign file."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle/zip errors come in many types
+        raise UserError(f"{path}: not a readable ColIntern checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(payload, dict) or "format_version" not in payload or "config" not in payload:
+        raise UserError(f"{path}: not a ColIntern checkpoint (no format_version/config)")
+    if payload["format_version"] > FORMAT_VERSION:
+        raise UserError(f"{path}: checkpoint format {payload['format_version']} is newer than this ColIntern "
+                        f"supports ({FORMAT_VERSION}); upgrade colintern")
+    return payload
+
+
+def check_compatible(payload: dict[str, Any], signature: dict[str, Any], path: str, dim: int | None = None) -> None:
+    """Fail clearly when a checkpoint was trained on another base model (architecture) or dim."""
+    saved = payload["config"]
+    saved_sig = saved.get("signature", {})
+    diffs = [f"{k}: checkpoint {saved_sig.get(k)!r} vs model {signature.get(k)!r}"
+             for k in sorted(set(saved_sig) | set(signature)) if saved_sig.get(k) != signature.get(k)]
+    if diffs:
+        raise UserError(f"{path} was trained on base model {saved.get('base_model')!r}, which does not match the "
+                        f"model being loaded ({'; '.join(diffs[:3])}); pass the matching --model_id")
+    if dim is not None and saved.get("dim") != dim:
+        raise UserError(f"{path} has dim {saved.get('dim')}, but dim {dim} was asked for")

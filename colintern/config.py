@@ -1,0 +1,74 @@
+"""ColInternConfig: every choice that changes what an embedding means (SPEC §3).
+
+It is saved in every checkpoint and every script reads it back from there, so a change of a code default
+never silently changes what an old checkpoint means. Only plain Python values live here (it goes into
+`torch.save` and is read with `weights_only=True`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from colintern.errors import UserError
+
+# Bump when the meaning of a stored field changes.
+CONFIG_VERSION = 1
+
+PAGE_TOKEN_CHOICES = ("all", "image")
+
+
+@dataclass
+class ColInternConfig:
+    """Formatting and head settings of one ColIntern model."""
+
+    base_model: str = ""               # --model_id as given (hub id or local directory)
+    backbone: str = "internvl"         # "internvl" | "qwen3_vl"
+    source_layout: str = "native"      # "native" (transformers) | "remote" (original internvl_chat, converted)
+    signature: dict[str, Any] = field(default_factory=dict)  # architecture facts that must match at load time
+    hidden_size: int = 0               # H of the language model
+    dim: int = 128                     # output token dimension
+    head_seed: int = 0                 # seed of the deterministic head initialisation
+    # Pages (InternVL): tiles of tile_size px, up to max_tiles, + a thumbnail when more than one tile.
+    tile_size: int = 448
+    max_tiles: int = 6
+    use_thumbnail: bool = True
+    image_tokens_per_tile: int = 256
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    image_token: str = "<IMG_CONTEXT>"
+    image_start_token: str = "<img>"
+    image_end_token: str = "</img>"
+    # Pages (Qwen3-VL): dynamic resolution capped by this many visual tokens.
+    max_visual_tokens: int = 768
+    page_prompt: str = "<|im_start|>user\n<image>\nDescribe the document page.<|im_end|>\n"
+    keep_page_tokens: str = "all"      # "all" real tokens of the page prompt, or only "image" tokens
+    # Queries: query_prefix + text + n_augmentation x augmentation_token (ColPali's query augmentation).
+    query_prefix: str = "Query: "
+    augmentation_token: str = "<|endoftext|>"
+    n_augmentation: int = 10
+    max_query_length: int = 256
+    padding_side: str = "right"        # right padding keeps causal hidden states independent of the batch
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.keep_page_tokens not in PAGE_TOKEN_CHOICES:
+            raise UserError(f"keep_page_tokens must be one of {PAGE_TOKEN_CHOICES}, got {self.keep_page_tokens!r}")
+        if self.padding_side not in ("right", "left"):
+            raise UserError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        if self.dim <= 0 or self.max_tiles <= 0:
+            raise UserError(f"dim and max_tiles must be positive (dim={self.dim}, max_tiles={self.max_tiles})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ColInternConfig":
+        """Rebuild from a checkpoint; unknown keys (from a newer ColIntern) are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"checkpoint config has fields this ColIntern does not know: {unknown}; upgrade colintern")
+        if values.get("version", CONFIG_VERSION) > CONFIG_VERSION:
+            raise UserError(f"checkpoint config version {values['version']} is newer than supported ({CONFIG_VERSION})")
+        return cls(**values)

@@ -1,0 +1,235 @@
+"""ColIntern: a vision-language backbone + a linear head -> bags of L2-normalised token vectors (SPEC §4).
+
+    m = ColIntern.from_pretrained(model_id, ckpt=None, device="cpu", dtype=None)
+    docs = m.encode_images(list_of_pil, batch_size=8)    # list of (L_i, dim) float32 CPU tensors
+    qs = m.encode_queries(list_of_str, batch_size=32)
+
+Every token vector is head(last hidden state) / ||.||, computed in float32. Padding is masked, never scored,
+and right padding keeps a causal LM's hidden states independent of what else is in the batch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from colintern.backbone import LoadedBackbone, load_backbone
+from colintern.checkpoint import check_compatible, load_checkpoint
+from colintern.config import ColInternConfig
+from colintern.errors import UserError
+from colintern.processor import make_processor
+
+log = logging.getLogger("colintern")
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NORM_EPS = 1e-6
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def resolve_attn_implementation(use_flash_attn: bool, device: str | torch.device) -> str:
+    """flash_attention_2 when asked for and usable, else sdpa (with a warning when it was asked for)."""
+    if not use_flash_attn:
+        return "sdpa"
+    from transformers.utils import is_flash_attn_2_available
+
+    if str(device).startswith("cuda") and is_flash_attn_2_available():
+        return "flash_attention_2"
+    log.warning("flash-attention 2 was asked for but is %s; using sdpa",
+                "not installed" if str(device).startswith("cuda") else "CUDA-only")
+    return "sdpa"
+
+
+def config_for_backbone(loaded: LoadedBackbone, model_id: str, **overrides: Any) -> ColInternConfig:
+    """A fresh ColIntern config for a backbone (no checkpoint): facts from the backbone, formatting defaults."""
+    config = ColInternConfig(base_model=model_id, backbone=loaded.kind, source_layout=loaded.layout,
+                             signature=loaded.signature, hidden_size=loaded.hidden_size,
+                             tile_size=loaded.tile_size or 448, image_tokens_per_tile=loaded.image_tokens_per_tile or 256)
+    values = config.to_dict()
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise UserError(f"unknown ColIntern config fields {unknown}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ColInternConfig.from_dict(values)
+
+
+class ColIntern(nn.Module):
+    """Backbone + head. Holds its ColInternConfig, the processor built from it, and optional LoRA adapters."""
+
+    def __init__(self, loaded: LoadedBackbone, config: ColInternConfig):
+        super().__init__()
+        self.backbone = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.signature = loaded.signature
+        self.config = config
+        self.processor = make_processor(loaded.tokenizer, config)
+        self.head = nn.Linear(config.hidden_size, config.dim)  # fp32 whatever the backbone dtype
+        generator = torch.Generator().manual_seed(config.head_seed)
+        with torch.no_grad():
+            bound = config.hidden_size ** -0.5
+            self.head.weight.copy_(torch.empty_like(self.head.weight).uniform_(-bound, bound, generator=generator))
+            self.head.bias.zero_()
+        self.head.to(next(self.backbone.parameters()).device)
+        self.lora_config: dict[str, Any] | None = None
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_id: str, ckpt: str | None = None, device: str | None = "cpu",
+                        dtype: str | torch.dtype | None = None, use_flash_attn: bool = False,
+                        **config_overrides: Any) -> "ColIntern":
+        """Load a backbone (hub id or local dir) and optionally a ColIntern checkpoint (head + LoRA + config).
+
+        With a checkpoint, its config decides the formatting; an explicit override of a field that changes
+        what the checkpoint means is applied with a warning.
+        """
+        device = device or default_device()
+        torch_dtype = resolve_dtype(dtype, device)
+        attn = resolve_attn_implementation(use_flash_attn, device)
+        payload = load_checkpoint(ckpt) if ckpt else None
+        loaded = load_backbone(model_id, dtype=torch_dtype, attn_implementation=attn, device=device)
+        if payload is None:
+            model = cls(loaded, config_for_backbone(loaded, model_id, **config_overrides))
+        else:
+            check_compatible(payload, loaded.signature, ckpt)
+            values = dict(payload["config"])
+            for key, value in config_overrides.items():
+                if value is not None and values.get(key) != value:
+                    log.warning("overriding checkpoint setting %s=%r with %r: embeddings will differ from "
+                                "those the checkpoint was trained with", key, values.get(key), value)
+                    values[key] = value
+            model = cls(loaded, ColInternConfig.from_dict(values))
+            model.load_parts(payload)
+        return model.to(device)
+
+    def load_parts(self, payload: dict[str, Any]) -> None:
+        """Load head and LoRA weights from a checkpoint payload."""
+        self.head.load_state_dict(payload["head"])
+        if payload.get("lora"):
+            lora = payload["lora"]
+            self.add_lora(**lora["config"])
+            self.load_lora_state(lora["state"])
+
+    # -- LoRA -----------------------------------------------------------------------------------------
+    def lora_targets(self, include_vision: bool) -> list[nn.Module]:
+        targets = [self.backbone.language_model]
+        if include_vision:
+            targets.append(self.backbone.vision_tower if hasattr(self.backbone, "vision_tower") else self.backbone.visual)
+        return targets
+
+    def add_lora(self, r: int = 32, lora_alpha: int = 32, lora_dropout: float = 0.1,
+                 target_modules: Sequence[str] | None = None, include_vision: bool = False) -> None:
+        """Inject LoRA adapters into the language model's linear layers (the vision tower only if asked)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if self.lora_config is not None:
+            raise UserError("LoRA adapters are already attached to this model")
+        targets = list(target_modules or LORA_TARGETS)
+        lora = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+        for module in self.lora_targets(include_vision):
+            inject_adapter_in_model(lora, module)
+        self.lora_config = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+                            "target_modules": targets, "include_vision": include_vision}
+        device = next(self.head.parameters()).device
+        for name, param in self.backbone.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(device=device, dtype=torch.float32)
+
+    def lora_state(self) -> dict[str, torch.Tensor] | None:
+        if self.lora_config is None:
+            return None
+        return {name: param.detach().cpu().clone() for name, param in self.backbone.named_parameters()
+                if "lora_" in name}
+
+    def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.backbone.named_parameters())
+        missing = [k for k in params if "lora_" in k and k not in state]
+        unexpected = [k for k in state if k not in params]
+        if missing or unexpected:
+            raise UserError(f"LoRA weights do not fit this model (missing {missing[:2]}, unexpected {unexpected[:2]})")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """What a checkpoint stores about the model itself (SPEC §6)."""
+        lora = None if self.lora_config is None else {"config": dict(self.lora_config), "state": self.lora_state()}
+        return {"config": self.config, "head": self.head.state_dict(), "lora": lora}
+
+    # -- forward ---------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last hidden states (B, L, H) of a processed batch."""
+        model_inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "keep_mask"}
+        out = self.backbone(**model_inputs, use_cache=False)
+        return out.last_hidden_state
+
+    def project(self, hidden: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) hidden states -> (B, L, dim) unit vectors in float32, zero where keep_mask is False."""
+        emb = self.head(hidden.float())  # (B, L, dim)
+        emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        return emb * keep_mask.to(emb.device).unsqueeze(-1)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Processed batch -> (embeddings (B, L, dim) float32, keep_mask (B, L) bool)."""
+        keep = inputs["keep_mask"].to(self.device)
+        return self.project(self.hidden_states(inputs), keep), keep
+
+    # -- encoding --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _encode(self, items: Sequence[Any], costs: list[int], process, batch_size: int, desc: str,
+                show_progress: bool | None) -> list[torch.Tensor]:
+        """Encode items in batches of similar cost (largest first); results in the input order."""
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(items)), key=lambda i: -costs[i])
+        results: list[torch.Tensor | None] = [None] * len(items)
+        show = len(items) > batch_size if show_progress is None else show_progress
+        with tqdm(total=len(items), desc=desc, unit="item", disable=not show, dynamic_ncols=True) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                emb, keep = self.forward(process([items[i] for i in idx]))
+                emb, keep = emb.cpu(), keep.cpu()
+                for row, i in enumerate(idx):
+                    results[i] = emb[row][keep[row]].clone()  # (L_i, dim) real tokens only
+                bar.update(len(idx))
+        self.train(was_training)
+        return results  # type: ignore[return-value]
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 8,
+                      show_progress: bool | None = None) -> list[torch.Tensor]:
+        """Pages -> list of (L_i, dim) float32 CPU tensors."""
+        costs = []
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise UserError(f"image {i}: expected a PIL image, got {type(image).__name__}")
+            costs.append(self.processor.page_cost(image) if min(image.size) > 0 else 0)
+        return self._encode(images, costs, self.processor.process_images, batch_size, "encode pages", show_progress)
+
+    def encode_queries(self, queries: Sequence[str], batch_size: int = 32,
+                       show_progress: bool | None = None) -> list[torch.Tensor]:
+        """Queries -> list of (L_i, dim) float32 CPU tensors."""
+        costs = [len(q) if isinstance(q, str) else 0 for q in queries]
+        return self._encode(queries, costs, self.processor.process_queries, batch_size, "encode queries",
+                            show_progress)

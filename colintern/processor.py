@@ -1,0 +1,111 @@
+"""Turn page images and query strings into model inputs, exactly as the ColIntern config says (SPEC §3).
+
+InternVL pages: dynamic tiling into `tile_size` tiles (up to `max_tiles`, + a thumbnail when there is more
+than one tile) with transformers' GotOcr2 image processor (its PIL backend: no torchvision), and a page prompt
+whose `<image>` becomes `<img>` + `<IMG_CONTEXT>` x (tokens per tile x tiles) + `</img>`.
+Queries: `query_prefix + text + n_augmentation x augmentation_token`, every token attended and kept.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from colintern.config import ColInternConfig
+from colintern.errors import UserError
+
+MAX_ASPECT_RATIO = 50.0  # wider or taller than 50:1 is not a page (e.g. a 20000x50 strip)
+
+
+def check_page_image(image: Any, where: str) -> Image.Image:
+    """Return an RGB PIL image, or raise UserError naming `where` for what cannot be a page."""
+    if not isinstance(image, Image.Image):
+        raise UserError(f"{where}: expected a PIL image, got {type(image).__name__}")
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise UserError(f"{where}: image has size {width}x{height}; an empty image cannot be encoded")
+    if max(width / height, height / width) > MAX_ASPECT_RATIO:
+        raise UserError(f"{where}: image of {width}x{height} has an aspect ratio over {MAX_ASPECT_RATIO:.0f}:1; "
+                        "crop or split it into pages first")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def check_query(text: Any, where: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}: empty query; every query needs some text")
+    return text
+
+
+class InternVLProcessor:
+    """Processor for InternVL backbones (tokenizer + GotOcr2 PIL image processor)."""
+
+    def __init__(self, tokenizer: Any, config: ColInternConfig):
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        self.tokenizer = tokenizer
+        self.config = config
+        self.image_processor = GotOcr2ImageProcessorPil(
+            size={"height": config.tile_size, "width": config.tile_size}, crop_to_patches=True, min_patches=1,
+            max_patches=config.max_tiles, image_mean=config.image_mean, image_std=config.image_std,
+            do_convert_rgb=True,
+        )
+        if not config.use_thumbnail:
+            raise UserError("use_thumbnail=False is not supported by the GotOcr2 tiling of InternVL")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        tokenizer.padding_side = config.padding_side
+        if tokenizer.pad_token is None:
+            raise UserError("the tokenizer has no pad token; set one in its tokenizer_config.json")
+
+    # -- sizes ---------------------------------------------------------------------------------------
+    def num_tiles(self, image: Image.Image) -> int:
+        """Tiles the page will be cut into (thumbnail included) — cheap, used to sort pages by cost."""
+        width, height = image.size
+        return self.image_processor.get_number_of_image_patches(height, width, {})
+
+    def page_cost(self, image: Image.Image) -> int:
+        return self.num_tiles(image) * self.config.image_tokens_per_tile
+
+    # -- pages -----------------------------------------------------------------------------------------
+    def process_images(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Batch of pages -> input_ids (B, L), attention_mask (B, L), pixel_values (T, 3, S, S), keep_mask (B, L)."""
+        cfg = self.config
+        pixel_values, texts = [], []
+        for i, image in enumerate(images):
+            image = check_page_image(image, f"image {i}")
+            out = self.image_processor(image, return_tensors="pt")
+            tiles = int(out["num_patches"][0])
+            pixel_values.append(out["pixel_values"])  # (tiles, 3, S, S)
+            image_text = cfg.image_start_token + cfg.image_token * (tiles * cfg.image_tokens_per_tile) + cfg.image_end_token
+            texts.append(cfg.page_prompt.replace("<image>", image_text))
+        batch = self.tokenizer(texts, padding="longest", return_tensors="pt", add_special_tokens=False)
+        keep = batch["attention_mask"].bool()
+        if cfg.keep_page_tokens == "image":
+            keep = keep & (batch["input_ids"] == self.image_token_id)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "pixel_values": torch.cat(pixel_values, dim=0), "keep_mask": keep}
+
+    # -- queries ---------------------------------------------------------------------------------------
+    def format_query(self, text: str) -> str:
+        cfg = self.config
+        return cfg.query_prefix + text + cfg.augmentation_token * cfg.n_augmentation
+
+    def process_queries(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Batch of queries -> input_ids (B, L), attention_mask (B, L), keep_mask (B, L)."""
+        formatted = [self.format_query(check_query(t, f"query {i}")) for i, t in enumerate(texts)]
+        batch = self.tokenizer(formatted, padding="longest", truncation=True, return_tensors="pt",
+                               max_length=self.config.max_query_length + self.config.n_augmentation,
+                               add_special_tokens=False)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "keep_mask": batch["attention_mask"].bool()}
+
+
+def make_processor(tokenizer: Any, config: ColInternConfig):
+    """The processor for the config's backbone kind."""
+    if config.backbone == "internvl":
+        return InternVLProcessor(tokenizer, config)
+    if config.backbone == "qwen3_vl":
+        from colintern.qwen3vl import Qwen3VLProcessor
+
+        return Qwen3VLProcessor(tokenizer, config)
+    raise UserError(f"unknown backbone kind {config.backbone!r}")
