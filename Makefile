@@ -8,15 +8,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: venv test demo clean
 
-# torch first: the CPU build where no CUDA GPU is present (torchvision is never installed).
+# torch first (torch==2.13.0: the CPU build on a machine without CUDA; torchvision is never installed),
+# so that nothing in requirements.txt pulls another torch build.
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(PY) -m pip install -q torch==2.13.0; \
-	else \
-		$(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu || $(PY) -m pip install -q torch==2.13.0; \
-	fi
+	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
