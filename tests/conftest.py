@@ -1,0 +1,30 @@
+"""Shared session fixtures: the tiny model and the synthetic corpus are built once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """The tiny InternVL3.5-architecture model in the transformers-native layout."""
+    from colintern.tiny import build_tiny_internvl
+
+    return build_tiny_internvl(str(tmp_path_factory.mktemp("tiny_native")), layout="native", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_remote_dir(tmp_path_factory) -> str:
+    """The same tiny model written as an original internvl_chat checkpoint."""
+    from colintern.tiny import build_tiny_internvl
+
+    return build_tiny_internvl(str(tmp_path_factory.mktemp("tiny_remote")), layout="remote", seed=0)
