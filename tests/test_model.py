@@ -1,0 +1,196 @@
+"""Foundation: backbone loading (both layouts), processor, batch-independent embeddings, checkpoints, bad input."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+
+from colintern import ColIntern, UserError
+from colintern.checkpoint import load_checkpoint, save_checkpoint
+from colintern.config import ColInternConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def page(width: int, height: int, colour: tuple[int, int, int], seed: int = 0) -> Image.Image:
+    """A page with some structure (so different tiles differ)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = (torch.rand(height, width, 3, generator=g) * 60).to(torch.uint8)
+    base = torch.tensor(colour, dtype=torch.uint8).expand(height, width, 3)
+    return Image.fromarray((base.int() * 3 // 4 + noise.int()).clamp(0, 255).to(torch.uint8).numpy())
+
+
+PAGES = [page(224, 300, (255, 0, 0), 1), page(100, 100, (0, 0, 255), 2), page(600, 200, (0, 255, 0), 3),
+         page(120, 900, (200, 200, 0), 4), page(50, 60, (0, 0, 0), 5), page(448, 448, (10, 200, 100), 6),
+         page(300, 224, (90, 20, 200), 7), page(1000, 1400, (255, 255, 255), 8)]
+QUERIES = ["red page", "a blue square with the word delta", "which page shows a green triangle on a white background?",
+           "x", "chart", "table of revenue per year in the annual report", "gamma", "find the star"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return ColIntern.from_pretrained(tiny_model_dir, max_tiles=4)
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def test_remote_layout_converts_to_identical_embeddings(model, tiny_model_dir, tiny_remote_dir):
+    remote = ColIntern.from_pretrained(tiny_remote_dir, max_tiles=4)
+    assert remote.config.source_layout == "remote" and model.config.source_layout == "native"
+    assert remote.signature == model.signature
+    native_state = model.backbone.state_dict()
+    remote_state = remote.backbone.state_dict()
+    assert set(native_state) == set(remote_state)
+    assert all(torch.equal(native_state[k], remote_state[k]) for k in native_state)
+    assert max_diff(model.encode_images(PAGES[:4]), remote.encode_images(PAGES[:4])) < 1e-6
+    assert max_diff(model.encode_queries(QUERIES[:4]), remote.encode_queries(QUERIES[:4])) < 1e-6
+
+
+def test_embedding_shapes_norms_and_token_counts(model):
+    docs = model.encode_images(PAGES)
+    proc = model.processor
+    prompt_tokens = len(model.tokenizer(model.config.page_prompt.replace("<image>", "<img></img>"),
+                                        add_special_tokens=False)["input_ids"])
+    for image, emb in zip(PAGES, docs):
+        tiles = proc.num_tiles(image)
+        assert emb.shape == (prompt_tokens + tiles * model.config.image_tokens_per_tile, 128)
+        assert emb.dtype == torch.float32 and emb.device.type == "cpu"
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(emb.shape[0]), atol=1e-5, rtol=0)
+    # Tiling: a 100x100 page is one tile (no thumbnail); 1000x1400 (w/h 0.71) takes the closest grid, 1x2, + a thumbnail;
+    # a square 448x448 page (4x the 112-px tile area) fills a 2x2 grid + a thumbnail; 120x900 (w/h 0.13) becomes a 1x4 column + a thumbnail.
+    assert proc.num_tiles(PAGES[1]) == 1
+    assert proc.num_tiles(PAGES[7]) == 3
+    assert proc.num_tiles(PAGES[5]) == 5 and proc.num_tiles(PAGES[3]) == 5
+    queries = model.encode_queries(QUERIES[:2])
+    n_text = len(model.tokenizer("Query: red page", add_special_tokens=False)["input_ids"])
+    assert queries[0].shape == (n_text + model.config.n_augmentation, 128)
+
+
+def test_item_embedding_is_the_same_alone_and_in_a_mixed_batch(model):
+    batched = model.encode_images(PAGES, batch_size=8)
+    alone = [model.encode_images([p], batch_size=1)[0] for p in PAGES]
+    assert max_diff(batched, alone) < 1e-4
+    batched_q = model.encode_queries(QUERIES, batch_size=8)
+    alone_q = [model.encode_queries([q], batch_size=1)[0] for q in QUERIES]
+    assert max_diff(batched_q, alone_q) < 1e-4
+
+
+def test_query_formatting_is_from_the_config(model):
+    assert model.processor.format_query("abc") == "Query: abc" + "<|endoftext|>" * 10
+    inputs = model.processor.process_queries(["abc", "a much longer query text"])
+    # Augmentation tokens are real (attended and kept) even though they equal the pad token.
+    assert inputs["keep_mask"][0].sum() == inputs["attention_mask"][0].sum()
+    assert inputs["attention_mask"][0].sum() < inputs["attention_mask"].shape[1]
+
+
+def test_keep_only_image_tokens(tiny_model_dir):
+    m = ColIntern.from_pretrained(tiny_model_dir, max_tiles=4, keep_page_tokens="image")
+    docs = m.encode_images(PAGES[:3])
+    assert [d.shape[0] for d in docs] == [m.processor.num_tiles(p) * 16 for p in PAGES[:3]]
+
+
+def test_checkpoint_round_trip_with_lora_reproduces_embeddings(tiny_model_dir, tmp_path):
+    m = ColIntern.from_pretrained(tiny_model_dir, max_tiles=2, dim=64, head_seed=3)
+    m.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():  # make the adapters non-trivial (LoRA B starts at zero)
+        for name, p in m.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    assert not any("lora_" in n for n, _ in m.backbone.vision_tower.named_parameters())
+    path = str(tmp_path / "colintern_heads_step1.pt")
+    save_checkpoint(path, **m.checkpoint_parts(), training={"step": 1}, metrics={"loss": 0.5})
+    payload = load_checkpoint(path)
+    assert payload["format_version"] == 1 and payload["config"]["dim"] == 64 and payload["config"]["max_tiles"] == 2
+    assert payload["metrics"] == {"loss": 0.5} and payload["lora"]["config"]["r"] == 4
+    loaded = ColIntern.from_pretrained(tiny_model_dir, ckpt=path)  # formatting comes from the checkpoint
+    assert loaded.config == m.config
+    assert max_diff(m.encode_images(PAGES[:3]), loaded.encode_images(PAGES[:3])) == 0.0
+    assert max_diff(m.encode_queries(QUERIES[:3]), loaded.encode_queries(QUERIES[:3])) == 0.0
+
+
+def test_checkpoint_write_is_atomic(tiny_model_dir, tmp_path, monkeypatch):
+    m = ColIntern.from_pretrained(tiny_model_dir)
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, **m.checkpoint_parts(), metrics={"loss": 1.0})
+    before = open(path, "rb").read()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, **m.checkpoint_parts(), metrics={"loss": 2.0})
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")] == []
+    assert load_checkpoint(path)["metrics"] == {"loss": 1.0}
+
+
+def test_checkpoint_for_another_base_model_fails_clearly(tiny_model_dir, tmp_path):
+    m = ColIntern.from_pretrained(tiny_model_dir)
+    config = m.config.to_dict()
+    config["signature"] = dict(config["signature"], hidden_size=1024)
+    config["base_model"] = "OpenGVLab/InternVL3_5-1B-Instruct"
+    path = str(tmp_path / "other.pt")
+    save_checkpoint(path, config=ColInternConfig.from_dict(config), head=m.head.state_dict())
+    with pytest.raises(UserError, match="trained on base model 'OpenGVLab/InternVL3_5-1B-Instruct'"):
+        ColIntern.from_pretrained(tiny_model_dir, ckpt=path)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable ColIntern checkpoint"):
+        ColIntern.from_pretrained(tiny_model_dir, ckpt=str(garbage))
+
+
+def test_bad_inputs_give_one_clear_line(model, tmp_path):
+    with pytest.raises(UserError, match=r"image 1: image has size 0x0"):
+        model.encode_images([PAGES[0], Image.new("RGB", (0, 0))])
+    with pytest.raises(UserError, match=r"image 0: image of 20000x50 has an aspect ratio over 50:1"):
+        model.encode_images([Image.new("RGB", (20000, 50))])
+    with pytest.raises(UserError, match=r"query 1: empty query"):
+        model.encode_queries(["fine", "   "])
+    with pytest.raises(UserError, match=r"does not exist"):
+        ColIntern.from_pretrained(str(tmp_path / "no_such_model"))
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UserError, match=r"model_type 'bert'"):
+        ColIntern.from_pretrained(str(tmp_path / "weird"))
+    with pytest.raises(UserError, match=r"hub is unreachable"):
+        ColIntern.from_pretrained("OpenGVLab/InternVL3_5-1B-Instruct-not-cached")
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "colintern.tiny", str(tmp_path / "t"), "--layout", "nope"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_imports_and_encodes_without_torchvision(tiny_model_dir):
+    """torchvision is never required: block its import and run the SPEC §4 snippet."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torchvision"] = None  # any 'import torchvision' now raises ImportError
+        from PIL import Image
+        from colintern import ColIntern
+        from colintern.scoring import maxsim
+        m = ColIntern.from_pretrained({tiny_model_dir!r}, device="cpu")
+        docs = m.encode_images([Image.new("RGB", (300, 400), "red"), Image.new("RGB", (64, 64), "blue")], batch_size=8)
+        qs = m.encode_queries(["red page", "blue page"], batch_size=32)
+        S = maxsim(qs, docs)
+        assert S.shape == (2, 2) and S.dtype.is_floating_point
+        assert "torchvision" not in [k for k, v in sys.modules.items() if v is not None]
+        print("OK", tuple(S.shape))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OK (2, 2)" in proc.stdout
