@@ -1,0 +1,57 @@
+"""Real-size smoke test: random weights at the InternVL3.5-1B shapes, bf16, one single-tile page and one query."""
+from __future__ import annotations
+
+import time
+
+import torch
+from PIL import Image
+
+from colintern.backbone import LoadedBackbone, load_tokenizer
+from colintern.model import ColIntern, config_for_backbone
+
+
+def internvl35_1b_config(image_token_id: int):
+    """InternVL3.5-1B: InternViT-300M (1024 x 24 layers, qkv bias) + Qwen3-0.6B (1024 x 28 layers, vocab 151936)."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen3Config
+
+    vision = InternVLVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                  intermediate_size=4096, attention_bias=True, image_size=448, patch_size=14,
+                                  use_mean_pooling=True, norm_type="layer_norm", layer_norm_eps=1e-6)
+    text = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                       max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    return InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
+                          image_seq_length=256, downsample_ratio=0.5)
+
+
+def test_internvl35_1b_shapes_bf16(tiny_model_dir):
+    from transformers import InternVLModel
+
+    tokenizer = load_tokenizer(tiny_model_dir)  # ids < 151936, so the tiny tokenizer drives the big model
+    config = internvl35_1b_config(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    config._attn_implementation = "sdpa"
+    start = time.time()
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        backbone = InternVLModel(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    n_params = sum(p.numel() for p in backbone.parameters())
+    assert 0.7e9 < n_params < 1.1e9, n_params  # InternVL3.5-1B without its LM head
+    assert backbone.vision_tower.encoder.layer[0].attention.q_proj.bias is not None
+    loaded = LoadedBackbone(model=backbone, tokenizer=tokenizer, kind="internvl", layout="native", hidden_size=1024,
+                            signature={"model_type": "internvl", "hidden_size": 1024}, tile_size=448,
+                            image_tokens_per_tile=256)
+    model = ColIntern(loaded, config_for_backbone(loaded, "random-InternVL3_5-1B"))
+    page = Image.new("RGB", (448, 448), (240, 240, 240))
+    doc = model.encode_images([page])[0]
+    query = model.encode_queries(["what is the total revenue in 2023?"])[0]
+    prompt = len(tokenizer(model.config.page_prompt.replace("<image>", "<img></img>"), add_special_tokens=False)["input_ids"])
+    assert model.processor.num_tiles(page) == 1
+    assert doc.shape == (prompt + 256, 128) and doc.dtype == torch.float32
+    assert torch.isfinite(doc).all() and torch.isfinite(query).all()
+    torch.testing.assert_close(doc.norm(dim=-1), torch.ones(doc.shape[0]), atol=1e-4, rtol=0)
+    assert query.shape[0] == len(tokenizer("Query: what is the total revenue in 2023?", add_special_tokens=False)["input_ids"]) + 10
+    assert time.time() - start < 300
