@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,6 +60,7 @@ class LoadedBackbone:
     signature: dict[str, Any]   # architecture facts a checkpoint must match
     tile_size: int = 0
     image_tokens_per_tile: int = 0
+    config_defaults: dict[str, Any] = field(default_factory=dict)  # backbone-specific ColInternConfig defaults
 
 
 def resolve_file(model_id: str, filename: str, required: bool = True) -> str | None:

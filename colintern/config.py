@@ -41,6 +41,7 @@ class ColInternConfig:
     image_end_token: str = "</img>"
     # Pages (Qwen3-VL): dynamic resolution capped by this many visual tokens.
     max_visual_tokens: int = 768
+    min_visual_tokens: int = 4         # smaller pages are upscaled to at least this many visual tokens
     page_prompt: str = "<|im_start|>user\n<image>\nDescribe the document page.<|im_end|>\n"
     keep_page_tokens: str = "all"      # "all" real tokens of the page prompt, or only "image" tokens
     # Queries: query_prefix + text + n_augmentation x augmentation_token (ColPali's query augmentation).

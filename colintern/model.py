@@ -65,6 +65,7 @@ def config_for_backbone(loaded: LoadedBackbone, model_id: str, **overrides: Any)
                              signature=loaded.signature, hidden_size=loaded.hidden_size,
                              tile_size=loaded.tile_size or 448, image_tokens_per_tile=loaded.image_tokens_per_tile or 256)
     values = config.to_dict()
+    values.update(loaded.config_defaults)  # e.g. the ColQwen3 page prompt and image tokens for qwen3_vl
     unknown = sorted(set(overrides) - set(values))
     if unknown:
         raise UserError(f"unknown ColIntern config fields {unknown}")
@@ -145,6 +146,12 @@ class ColIntern(nn.Module):
         targets = list(target_modules or LORA_TARGETS)
         lora = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
         for module in self.lora_targets(include_vision):
+            if module is getattr(self.backbone, "visual", None):  # Qwen3-VL vision blocks: fused qkv + proj
+                from colintern.qwen3vl import VISION_LORA_TARGETS
+
+                inject_adapter_in_model(LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                   target_modules=VISION_LORA_TARGETS), module)
+                continue
             inject_adapter_in_model(lora, module)
         self.lora_config = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
                             "target_modules": targets, "include_vision": include_vision}

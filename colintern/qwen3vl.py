@@ -1,0 +1,237 @@
+"""Qwen3-VL backbone (the "ColQwen3" recipe) behind the same interface as InternVL (SPEC §2, §3).
+
+- `load_qwen3vl`: transformers' `Qwen3VLModel` (vision tower `.visual` + text model `.language_model`, no LM
+  head) from a hub id or a local directory, the same code path for both; nothing remote is executed.
+- `Qwen3VLProcessor`: pages at their own aspect ratio (no tiling), resized so that at most
+  `config.max_visual_tokens` visual tokens (after the 2x2 patch merge) come out, with transformers' Qwen2-VL
+  image processor PIL backend (no torchvision). The page prompt's `<image>` becomes
+  `<|vision_start|>` + `<|image_pad|>` x n + `<|vision_end|>`. Queries: the same prefix + augmentation scheme
+  as InternVL. Right padding; M-RoPE position ids are computed inside the model from input_ids,
+  image_grid_thw, mm_token_type_ids and attention_mask, so padding never moves a real token.
+- `build_tiny_qwen3vl`: a tiny random Qwen3-VL for tests (`python -m colintern.tiny OUT --backbone qwen3_vl`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from colintern.backbone import LoadedBackbone, load_tokenizer, resolve_file
+from colintern.config import ColInternConfig
+from colintern.errors import UserError
+from colintern.processor import InternVLProcessor, check_page_image
+
+log = logging.getLogger("colintern")
+
+# ColQwen2/ColQwen3 page prompt (colpali-engine's visual_prompt_prefix); "<image>" is expanded by the processor.
+QWEN_PAGE_PROMPT = "<|im_start|>user\n<image>Describe the image.<|im_end|><|endoftext|>"
+# Qwen3-VL preprocessor defaults, used when a model folder has no preprocessor_config.json.
+QWEN3VL_IMAGE_MEAN = [0.5, 0.5, 0.5]
+QWEN3VL_IMAGE_STD = [0.5, 0.5, 0.5]
+QWEN3VL_MIN_PIXELS = 65536  # Qwen3-VL's size.shortest_edge: 64 visual tokens of 32x32 px
+# Vision-tower linear layers that LoRA adapts when --lora_vision is asked for (fused qkv + output projection).
+VISION_LORA_TARGETS = r".*blocks\.\d+\.attn\.(qkv|proj)"
+
+
+# -- loading ------------------------------------------------------------------------------------------
+def _read_preprocessor(model_id: str) -> dict[str, Any]:
+    path = resolve_file(model_id, "preprocessor_config.json", required=False)
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable preprocessor_config.json ({err})") from None
+
+
+def qwen3vl_signature(config) -> dict[str, Any]:
+    """Architecture facts a checkpoint must match; patch/merge sizes are also what the processor needs."""
+    vision, text = config.vision_config, config.text_config
+    return {
+        "model_type": "qwen3_vl", "text_model_type": text.model_type, "hidden_size": int(text.hidden_size),
+        "num_hidden_layers": int(text.num_hidden_layers), "vocab_size": int(text.vocab_size),
+        "vision_hidden_size": int(vision.hidden_size), "vision_layers": int(vision.depth),
+        "patch_size": int(vision.patch_size), "spatial_merge_size": int(vision.spatial_merge_size),
+        "temporal_patch_size": int(vision.temporal_patch_size),
+    }
+
+
+def load_qwen3vl(model_id: str, raw_config: dict, dtype: torch.dtype = torch.float32,
+                 attn_implementation: str = "sdpa") -> LoadedBackbone:
+    """Load a Qwen3-VL checkpoint (hub id or local directory) as `Qwen3VLModel` + tokenizer + config defaults."""
+    try:
+        from transformers import Qwen3VLModel
+    except ImportError:
+        raise UserError("this transformers has no Qwen3-VL support; install transformers>=4.57") from None
+
+    tokenizer = load_tokenizer(model_id)
+    for token in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise UserError(f"{model_id}: the tokenizer has no {token} token; not a Qwen3-VL checkpoint?")
+    try:
+        model = Qwen3VLModel.from_pretrained(model_id, dtype=dtype, attn_implementation=attn_implementation)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load Qwen3-VL weights from {model_id!r}: {str(err).splitlines()[0]}") from None
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    if model.config.image_token_id != image_pad:
+        raise UserError(f"{model_id}: config image_token_id {model.config.image_token_id} is not the tokenizer's "
+                        f"<|image_pad|> id {image_pad}; the model folder is inconsistent")
+    signature = qwen3vl_signature(model.config)
+    factor = signature["patch_size"] * signature["spatial_merge_size"]
+    pre = _read_preprocessor(model_id)
+    min_pixels = pre.get("min_pixels") or (pre.get("size") or {}).get("shortest_edge") or QWEN3VL_MIN_PIXELS
+    defaults = {  # formatting defaults of a fresh ColIntern config on this backbone (ColQwen3 recipe)
+        "page_prompt": QWEN_PAGE_PROMPT, "image_token": "<|image_pad|>", "image_start_token": "<|vision_start|>",
+        "image_end_token": "<|vision_end|>", "image_mean": [float(x) for x in pre.get("image_mean", QWEN3VL_IMAGE_MEAN)],
+        "image_std": [float(x) for x in pre.get("image_std", QWEN3VL_IMAGE_STD)],
+        "min_visual_tokens": max(1, math.ceil(int(min_pixels) / factor ** 2)),
+        "query_prefix": "Query: ", "augmentation_token": "<|endoftext|>", "n_augmentation": 10,
+    }
+    return LoadedBackbone(model=model, tokenizer=tokenizer, kind="qwen3_vl", layout="native",
+                          hidden_size=signature["hidden_size"], signature=signature, config_defaults=defaults)
+
+
+# -- processor ----------------------------------------------------------------------------------------
+class Qwen3VLProcessor(InternVLProcessor):
+    """Processor for Qwen3-VL backbones: dynamic resolution capped at `max_visual_tokens`; queries as InternVL."""
+
+    def __init__(self, tokenizer: Any, config: ColInternConfig):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        sig = config.signature
+        missing = [k for k in ("patch_size", "spatial_merge_size", "temporal_patch_size") if k not in sig]
+        if missing:
+            raise UserError(f"ColIntern config for a qwen3_vl backbone lacks signature fields {missing}")
+        if not 1 <= config.min_visual_tokens <= config.max_visual_tokens:
+            raise UserError(f"need 1 <= min_visual_tokens ({config.min_visual_tokens}) <= max_visual_tokens "
+                            f"({config.max_visual_tokens})")
+        self.tokenizer = tokenizer
+        self.config = config
+        self.patch_size = int(sig["patch_size"])
+        self.merge_size = int(sig["spatial_merge_size"])
+        self.factor = self.patch_size * self.merge_size  # px per side of one visual token
+        self.min_pixels = config.min_visual_tokens * self.factor ** 2
+        self.max_pixels = config.max_visual_tokens * self.factor ** 2
+        self.image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=self.min_pixels, max_pixels=self.max_pixels, patch_size=self.patch_size,
+            temporal_patch_size=int(sig["temporal_patch_size"]), merge_size=self.merge_size,
+            image_mean=config.image_mean, image_std=config.image_std, do_convert_rgb=True,
+        )
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        tokenizer.padding_side = config.padding_side
+        if tokenizer.pad_token is None:
+            raise UserError("the tokenizer has no pad token; set one in its tokenizer_config.json")
+
+    # -- sizes ---------------------------------------------------------------------------------------
+    def resized_size(self, image: Image.Image) -> tuple[int, int]:
+        """(height, width) the page is resized to: multiples of `factor`, at most max_visual_tokens tokens."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        width, height = image.size
+        h, w = smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels)
+        # smart_resize keeps each side >= factor, which can overshoot the cap for a very long thin page.
+        while (h // self.factor) * (w // self.factor) > self.config.max_visual_tokens:
+            if h >= w:
+                h -= self.factor
+            else:
+                w -= self.factor
+        return h, w
+
+    def num_tiles(self, image: Image.Image) -> int:
+        """Qwen3-VL does not tile: a page is one image."""
+        return 1
+
+    def page_cost(self, image: Image.Image) -> int:
+        """Visual tokens of the page after the patch merge (<= max_visual_tokens)."""
+        h, w = self.resized_size(image)
+        return (h // self.factor) * (w // self.factor)
+
+    # -- pages -----------------------------------------------------------------------------------------
+    def process_images(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Pages -> input_ids (B, L), attention_mask (B, L), mm_token_type_ids (B, L), pixel_values
+        (sum of patches, 3 * temporal * patch * patch), image_grid_thw (B, 3), keep_mask (B, L)."""
+        cfg = self.config
+        pixel_values, grids, texts = [], [], []
+        for i, image in enumerate(images):
+            image = check_page_image(image, f"image {i}")
+            h, w = self.resized_size(image)
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+            if smart_resize(image.height, image.width, factor=self.factor, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels) != (h, w):
+                image = image.resize((w, h), Image.BICUBIC)  # capped size; the processor keeps it as is
+            out = self.image_processor(image, return_tensors="pt")
+            grid = out["image_grid_thw"][0]  # (3,) = (1, h / patch, w / patch)
+            if (int(grid[1]) * self.patch_size, int(grid[2]) * self.patch_size) != (h, w):
+                raise RuntimeError(f"image {i}: processor resized to {grid.tolist()}, expected {(h, w)}")
+            n_tokens = int(grid.prod()) // self.merge_size ** 2
+            pixel_values.append(out["pixel_values"])  # (patches, 3 * temporal * patch * patch)
+            grids.append(grid)
+            image_text = cfg.image_start_token + cfg.image_token * n_tokens + cfg.image_end_token
+            texts.append(cfg.page_prompt.replace("<image>", image_text))
+        batch = self.tokenizer(texts, padding="longest", return_tensors="pt", add_special_tokens=False)
+        is_image = batch["input_ids"] == self.image_token_id  # (B, L)
+        keep = batch["attention_mask"].bool()
+        if cfg.keep_page_tokens == "image":
+            keep = keep & is_image
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "mm_token_type_ids": is_image.long(), "pixel_values": torch.cat(pixel_values, dim=0),
+                "image_grid_thw": torch.stack(grids).long(), "keep_mask": keep}
+
+
+# -- tiny model ----------------------------------------------------------------------------------------
+def tiny_qwen3vl_config(vocab_size: int, token_ids: dict[str, int]):
+    """Qwen3-VL architecture at toy size: 2-block vision tower (16-px patches, 2x2 merge, DeepStack taps at
+    blocks 0 and 1), 2-layer Qwen3 text model with interleaved M-RoPE, hidden 128."""
+    from transformers import Qwen3VLConfig
+
+    vision = {
+        "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "in_channels": 3,
+        "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 128,
+        "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1], "hidden_act": "gelu_pytorch_tanh",
+    }
+    text = {
+        "vocab_size": vocab_size, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "pad_token_id": token_ids["pad"], "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [6, 5, 5],
+                            "mrope_interleaved": True},
+    }
+    return Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=token_ids["image"],
+                         video_token_id=token_ids["image"], vision_start_token_id=token_ids["start"],
+                         vision_end_token_id=token_ids["end"], tie_word_embeddings=True)
+
+
+def build_tiny_qwen3vl(out_dir: str, seed: int = 0) -> str:
+    """Write a tiny random (seeded) Qwen3-VL to out_dir, loadable with `--model_id out_dir`; returns out_dir."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from colintern.tiny import build_tokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    ids = {"image": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+           "start": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+           "end": tokenizer.convert_tokens_to_ids("<|vision_end|>"), "pad": tokenizer.pad_token_id}
+    config = tiny_qwen3vl_config(len(tokenizer), ids)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.save_pretrained(out_dir)
+    preprocessor = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
+                    "size": {"shortest_edge": 4 * 32 * 32, "longest_edge": 16384 * 32 * 32},
+                    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "do_resize": True,
+                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                    "image_mean": QWEN3VL_IMAGE_MEAN, "image_std": QWEN3VL_IMAGE_STD}
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+        json.dump(preprocessor, f, indent=2)
+    log.info("wrote tiny Qwen3-VL-architecture model (%.2fM parameters) to %s",
+             sum(p.numel() for p in model.parameters()) / 1e6, out_dir)
+    return out_dir
