@@ -28,3 +28,13 @@ def tiny_remote_dir(tmp_path_factory) -> str:
     from colintern.tiny import build_tiny_internvl
 
     return build_tiny_internvl(str(tmp_path_factory.mktemp("tiny_remote")), layout="remote", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> str:
+    """The synthetic page corpus (colintern.synthetic defaults: 240 train pages x 3 queries, 60 eval pages)."""
+    from colintern.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic")
+    generate(str(out))
+    return str(out)
