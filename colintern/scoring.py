@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # GEMM that writes it and the max that reads it; on a GPU bigger tiles amortise launch overhead.
 _DEFAULT_CHUNKS: dict[str, tuple[int, int]] = {
     "cpu": (2048, 256),
-    "cuda": (65536, 8192),
+    "cuda": (16384, 4096),
 }
 # Columns of chunk scores gathered before a running top-k merge in maxsim_topk.
 _TOPK_MERGE_COLS = 1024
