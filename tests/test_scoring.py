@@ -8,6 +8,15 @@ from colintern import scoring
 from colintern.scoring import maxsim, maxsim_topk, pad_embeddings, topk, unpad_embeddings
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add wake-up latency (severe on a busy 2-core box)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _ragged(n: int, lo: int, hi: int, dim: int, g: torch.Generator) -> list[torch.Tensor]:
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.nn.functional.normalize(torch.randn(n_tok, dim, generator=g), dim=-1) for n_tok in lens]
