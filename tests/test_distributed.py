@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from colintern import distributed
+from colintern.gradcache import cat_padded, gradcache_backward
 from colintern.losses import late_interaction_loss
 
 B, L, F_IN, D = 3, 5, 6, 8  # per-rank batch, tokens, input features, embedding dim
@@ -94,6 +95,21 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results[name] = {"loss_mean": distributed.all_reduce_mean(loss.item()),
                              "grads": trainable_grads(model), "pages_shape": tuple(pages.shape),
                              "pages_mask": pages_mask.clone()}
+        # GradCache across ranks: micro-batches of 2 + 1 items, combine gathers the pages from every rank.
+        model = TinyEmbedder()
+        qx, q_mask, px, p_mask = make_data([L, L])
+        parts = [slice(rank * B, rank * B + 2), slice(rank * B + 2, (rank + 1) * B)]
+        closures = ([lambda s=s: (model(qx[s], q_mask[s], scale=rank == 1), q_mask[s]) for s in parts]
+                    + [lambda s=s: (model(px[s], p_mask[s], scale=rank == 1), p_mask[s]) for s in parts])
+
+        def combine(outs):
+            q, qm = cat_padded(outs[:2])  # (B, L, D)
+            pages, pages_mask = distributed.gather_padded(*cat_padded(outs[2:]))  # (W*B, L, D)
+            return late_interaction_loss(q, qm, pages, pages_mask, temperature=0.1, offset=rank * B)
+
+        loss = gradcache_backward(closures, combine)
+        distributed.all_reduce_gradients(model.parameters())
+        results["gradcache"] = {"loss_mean": distributed.all_reduce_mean(loss.item()), "grads": trainable_grads(model)}
         results["broadcast"] = distributed.broadcast_object({"run": f"from-rank-{rank}"}, src=1)
         results["objects"] = distributed.all_gather_object(rank * 10)
         try:  # different B on the two ranks: both must raise (nobody hangs)
@@ -135,6 +151,14 @@ def test_two_ranks_match_single_process(rank_results, case, lengths):
             torch.testing.assert_close(got["grads"][name], ref, atol=1e-5, rtol=0, msg=f"rank {r} {name}")
     # the param used only on rank 1 got its averaged grad on rank 0 too
     assert rank_results[0][case]["grads"]["unused_on_rank0"].abs().sum() > 0
+
+
+def test_gradcache_across_ranks_matches_single_process(rank_results):
+    ref_loss, ref_grads = single_process([L, L])
+    for r, res in enumerate(rank_results):
+        assert res["gradcache"]["loss_mean"] == pytest.approx(ref_loss, abs=1e-5)
+        for name, ref in ref_grads.items():
+            torch.testing.assert_close(res["gradcache"]["grads"][name], ref, atol=1e-5, rtol=0, msg=f"rank {r} {name}")
 
 
 def test_padding_masks_are_gathered(rank_results):
