@@ -18,6 +18,15 @@ B, L, F_IN, D = 3, 5, 6, 8  # per-rank batch, tokens, input features, embedding 
 WORLD = 2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add wake-up latency (severe on a busy 2-core box)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 class TinyEmbedder(nn.Module):
     """(N, L, F) features -> (N, L, D) unit token vectors, zeroed where the mask is False."""
 
@@ -78,6 +87,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # two ranks share two cores
     info = distributed.init_distributed("cpu")
     results = {"info": (info.rank, info.world_size, info.local_rank, str(info.device), info.is_main)}
     try:
