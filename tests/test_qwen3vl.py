@@ -1,0 +1,230 @@
+"""Qwen3-VL backbone (issue 8, the ColQwen3 recipe): tiny model, processor, batch independence, LoRA, training
+signal, checkpoints, cross-backbone mismatch."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from colintern import ColIntern, UserError
+from colintern.checkpoint import load_checkpoint, save_checkpoint
+from colintern.losses import late_interaction_loss
+
+MAX_TOKENS = 64  # small cap so the tiny model runs fast; the default (768) is checked on a huge page
+
+
+def page(width: int, height: int, colour: tuple[int, int, int], seed: int = 0) -> Image.Image:
+    """A page with some structure (noise over a colour) so different pages and patches differ."""
+    g = torch.Generator().manual_seed(seed)
+    noise = (torch.rand(height, width, 3, generator=g) * 60).to(torch.uint8)
+    base = torch.tensor(colour, dtype=torch.uint8).expand(height, width, 3)
+    return Image.fromarray((base.int() * 3 // 4 + noise.int()).clamp(0, 255).to(torch.uint8).numpy())
+
+
+PAGES = [page(224, 300, (255, 0, 0), 1), page(100, 100, (0, 0, 255), 2), page(600, 200, (0, 255, 0), 3),
+         page(50, 60, (0, 0, 0), 4), page(3000, 4000, (255, 255, 255), 5), page(120, 900, (200, 200, 0), 6)]
+# Visual tokens after the 2x2 merge (32x32 px each), by smart_resize with min 4 and max 64 tokens:
+# 224x300 -> 224x288 (7x9); 100x100 -> 96x96 (3x3); 600x200 -> shrunk to 416x128 (13x4); 50x60 -> 64x64
+# (2x2); 3000x4000 -> shrunk to 192x288 (6x9); 120x900 -> 128x896 (4x28 = 112) shrunk to 64x672 (2x21).
+GOLDEN_TOKENS = [7 * 9, 3 * 3, 13 * 4, 2 * 2, 6 * 9, 2 * 21]
+QUERIES = ["red page", "a blue square with the word delta", "which page shows a green triangle?", "x",
+           "chart of revenue", "gamma"]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory) -> str:
+    """Built through the CLI entry point (`python -m colintern.tiny OUT --backbone qwen3_vl`), in-process."""
+    from colintern.tiny import main
+
+    out = str(tmp_path_factory.mktemp("tiny_qwen3vl"))
+    assert main([out, "--backbone", "qwen3_vl", "--seed", "0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tiny_qwen_dir):
+    return ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=MAX_TOKENS)
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def test_tiny_model_folder_is_a_seeded_qwen3_vl(tiny_qwen_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from colintern.qwen3vl import build_tiny_qwen3vl
+
+    cfg = json.load(open(os.path.join(tiny_qwen_dir, "config.json")))
+    assert cfg["model_type"] == "qwen3_vl" and cfg["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    vision, text = cfg["vision_config"], cfg["text_config"]
+    assert (vision["depth"], vision["patch_size"], vision["spatial_merge_size"]) == (2, 16, 2)
+    assert all(0 <= i < vision["depth"] for i in vision["deepstack_visual_indexes"])
+    assert (text["num_hidden_layers"], text["hidden_size"]) == (2, 128)
+    pre = json.load(open(os.path.join(tiny_qwen_dir, "preprocessor_config.json")))
+    assert pre["patch_size"] == 16 and pre["merge_size"] == 2
+    again = build_tiny_qwen3vl(str(tmp_path / "again"), seed=0)
+    a, b = load_file(os.path.join(tiny_qwen_dir, "model.safetensors")), load_file(os.path.join(again, "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    other = load_file(os.path.join(build_tiny_qwen3vl(str(tmp_path / "seed1"), seed=1), "model.safetensors"))
+    assert not torch.equal(a["model.visual.patch_embed.proj.weight"], other["model.visual.patch_embed.proj.weight"])
+
+
+def test_config_records_the_colqwen3_formatting(model):
+    cfg = model.config
+    assert cfg.backbone == "qwen3_vl" and cfg.source_layout == "native" and cfg.hidden_size == 128
+    assert cfg.page_prompt == "<|im_start|>user\n<image>Describe the image.<|im_end|><|endoftext|>"
+    assert (cfg.image_start_token, cfg.image_token, cfg.image_end_token) == \
+        ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+    assert cfg.image_mean == [0.5, 0.5, 0.5] and cfg.image_std == [0.5, 0.5, 0.5]
+    assert cfg.max_visual_tokens == MAX_TOKENS and cfg.min_visual_tokens == 4  # tiny preprocessor: 4 x 32 x 32 px
+    assert (cfg.query_prefix, cfg.augmentation_token, cfg.n_augmentation) == ("Query: ", "<|endoftext|>", 10)
+    assert model.signature["patch_size"] == 16 and model.signature["spatial_merge_size"] == 2
+    assert model.processor.format_query("abc") == "Query: abc" + "<|endoftext|>" * 10
+
+
+def test_page_inputs_follow_the_prompt_and_the_token_cap(model):
+    proc, tok = model.processor, model.tokenizer
+    assert [proc.page_cost(p) for p in PAGES] == GOLDEN_TOKENS
+    inputs = proc.process_images(PAGES[:3])
+    assert inputs["image_grid_thw"].tolist() == [[1, 18, 14], [1, 6, 6], [1, 8, 26]]  # 16-px patches
+    assert inputs["pixel_values"].shape == (18 * 14 + 6 * 6 + 8 * 26, 3 * 2 * 16 * 16)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert torch.equal(inputs["mm_token_type_ids"], (ids == tok.convert_tokens_to_ids("<|image_pad|>")).long())
+    assert inputs["mm_token_type_ids"].sum(1).tolist() == GOLDEN_TOKENS[:3]
+    # right padding: every row starts with its prompt, padding only at the end
+    assert all(mask[i, : mask[i].sum()].all() and not mask[i, mask[i].sum():].any() for i in range(3))
+    text = tok.decode(ids[1, : mask[1].sum()])
+    assert text == ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 9 +
+                    "<|vision_end|>Describe the image.<|im_end|><|endoftext|>")
+    assert torch.equal(inputs["keep_mask"], mask.bool())
+
+
+def test_embeddings_shapes_norms_and_finite(model):
+    docs = model.encode_images(PAGES)
+    n_prompt = len(model.tokenizer(model.config.page_prompt.replace("<image>", "<|vision_start|><|vision_end|>"),
+                                   add_special_tokens=False)["input_ids"])
+    assert [d.shape for d in docs] == [(n_prompt + n, 128) for n in GOLDEN_TOKENS]
+    for emb in docs:
+        assert emb.dtype == torch.float32 and torch.isfinite(emb).all()
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(emb.shape[0]), atol=1e-5, rtol=0)
+    assert (docs[0][-5:] - docs[1][-5:]).abs().max() > 1e-3  # the image reaches the trailing prompt tokens
+    qs = model.encode_queries(QUERIES)
+    n_text = len(model.tokenizer("Query: red page", add_special_tokens=False)["input_ids"])
+    assert qs[0].shape == (n_text + 10, 128)
+    assert all(torch.isfinite(q).all() for q in qs)
+    torch.testing.assert_close(qs[1].norm(dim=-1), torch.ones(qs[1].shape[0]), atol=1e-5, rtol=0)
+
+
+def test_item_embedding_is_the_same_alone_and_in_a_mixed_batch(model):
+    """Right padding + M-RoPE positions from the attention mask: a page's embedding ignores its batch."""
+    batched = model.encode_images(PAGES, batch_size=6)
+    alone = [model.encode_images([p], batch_size=1)[0] for p in PAGES]
+    assert max_diff(batched, alone) < 1e-4
+    batched_q = model.encode_queries(QUERIES, batch_size=6)
+    alone_q = [model.encode_queries([q], batch_size=1)[0] for q in QUERIES]
+    assert max_diff(batched_q, alone_q) < 1e-4
+
+
+def test_visual_tokens_never_exceed_the_cap(tiny_qwen_dir, model):
+    huge = Image.new("RGB", (6000, 8000), (240, 240, 240))
+    default = ColIntern.from_pretrained(tiny_qwen_dir)  # the ColQwen3 default, 768 visual tokens
+    assert default.config.max_visual_tokens == 768
+    inputs = default.processor.process_images([huge])
+    n_image = int(inputs["mm_token_type_ids"].sum())
+    assert n_image == default.processor.page_cost(huge) == 24 * 32 == 768  # 768x1024 px: exactly the cap
+    # A 50:1 strip under a 16-token cap: smart_resize alone would keep 1 x 28 tokens; the cap wins.
+    strip = page(5000, 100, (0, 0, 0), 9)
+    capped = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=16)
+    assert capped.processor.page_cost(strip) == 16
+    inputs = capped.processor.process_images([strip])
+    assert int(inputs["mm_token_type_ids"].sum()) == 16 and inputs["image_grid_thw"].tolist() == [[1, 2, 32]]
+    n_prompt = int(inputs["attention_mask"].sum()) - 16
+    assert capped.encode_images([strip])[0].shape[0] == n_prompt + 16
+
+
+def test_lora_only_on_the_language_model(tiny_qwen_dir):
+    m = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=MAX_TOKENS)
+    m.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
+    lora = {n: p for n, p in m.backbone.named_parameters() if "lora_" in n}
+    assert len(lora) == 2 * 7 * 2  # 2 layers x (q, k, v, o, gate, up, down) x (A, B)
+    assert all(n.startswith("language_model.layers.") and p.dtype == torch.float32 for n, p in lora.items())
+    assert not any("lora_" in n for n, _ in m.backbone.visual.named_parameters())
+    v = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=MAX_TOKENS)
+    v.add_lora(r=4, lora_alpha=8, lora_dropout=0.0, include_vision=True)
+    vision = sorted({n.split(".lora_")[0] for n, _ in v.backbone.visual.named_parameters() if "lora_" in n})
+    assert vision == ["blocks.0.attn.proj", "blocks.0.attn.qkv", "blocks.1.attn.proj", "blocks.1.attn.qkv"]
+
+
+def test_a_few_steps_of_late_interaction_loss_make_it_fall(tiny_qwen_dir):
+    """LoRA + head, in-batch CE on 4 synthetic pairs: the loss falls and every query ranks its own page first.
+
+    Only image tokens are kept here: with a causal LM the prompt tokens before the image are identical for every
+    page, and on 4 pairs of a random tiny model the optimiser can park all queries on them (loss = log 4).
+    """
+    from colintern.losses import late_interaction_scores
+
+    torch.manual_seed(0)
+    m = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=16, keep_page_tokens="image")
+    m.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
+    trainable = {n for n, _ in m.named_parameters() if "lora_" in n or n.startswith("head.")}
+    for n, p in m.named_parameters():
+        p.requires_grad_(n in trainable)
+    colours = [(255, 0, 0), (0, 0, 255), (0, 200, 0), (230, 230, 0)]
+    pages = [page(96 + 32 * i, 128, c, i) for i, c in enumerate(colours)]
+    queries = ["red page", "blue page", "green page", "yellow page"]
+    page_inputs, query_inputs = m.processor.process_images(pages), m.processor.process_queries(queries)
+    optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    m.train()
+    losses = []
+    for _ in range(8):
+        d, d_mask = m(page_inputs)  # (4, Ld, 128), (4, Ld)
+        q, q_mask = m(query_inputs)  # (4, Lq, 128), (4, Lq)
+        loss = late_interaction_loss(q, q_mask, d, d_mask, kind="ce", temperature=0.05)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[0] > 2.0 and losses[-1] < 0.1, losses  # log(4) = 1.39 is chance
+    assert not any("lora_" in n and p.grad is not None for n, p in m.backbone.visual.named_parameters())
+    m.eval()
+    with torch.no_grad():
+        (d, d_mask), (q, q_mask) = m(page_inputs), m(query_inputs)
+        scores = late_interaction_scores(q, q_mask, d, d_mask)  # (4, 4)
+    assert scores.argmax(dim=1).tolist() == [0, 1, 2, 3]
+
+
+def test_checkpoint_round_trip_reproduces_embeddings_exactly(tiny_qwen_dir, tmp_path):
+    m = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=32, dim=64, head_seed=5)
+    m.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-trivial adapters (LoRA B starts at zero)
+        for name, p in m.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    path = str(tmp_path / "colintern_heads_step1.pt")
+    save_checkpoint(path, **m.checkpoint_parts(), training={"step": 1}, metrics={"loss": 0.5})
+    payload = load_checkpoint(path)
+    assert payload["config"]["backbone"] == "qwen3_vl" and payload["config"]["max_visual_tokens"] == 32
+    loaded = ColIntern.from_pretrained(tiny_qwen_dir, ckpt=path)  # cap, dim, prompt come from the checkpoint
+    assert loaded.config == m.config and loaded.processor.max_pixels == 32 * 32 * 32
+    assert max_diff(m.encode_images(PAGES[:4]), loaded.encode_images(PAGES[:4])) == 0.0
+    assert max_diff(m.encode_queries(QUERIES[:3]), loaded.encode_queries(QUERIES[:3])) == 0.0
+
+
+def test_checkpoint_of_the_other_backbone_fails_clearly(tiny_qwen_dir, tiny_model_dir, tmp_path):
+    qwen = ColIntern.from_pretrained(tiny_qwen_dir)
+    intern = ColIntern.from_pretrained(tiny_model_dir)
+    assert qwen.config.hidden_size == intern.config.hidden_size == 128  # same dims: only the signature differs
+    q_path, i_path = str(tmp_path / "qwen.pt"), str(tmp_path / "intern.pt")
+    save_checkpoint(q_path, **qwen.checkpoint_parts())
+    save_checkpoint(i_path, **intern.checkpoint_parts())
+    with pytest.raises(UserError, match=r"trained on base model .*model_type: checkpoint 'internvl' vs model 'qwen3_vl'"):
+        ColIntern.from_pretrained(tiny_qwen_dir, ckpt=i_path)
+    with pytest.raises(UserError, match=r"trained on base model .*model_type: checkpoint 'qwen3_vl' vs model 'internvl'"):
+        ColIntern.from_pretrained(tiny_model_dir, ckpt=q_path)
