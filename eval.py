@@ -165,8 +165,9 @@ def select_tasks(args: argparse.Namespace) -> tuple[list[Any], list[Any], str]:
                     log.warning("task %s is not part of %s; evaluating it as well", name, ", ".join(labels))
                 picked.append(task)
         hub_tasks = picked
-        if not labels:
-            labels = ["tasks"]
+        if not labels:  # --tasks without --benchmark: name the tasks
+            names = [t.metadata.name for t in hub_tasks]
+            labels = [", ".join(names) if len(names) <= 3 else f"{len(names)} tasks"]
     copies = {}
     for item in args.task_data:
         name, sep, path = item.partition("=")
@@ -205,8 +206,8 @@ def load_hub_data(tasks: list[Any], copies: set[str]) -> list[Any]:
         try:
             load_task_data(task, local=name in copies)
         except UserError as err:
-            if not task.metadata.is_public and "cannot download" in str(err):
-                log.warning("skipping private task %s (no access to its dataset): %s", name, err)
+            if not task.metadata.is_public:
+                log.warning("skipping private task %s (its dataset needs granted access): %s", name, err)
                 continue
             raise
         log.info("loaded %s in %.1fs", name, time.perf_counter() - start)

@@ -57,7 +57,9 @@ def local_task(path: str, name: str | None = None) -> Any:
     try:
         corpus, queries, qrels = load_beir_dir(str(root))
     except UserError as err:
-        raise UserError(f"--local_dataset {path}: {err}") from None
+        message = str(err)
+        where = "--local_dataset" if str(root) in message or str(path) in message else f"--local_dataset {path}"
+        raise UserError(f"{where}: {message}") from None
     task_name = name or root.name
     metadata = TaskMetadata(
         name=task_name,
@@ -169,12 +171,14 @@ def load_task_data(task: Any, local: bool = False) -> None:
                             f"{alternatives}")
     try:
         task.load_data()
-    except Exception as err:  # classify; anything unexpected keeps its traceback
+    except Exception as err:  # classify; anything unexpected from the hub keeps its traceback
         message = _data_error(err)
+        if local:  # a local copy that does not load is the user's to fix, whatever the exception
+            reason = message or " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            raise UserError(f"{name}: cannot load the local copy {path} (expected the hub repo's configs and "
+                            f"files, e.g. corpus/, queries/, qrels/ + README.md): {reason}") from None
         if message is None:
             raise
-        if local:
-            raise UserError(f"{name}: cannot load the local copy {path}: {message}") from None
         if hub_offline():
             raise UserError(f"{name}: dataset {path} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
                             f"forbids downloading it ({message}); run once with network access to cache it, or "

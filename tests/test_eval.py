@@ -65,8 +65,9 @@ def make_beir(root: Path) -> Path:
     return root
 
 
-def make_vidore_lookalike(root: Path) -> Path:
-    """A local copy shaped like the hub repo mteb/docvqa_test_subsampled_beir (configs corpus/queries/qrels)."""
+def make_vidore_lookalike(root: Path, languages: dict[str, str] | None = None) -> Path:
+    """A local copy shaped like the hub repo mteb/docvqa_test_subsampled_beir (configs corpus/queries/qrels);
+    with `languages` ({query: language}) like vidore/esg_reports_v2, whose queries carry a language column."""
     import datasets
 
     for config in ("corpus", "queries", "qrels"):
@@ -78,8 +79,10 @@ def make_vidore_lookalike(root: Path) -> Path:
         features=features).to_parquet(root / "corpus" / "test-00000-of-00001.parquet")
     qids = {q: i for i, q in enumerate(QUERIES)}
     cids = {c: i for i, (c, _, _) in enumerate(PAGE_SPECS)}
-    datasets.Dataset.from_dict({"query-id": list(qids.values()), "query": list(QUERIES.values())}).to_parquet(
-        root / "queries" / "test-00000-of-00001.parquet")
+    queries = {"query-id": list(qids.values()), "query": list(QUERIES.values())}
+    if languages:
+        queries["language"] = [languages.get(q, "english") for q in QUERIES]
+    datasets.Dataset.from_dict(queries).to_parquet(root / "queries" / "test-00000-of-00001.parquet")
     datasets.Dataset.from_dict({"query-id": [qids[q] for q, _, _ in QRELS], "corpus-id": [cids[c] for _, c, _ in QRELS],
                                 "score": [s for _, _, s in QRELS]}).to_parquet(root / "qrels" / "test-00000-of-00001.parquet")
     configs = "".join(f"- config_name: {c}\n  data_files:\n  - split: test\n    path: {c}/test-*\n"
@@ -150,6 +153,36 @@ def direct_scores(model_dir, ckpt, beir_dir) -> dict[str, dict[str, float]]:
     qs = model.encode_queries(list(QUERIES.values()))
     scores = maxsim(qs, docs, device="cpu").double()
     return {q: {cid: float(scores[i, j]) for j, (cid, _, _) in enumerate(PAGE_SPECS)} for i, q in enumerate(QUERIES)}
+
+
+class Oracle:
+    """Knows the qrels: a page is the one-hot of its index (found by its colour), a query is one token per relevant
+    page, relevance x that page's one-hot; so MaxSim(query, page) = relevance, the ideal ranking."""
+
+    class processor:  # noqa: N801
+        @staticmethod
+        def page_cost(image):
+            return image.size[0] * image.size[1]
+
+    def __init__(self):
+        from colintern.config import ColInternConfig
+
+        self.dim = len(PAGE_SPECS)
+        self.config = ColInternConfig(dim=self.dim)
+        self.image_calls = 0
+
+    def encode_images(self, pages, batch_size=8, show_progress=None):
+        self.image_calls += 1
+        index = {color: j for j, (_, _, color) in enumerate(PAGE_SPECS)}
+        return [torch.eye(self.dim)[index[page.getpixel((1, 0))]][None] for page in pages]
+
+    def encode_queries(self, texts, batch_size=32, show_progress=None):
+        qrels, index = local_qrels(), {cid: j for j, (cid, _, _) in enumerate(PAGE_SPECS)}
+        out = []
+        for text in texts:
+            rels = qrels.get(next(q for q, t in QUERIES.items() if t == text), {"p0": 0})
+            out.append(torch.stack([r * torch.eye(self.dim)[index[c]] for c, r in rels.items()]))
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -276,33 +309,7 @@ def test_printed_table_and_existing_run(base_run, beir_dir, tiny_model_dir, caps
 def test_oracle_encoder_scores_perfect_ndcg(beir_dir, tmp_path, monkeypatch):
     """An encoder that knows the qrels (query tokens = relevance x one-hot of its relevant pages, page = its one-hot)
     gets nDCG@5 = nDCG@10 = recall@5 = 1 through mteb on the local set."""
-    from colintern.config import ColInternConfig
     from mteb_model import ColInternMTEB
-
-    color_to_index = {color: j for j, (_, _, color) in enumerate(PAGE_SPECS)}
-    qrels = local_qrels()
-    dim = len(PAGE_SPECS)
-
-    class OracleProcessor:
-        @staticmethod
-        def page_cost(image):
-            return image.size[0] * image.size[1]
-
-    class Oracle:
-        config = ColInternConfig(dim=dim)
-        processor = OracleProcessor()
-
-        def encode_images(self, pages, batch_size=8, show_progress=None):
-            return [torch.eye(dim)[color_to_index[page.getpixel((1, 0))]][None] for page in pages]
-
-        def encode_queries(self, texts, batch_size=32, show_progress=None):
-            out = []
-            for text in texts:
-                qid = next(q for q, t in QUERIES.items() if t == text)
-                rels = qrels.get(qid, {"p0": 0})
-                index = {cid: j for j, (cid, _, _) in enumerate(PAGE_SPECS)}
-                out.append(torch.stack([r * torch.eye(dim)[index[c]] for c, r in rels.items()]))
-            return out
 
     monkeypatch.setattr(ev, "load_encoder", lambda args: ColInternMTEB("oracle/model", model=Oracle(), device="cpu"))
     assert ev.main(["--local_dataset", str(beir_dir), "--out_dir", str(tmp_path), "--run_name", "oracle"]) == 0
@@ -424,3 +431,36 @@ def test_bad_benchmark_and_task_names(tmp_path, capsys):
     assert_user_error(rc, capsys.readouterr().err, "ViDoRe(v9)", "ViDoRe(v1)", "--list_benchmarks")
     rc = ev.run_cli(ev.main, ["--model_id", "x/y", "--tasks", "VidoreDocVQARetrievl", "--out_dir", str(tmp_path)])
     assert_user_error(rc, capsys.readouterr().err, "VidoreDocVQARetrievl", "VidoreDocVQARetrieval")
+
+
+def test_multilingual_vidore2_task_subsets(tmp_path, monkeypatch):
+    """A ViDoRe(v2) task class (language subsets sharing one corpus): pages are encoded once for all subsets,
+    the task score is the mean over subsets, and each subset gets its own run file."""
+    from mteb_model import ColInternMTEB
+
+    languages = {"q0": "english", "q1": "english", "q2": "french", "q3": "spanish", "q4": "german"}
+    copy = make_vidore_lookalike(tmp_path / "esg_reports_v2", languages)
+    oracle = Oracle()
+    monkeypatch.setattr(ev, "load_encoder", lambda args: ColInternMTEB("oracle/model", model=oracle, device="cpu"))
+    assert ev.main(["--benchmark", "ViDoRe(v2)", "--tasks", "Vidore2ESGReportsRetrieval", "--task_data",
+                    f"Vidore2ESGReportsRetrieval={copy}", "--out_dir", str(tmp_path / "out"), "--save_run"]) == 0
+    assert oracle.image_calls == 1
+    run_dir = tmp_path / "out" / "base"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tasks"]["Vidore2ESGReportsRetrieval"]["ndcg_at_5"] == 1.0
+    assert sorted(summary["subsets"]["Vidore2ESGReportsRetrieval"]) == ["english", "french", "german", "spanish"]
+    qids = {q: f"query-test-{i}" for i, q in enumerate(QUERIES)}
+    for language in ("english", "french", "german", "spanish"):
+        run = json.loads((run_dir / "runs" / f"Vidore2ESGReportsRetrieval.{language}.json").read_text())
+        assert set(run) == {qids[q] for q, lang in languages.items() if lang == language}
+
+
+def test_bad_task_data(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = ev.run_cli(ev.main, ["--model_id", "x/y", "--tasks", "VidoreDocVQARetrieval", "--task_data",
+                              f"VidoreDocVQARetrieval={tmp_path / 'empty'}", "--out_dir", str(tmp_path)])
+    assert_user_error(rc, capsys.readouterr().err, "VidoreDocVQARetrieval", "cannot load the local copy",
+                      str(tmp_path / "empty"))
+    rc = ev.run_cli(ev.main, ["--model_id", "x/y", "--tasks", "VidoreDocVQARetrieval", "--task_data",
+                              f"VidoreInfoVQARetrieval={tmp_path}", "--out_dir", str(tmp_path)])
+    assert_user_error(rc, capsys.readouterr().err, "VidoreInfoVQARetrieval is not among the selected tasks")
