@@ -2,8 +2,12 @@
 signal, checkpoints, cross-backbone mismatch."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from colintern import ColIntern, UserError
 from colintern.checkpoint import load_checkpoint, save_checkpoint
 from colintern.losses import late_interaction_loss
 
+REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 64  # small cap so the tiny model runs fast; the default (768) is checked on a huge page
 
 
@@ -32,6 +37,15 @@ PAGES = [page(224, 300, (255, 0, 0), 1), page(100, 100, (0, 0, 255), 2), page(60
 GOLDEN_TOKENS = [7 * 9, 3 * 3, 13 * 4, 2 * 2, 6 * 9, 2 * 21]
 QUERIES = ["red page", "a blue square with the word delta", "which page shows a green triangle?", "x",
            "chart of revenue", "gamma"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """A tiny model: intra-op threads mostly add wake-up latency on a busy 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -199,18 +213,26 @@ def test_a_few_steps_of_late_interaction_loss_make_it_fall(tiny_qwen_dir):
     assert scores.argmax(dim=1).tolist() == [0, 1, 2, 3]
 
 
-def test_checkpoint_round_trip_reproduces_embeddings_exactly(tiny_qwen_dir, tmp_path):
+@pytest.fixture(scope="module")
+def qwen_ckpt(tiny_qwen_dir, tmp_path_factory) -> tuple[ColIntern, str]:
+    """A checkpoint with its own cap, dim and head seed, and non-trivial LoRA adapters (LoRA B starts at zero)."""
     m = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=32, dim=64, head_seed=5)
     m.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
-    torch.manual_seed(0)
-    with torch.no_grad():  # non-trivial adapters (LoRA B starts at zero)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
         for name, p in m.backbone.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05)
-    path = str(tmp_path / "colintern_heads_step1.pt")
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    path = str(tmp_path_factory.mktemp("qwen_ckpt") / "colintern_heads_step1.pt")
     save_checkpoint(path, **m.checkpoint_parts(), training={"step": 1}, metrics={"loss": 0.5})
+    return m, path
+
+
+def test_checkpoint_round_trip_reproduces_embeddings_exactly(tiny_qwen_dir, qwen_ckpt):
+    m, path = qwen_ckpt
     payload = load_checkpoint(path)
     assert payload["config"]["backbone"] == "qwen3_vl" and payload["config"]["max_visual_tokens"] == 32
+    assert payload["lora"]["config"]["r"] == 4 and len(payload["lora"]["state"]) == 28
     loaded = ColIntern.from_pretrained(tiny_qwen_dir, ckpt=path)  # cap, dim, prompt come from the checkpoint
     assert loaded.config == m.config and loaded.processor.max_pixels == 32 * 32 * 32
     assert max_diff(m.encode_images(PAGES[:4]), loaded.encode_images(PAGES[:4])) == 0.0
@@ -228,3 +250,60 @@ def test_checkpoint_of_the_other_backbone_fails_clearly(tiny_qwen_dir, tiny_mode
         ColIntern.from_pretrained(tiny_qwen_dir, ckpt=i_path)
     with pytest.raises(UserError, match=r"trained on base model .*model_type: checkpoint 'qwen3_vl' vs model 'internvl'"):
         ColIntern.from_pretrained(tiny_model_dir, ckpt=q_path)
+
+
+# ------------------------------------------------------------------------------------------ scripts, end to end
+
+
+def load_script(name: str):
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    spec = importlib.util.spec_from_file_location(f"{name}_script_qwen", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ndcg(qrels: dict, run: dict, k: int) -> float:
+    """Independent float64 nDCG@k (gain = relevance, log2 discount, ties by id descending as trec_eval)."""
+    values = []
+    for qid, rels in qrels.items():
+        ranked = sorted(run[qid].items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:k]
+        dcg = sum(rels.get(doc, 0) / math.log2(i + 2) for i, (doc, _) in enumerate(ranked))
+        ideal = sorted(rels.values(), reverse=True)[:k]
+        values.append(dcg / sum(r / math.log2(i + 2) for i, r in enumerate(ideal)))
+    return sum(values) / len(values)
+
+
+def test_eval_script_on_a_qwen3_vl_checkpoint(tiny_qwen_dir, qwen_ckpt, tmp_path):
+    """eval.py --ckpt (base model from the checkpoint) on a local BEIR set: its run scores are this model's MaxSim,
+    its nDCG is the run's."""
+    from colintern.scoring import maxsim
+
+    _, ckpt = qwen_ckpt
+    root = tmp_path / "qset"
+    (root / "images").mkdir(parents=True)
+    for i, p in enumerate(PAGES[:5]):
+        p.save(root / "images" / f"p{i}.png")
+    queries = {f"q{i}": QUERIES[i] for i in range(4)}
+    qrels = {"q0": {"p0": 1}, "q1": {"p1": 1, "p4": 2}, "q2": {"p2": 1}, "q3": {"p3": 1}}
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"corpus-id": f"p{i}", "image": f"images/p{i}.png"}) + "\n"
+                                              for i in range(5)))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"query-id": q, "query": t}) + "\n"
+                                               for q, t in queries.items()))
+    (root / "qrels.jsonl").write_text("".join(json.dumps({"query-id": q, "corpus-id": c, "score": r}) + "\n"
+                                             for q, rels in qrels.items() for c, r in rels.items()))
+    ev = load_script("eval")
+    assert ev.main(["--ckpt", ckpt, "--local_dataset", str(root), "--out_dir", str(tmp_path / "out"),
+                    "--run_name", "qwen", "--save_run", "--batch_size", "2", "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "out" / "qwen" / "summary.json").read_text())
+    assert summary["model"] == tiny_qwen_dir and summary["ckpt"] == ckpt
+    run = json.loads((tmp_path / "out" / "qwen" / "runs" / "qset.json").read_text())
+    model = ColIntern.from_pretrained(tiny_qwen_dir, ckpt=ckpt)
+    pages = [Image.open(root / "images" / f"p{i}.png").convert("RGB") for i in range(5)]
+    direct = maxsim(model.encode_queries(list(queries.values())), model.encode_images(pages), device="cpu")
+    for i, qid in enumerate(queries):
+        for j in range(5):
+            assert run[qid][f"p{j}"] == pytest.approx(float(direct[i, j]), abs=2e-5)
+    for k in (5, 10):
+        assert summary["tasks"]["qset"][f"ndcg_at_{k}"] == pytest.approx(ndcg(qrels, run, k), abs=1e-6)
