@@ -154,6 +154,13 @@ class Qwen3VLProcessor(InternVLProcessor):
         h, w = self.resized_size(image)
         return (h // self.factor) * (w // self.factor)
 
+    def worst_case_page(self) -> Image.Image:
+        """A blank page with the most visual tokens the config allows (for memory probes): a x b tokens with
+        a x b as close to max_visual_tokens as an aspect ratio within 50:1 allows."""
+        n = self.config.max_visual_tokens
+        a = max((k for k in range(1, math.isqrt(n) + 1) if n // k <= 50 * k), key=lambda k: (k * (n // k), k))
+        return Image.new("RGB", (self.factor * a, self.factor * (n // a)), (255, 255, 255))
+
     # -- pages -----------------------------------------------------------------------------------------
     def process_images(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """Pages -> input_ids (B, L), attention_mask (B, L), mm_token_type_ids (B, L), pixel_values

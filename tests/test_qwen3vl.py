@@ -151,6 +151,9 @@ def test_visual_tokens_never_exceed_the_cap(tiny_qwen_dir, model):
     inputs = default.processor.process_images([huge])
     n_image = int(inputs["mm_token_type_ids"].sum())
     assert n_image == default.processor.page_cost(huge) == 24 * 32 == 768  # 768x1024 px: exactly the cap
+    assert default.processor.worst_case_page().size == (24 * 32, 32 * 32)  # for memory probes: the cap exactly
+    assert model.processor.worst_case_page().size == (8 * 32, 8 * 32)
+    assert model.processor.page_cost(model.processor.worst_case_page()) == MAX_TOKENS
     # A 50:1 strip under a 16-token cap: smart_resize alone would keep 1 x 28 tokens; the cap wins.
     strip = page(5000, 100, (0, 0, 0), 9)
     capped = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=16)
