@@ -394,7 +394,7 @@ def test_malformed_local_dataset(case, tmp_path, capsys):
         needles = ["corpus.jsonl line 3", "missing image"]
     rc = ev.run_cli(ev.main, ["--model_id", "never/loaded", "--local_dataset", str(root),
                               "--out_dir", str(tmp_path / "out")])
-    line = assert_user_error(rc, capsys.readouterr().err, str(root), *needles)
+    assert_user_error(rc, capsys.readouterr().err, str(root), *needles)
     assert not (tmp_path / "out" / "base").exists()
 
 
@@ -402,7 +402,7 @@ def test_hub_benchmark_offline_fails_fast(tmp_path, capsys):
     start = time.perf_counter()
     rc = ev.run_cli(ev.main, ["--model_id", "never/loaded", "--tasks", "VidoreDocVQARetrieval",
                               "--out_dir", str(tmp_path)])
-    line = assert_user_error(rc, capsys.readouterr().err, "VidoreDocVQARetrieval", "mteb/docvqa_test_subsampled_beir",
+    assert_user_error(rc, capsys.readouterr().err, "VidoreDocVQARetrieval", "mteb/docvqa_test_subsampled_beir",
                              "HF_HUB_OFFLINE=1", "--task_data", "--local_dataset")
     assert time.perf_counter() - start < 20
     assert not (tmp_path / "base").exists()
