@@ -62,11 +62,28 @@ def qwen3vl_signature(config) -> dict[str, Any]:
     }
 
 
+_BACKBONE_CLASS = None
+
+
+def backbone_class():
+    """`Qwen3VLModel` that skips the LM head of a `...ForConditionalGeneration` checkpoint quietly (untied in the
+    4B/8B models): retrieval needs hidden states, not logits."""
+    global _BACKBONE_CLASS
+    if _BACKBONE_CLASS is None:
+        from transformers import Qwen3VLModel
+
+        class Qwen3VLBackbone(Qwen3VLModel):
+            _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+        _BACKBONE_CLASS = Qwen3VLBackbone
+    return _BACKBONE_CLASS
+
+
 def load_qwen3vl(model_id: str, raw_config: dict, dtype: torch.dtype = torch.float32,
                  attn_implementation: str = "sdpa") -> LoadedBackbone:
     """Load a Qwen3-VL checkpoint (hub id or local directory) as `Qwen3VLModel` + tokenizer + config defaults."""
     try:
-        from transformers import Qwen3VLModel
+        model_class = backbone_class()
     except ImportError:
         raise UserError("this transformers has no Qwen3-VL support; install transformers>=4.57") from None
 
@@ -76,7 +93,7 @@ def load_qwen3vl(model_id: str, raw_config: dict, dtype: torch.dtype = torch.flo
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise UserError(f"{model_id}: the tokenizer has no {token} token; not a Qwen3-VL checkpoint?")
     try:
-        model = Qwen3VLModel.from_pretrained(model_id, dtype=dtype, attn_implementation=attn_implementation)
+        model = model_class.from_pretrained(model_id, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load Qwen3-VL weights from {model_id!r}: {str(err).splitlines()[0]}") from None
     image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
