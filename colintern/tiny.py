@@ -1,6 +1,7 @@
 """Build a tiny InternVL3.5-architecture checkpoint for offline tests and the CPU demo (SPEC §9).
 
     python -m colintern.tiny OUT [--layout native|remote] [--seed 0]
+    python -m colintern.tiny OUT --backbone qwen3_vl      # a tiny Qwen3-VL instead (colintern/qwen3vl.py)
 
 Same architecture as InternVL3.5 (InternViT vision tower with qkv bias and layer scale, pixel-shuffle MLP
 projector, Qwen3 language model), with tiny sizes: 112-px tiles of 14-px patches (16 image tokens per tile),
