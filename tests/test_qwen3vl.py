@@ -310,3 +310,50 @@ def test_eval_script_on_a_qwen3_vl_checkpoint(tiny_qwen_dir, qwen_ckpt, tmp_path
             assert run[qid][f"p{j}"] == pytest.approx(float(direct[i, j]), abs=2e-5)
     for k in (5, 10):
         assert summary["tasks"]["qset"][f"ndcg_at_{k}"] == pytest.approx(ndcg(qrels, run, k), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> str:
+    """A small synthetic corpus (8 train pages x 3 queries, 96-px wide pages) for the script runs."""
+    from colintern.synthetic import generate
+
+    out = tmp_path_factory.mktemp("qwen_synthetic")
+    generate(str(out), n_train_pages=8, n_eval_pages=2, queries_per_page=3, page_size=96)
+    return str(out)
+
+
+def test_mine_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, qwen_ckpt, tmp_path):
+    """mine.py --method exact with a Qwen3-VL checkpoint (LoRA, 32-token cap, dim 64): every line's positive and
+    negative scores are this model's MaxSim (pages stored in fp16), and its negatives are the best other pages."""
+    from colintern.data import decode_image, load_page_dataset, parse_pseudo_path
+    from colintern.scoring import maxsim
+
+    _, ckpt = qwen_ckpt
+    out = tmp_path / "mined.jsonl"
+    mine = load_script("mine")
+    assert mine.main(["--model_id", tiny_qwen_dir, "--ckpt", ckpt, "--hub_name", os.path.join(small_corpus, "train"),
+                      "--method", "exact", "--k", "2", "--fn_filter", "0", "--out_jsonl", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    data = load_page_dataset(os.path.join(small_corpus, "train"))
+    assert len(rows) == len(data) == 24
+    model = ColIntern.from_pretrained(tiny_qwen_dir, ckpt=ckpt)
+    pages, index = [], {}
+    for i, row in enumerate(data):
+        if row["image_filename"] not in index:
+            index[row["image_filename"]] = len(pages)
+            pages.append(decode_image(row["image"], f"row {i}"))
+    scores = maxsim(model.encode_queries([r["query"] for r in rows]), model.encode_images(pages), device="cpu")
+    assert len(pages) == 8
+
+    def page_of(path: str) -> int:
+        _, _, row = parse_pseudo_path(path)
+        return index[data[row]["image_filename"]]
+
+    for i, (row, line) in enumerate(zip(data, rows)):
+        pos, negs = index[row["image_filename"]], [page_of(p) for p in line["negs"]]
+        assert line["query"] == row["query"] and page_of(line["pos"]) == pos
+        assert len(negs) == 2 and pos not in negs
+        assert line["scores"]["pos"] == pytest.approx(float(scores[i, pos]), rel=2e-3, abs=2e-3)
+        assert line["scores"]["negs"] == pytest.approx([float(scores[i, j]) for j in negs], rel=2e-3, abs=2e-3)
+        rest = [float(scores[i, j]) for j in range(8) if j != pos and j not in negs]
+        assert min(line["scores"]["negs"]) >= max(rest) - 2e-3  # the hardest other pages were taken
