@@ -1,4 +1,4 @@
-"""Mine hard negatives for ColIntern training (SPEC §7, §8).
+r"""Mine hard negatives for ColIntern training (SPEC §7, §8).
 
     python mine.py --model_id OpenGVLab/InternVL3_5-1B-Instruct --ckpt outputs/train/colintern_heads_epoch1.pt \
         --hub_name vidore/colpali_train_set --split train --out_jsonl outputs/mine/mined_triples.jsonl \
@@ -130,6 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     if not 0 <= args.shard_id < args.num_shards:
         raise UserError(f"--shard_id must be in 0..{args.num_shards - 1}, got {args.shard_id}")
+    if args.merge and args.num_shards < 2:
+        raise UserError("--merge joins shard files: pass --num_shards N (N >= 2) as used for the shards")
     if not args.merge and (not args.model_id or not args.hub_name):
         raise UserError("--model_id and --hub_name are required (except with --merge)")
     return args
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("--token_k %d is above the GPU index limit: using 2048", token_k)
             token_k = 2048
         t0 = time.time()
-        index, faiss_info = build_faiss_index(store, args.faiss_index, args.nprobe, faiss_gpu,
+        index, faiss_info = build_faiss_index(store, args.faiss_index, args.nprobe, faiss_gpu, local_rank,
                                               store_dir / f"faiss-{fingerprint(args.faiss_index)}.index", show)
         faiss_info["build_seconds"] = round(time.time() - t0, 3)
         if use_gpu and not faiss_gpu:

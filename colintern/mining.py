@@ -647,13 +647,13 @@ def exact_search(qs: list[torch.Tensor], which: np.ndarray, pairs: Sequence[Pair
     return out
 
 
-def build_faiss_index(store: PageStore, factory: str, nprobe: int, use_gpu: bool, cache_path: Path | None,
+def build_faiss_index(store: PageStore, factory: str, nprobe: int, use_gpu: bool, gpu_id: int, cache_path: Path | None,
                       show_progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Inner-product FAISS index over every page token vector (ids = global token positions).
 
     factory "auto": an exact "Flat" index up to 8M tokens (4 GB of float32), else "IVF<nlist>,PQ32" (32 bytes
     per token, trained on a sample), searched with nprobe lists. A trained index is saved to cache_path so a
-    resumed run searches the very same index. With use_gpu the index is moved to GPU 0 (float16 storage).
+    resumed run searches the very same index. With use_gpu the index is moved to GPU gpu_id (float16 storage).
     """
     import faiss
 
@@ -693,7 +693,7 @@ def build_faiss_index(store: PageStore, factory: str, nprobe: int, use_gpu: bool
             res = faiss.StandardGpuResources()
             options = faiss.GpuClonerOptions()
             options.useFloat16 = True
-            index = faiss.index_cpu_to_gpu(res, 0, index, options)
+            index = faiss.index_cpu_to_gpu(res, gpu_id % max(faiss.get_num_gpus(), 1), index, options)
             index._colintern_gpu_resources = res  # keep the resources alive as long as the index
             info["gpu"] = True
         except Exception as err:  # noqa: BLE001 - faiss raises RuntimeError with C++ messages
