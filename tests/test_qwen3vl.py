@@ -357,3 +357,47 @@ def test_mine_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, qwen_ckpt, tmp_pat
         assert line["scores"]["negs"] == pytest.approx([float(scores[i, j]) for j in negs], rel=2e-3, abs=2e-3)
         rest = [float(scores[i, j]) for j in range(8) if j != pos and j not in negs]
         assert min(line["scores"]["negs"]) >= max(rest) - 2e-3  # the hardest other pages were taken
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_qwen_dir, small_corpus, tmp_path_factory) -> Path:
+    """train.py --lora, 2 steps of 4 pairs (pairwise loss) on the tiny Qwen3-VL, a checkpoint after each step."""
+    out = tmp_path_factory.mktemp("qwen_train")
+    train = load_script("train")
+    assert train.main(["--model_id", tiny_qwen_dir, "--train_hub", os.path.join(small_corpus, "train"),
+                       "--batch_size", "4", "--max_steps", "2", "--lr", "1e-3", "--lora", "--lora_r", "4",
+                       "--lora_alpha", "8", "--loss", "pairwise", "--tau", "0.02", "--save_every", "1",
+                       "--device_map", "cpu", "--out_dir", str(out)]) == 0
+    return out
+
+
+def test_train_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, trained):
+    """Step 1's logged loss is the pairwise loss of the untrained model (LoRA B = 0) on the plan's first 4 pairs,
+    recomputed here; checkpoints carry the Qwen3-VL config and LoRA on the language model only, and reload."""
+    from colintern.data import decode_image, load_page_dataset
+    from colintern.training import make_plan
+
+    lines = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and all(math.isfinite(m["loss"]) for m in lines)
+    data = load_page_dataset(os.path.join(small_corpus, "train"))
+    rows = make_plan(len(data), 0, 1, 4, 1, 1).micro[0]  # seed 0, epoch 1, batch 4, 1 process, no accumulation
+    m = ColIntern.from_pretrained(tiny_qwen_dir)
+    with torch.no_grad():
+        q, q_mask = m(m.processor.process_queries([data[i]["query"] for i in rows]))
+        d, d_mask = m(m.processor.process_images([decode_image(data[i]["image"], f"row {i}") for i in rows]))
+    names = [data[i]["image_filename"] for i in rows]
+    exclude = torch.tensor([[a == b and r != c for c, b in enumerate(names)] for r, a in enumerate(names)])
+    expected = late_interaction_loss(q, q_mask, d, d_mask, kind="pairwise", temperature=0.02, exclude=exclude)
+    assert lines[0]["loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+
+    payload = load_checkpoint(str(trained / "colintern_heads_step2.pt"))
+    config = payload["config"]
+    assert config["backbone"] == "qwen3_vl" and config["base_model"] == tiny_qwen_dir
+    assert config["page_prompt"] == m.config.page_prompt and config["max_visual_tokens"] == 768
+    lora = payload["lora"]["state"]
+    assert len(lora) == 28 and all(k.startswith("language_model.") for k in lora)
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero: it was trained
+    assert not torch.equal(m.head.weight, payload["head"]["weight"])
+    loaded = ColIntern.from_pretrained(tiny_qwen_dir, ckpt=str(trained / "colintern_heads_step2.pt"))
+    assert torch.equal(loaded.head.weight, payload["head"]["weight"])
+    assert loaded.encode_queries(["red page"])[0].shape[1] == 128
