@@ -38,3 +38,13 @@ def synthetic_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("synthetic")
     generate(str(out))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def synthetic_small_dir(tmp_path_factory) -> str:
+    """A small synthetic corpus (40 train pages x 3 queries = 120 rows, 12 eval pages) for fast trainer tests."""
+    from colintern.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic_small")
+    generate(str(out), n_train_pages=40, n_eval_pages=12)
+    return str(out)
