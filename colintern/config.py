@@ -15,7 +15,7 @@ from colintern.errors import UserError
 # Bump when the meaning of a stored field changes.
 CONFIG_VERSION = 1
 
-PAGE_TOKEN_CHOICES = ("all", "image")
+PAGE_TOKEN_CHOICES = ("page", "all", "image")
 
 
 @dataclass
@@ -43,7 +43,8 @@ class ColInternConfig:
     max_visual_tokens: int = 768
     min_visual_tokens: int = 4         # smaller pages are upscaled to at least this many visual tokens
     page_prompt: str = "<|im_start|>user\n<image>\nDescribe the document page.<|im_end|>\n"
-    keep_page_tokens: str = "all"      # "all" real tokens of the page prompt, or only "image" tokens
+    keep_page_tokens: str = "page"     # "page": real tokens from the image on (those before it are the same for
+                                       # every page in a causal LM); "all" real tokens; or only "image" tokens
     # Queries: query_prefix + text + n_augmentation x augmentation_token (ColPali's query augmentation).
     query_prefix: str = "Query: "
     augmentation_token: str = "<|endoftext|>"

@@ -37,6 +37,21 @@ def check_query(text: Any, where: str) -> str:
     return text
 
 
+def page_keep_mask(attention_mask: torch.Tensor, is_image: torch.Tensor, mode: str) -> torch.Tensor:
+    """Which page tokens become embeddings (B, L) bool.
+
+    "all": every real token; "image": image tokens only; "page": every real token from the first image token on.
+    In a causal LM the prompt tokens before the image cannot see the page, so their vectors are the same for every
+    page: "page" drops exactly those page-independent tokens.
+    """
+    keep = attention_mask.bool()
+    if mode == "image":
+        return keep & is_image
+    if mode == "page":
+        return keep & (is_image.long().cumsum(dim=1) > 0)
+    return keep
+
+
 class InternVLProcessor:
     """Processor for InternVL backbones (tokenizer + GotOcr2 PIL image processor)."""
 
@@ -79,9 +94,7 @@ class InternVLProcessor:
             image_text = cfg.image_start_token + cfg.image_token * (tiles * cfg.image_tokens_per_tile) + cfg.image_end_token
             texts.append(cfg.page_prompt.replace("<image>", image_text))
         batch = self.tokenizer(texts, padding="longest", return_tensors="pt", add_special_tokens=False)
-        keep = batch["attention_mask"].bool()
-        if cfg.keep_page_tokens == "image":
-            keep = keep & (batch["input_ids"] == self.image_token_id)
+        keep = page_keep_mask(batch["attention_mask"], batch["input_ids"] == self.image_token_id, cfg.keep_page_tokens)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                 "pixel_values": torch.cat(pixel_values, dim=0), "keep_mask": keep}
 

@@ -24,7 +24,7 @@ from PIL import Image
 from colintern.backbone import LoadedBackbone, load_tokenizer, resolve_file
 from colintern.config import ColInternConfig
 from colintern.errors import UserError
-from colintern.processor import InternVLProcessor, check_page_image
+from colintern.processor import InternVLProcessor, check_page_image, page_keep_mask
 
 log = logging.getLogger("colintern")
 
@@ -203,9 +203,7 @@ class Qwen3VLProcessor(InternVLProcessor):
             texts.append(cfg.page_prompt.replace("<image>", image_text))
         batch = self.tokenizer(texts, padding="longest", return_tensors="pt", add_special_tokens=False)
         is_image = batch["input_ids"] == self.image_token_id  # (B, L)
-        keep = batch["attention_mask"].bool()
-        if cfg.keep_page_tokens == "image":
-            keep = keep & is_image
+        keep = page_keep_mask(batch["attention_mask"], is_image, cfg.keep_page_tokens)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                 "mm_token_type_ids": is_image.long(), "pixel_values": torch.cat(pixel_values, dim=0),
                 "image_grid_thw": torch.stack(grids).long(), "keep_mask": keep}

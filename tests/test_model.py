@@ -57,11 +57,13 @@ def test_remote_layout_converts_to_identical_embeddings(model, tiny_model_dir, t
 def test_embedding_shapes_norms_and_token_counts(model):
     docs = model.encode_images(PAGES)
     proc = model.processor
-    prompt_tokens = len(model.tokenizer(model.config.page_prompt.replace("<image>", "<img></img>"),
-                                        add_special_tokens=False)["input_ids"])
+    # keep_page_tokens="page": the image tokens and everything after them ("</img>" + the rest of the prompt).
+    assert model.config.keep_page_tokens == "page"
+    after_image = len(model.tokenizer("</img>" + model.config.page_prompt.split("<image>")[1],
+                                      add_special_tokens=False)["input_ids"])
     for image, emb in zip(PAGES, docs):
         tiles = proc.num_tiles(image)
-        assert emb.shape == (prompt_tokens + tiles * model.config.image_tokens_per_tile, 128)
+        assert emb.shape == (tiles * model.config.image_tokens_per_tile + after_image, 128)
         assert emb.dtype == torch.float32 and emb.device.type == "cpu"
         torch.testing.assert_close(emb.norm(dim=-1), torch.ones(emb.shape[0]), atol=1e-5, rtol=0)
     # Tiling: a 100x100 page is one tile (no thumbnail); 1000x1400 (w/h 0.71) takes the closest grid, 1x2, + a thumbnail;
@@ -91,10 +93,19 @@ def test_query_formatting_is_from_the_config(model):
     assert inputs["attention_mask"][0].sum() < inputs["attention_mask"].shape[1]
 
 
-def test_keep_only_image_tokens(tiny_model_dir):
+def test_keep_page_token_modes(tiny_model_dir, model):
     m = ColIntern.from_pretrained(tiny_model_dir, max_tiles=4, keep_page_tokens="image")
     docs = m.encode_images(PAGES[:3])
     assert [d.shape[0] for d in docs] == [m.processor.num_tiles(p) * 16 for p in PAGES[:3]]
+    everything = ColIntern.from_pretrained(tiny_model_dir, max_tiles=4, keep_page_tokens="all")
+    full = everything.encode_images(PAGES[:3])
+    page_only = model.encode_images(PAGES[:3])
+    n_before = len(m.tokenizer(m.config.page_prompt.split("<image>")[0] + "<img>", add_special_tokens=False)["input_ids"])
+    for f, p in zip(full, page_only):
+        assert f.shape[0] == p.shape[0] + n_before
+        torch.testing.assert_close(f[n_before:], p, atol=1e-6, rtol=0)  # same vectors, prefix dropped
+    # The dropped prefix is page-independent: a causal LM's tokens before the image cannot see the page.
+    torch.testing.assert_close(full[0][:n_before], full[1][:n_before], atol=1e-5, rtol=0)
 
 
 def test_checkpoint_round_trip_with_lora_reproduces_embeddings(tiny_model_dir, tmp_path):

@@ -115,14 +115,17 @@ def test_page_inputs_follow_the_prompt_and_the_token_cap(model):
     text = tok.decode(ids[1, : mask[1].sum()])
     assert text == ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 9 +
                     "<|vision_end|>Describe the image.<|im_end|><|endoftext|>")
-    assert torch.equal(inputs["keep_mask"], mask.bool())
+    # keep_page_tokens="page": real tokens from the first <|image_pad|> on (the prefix cannot see the page)
+    is_image = ids == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert torch.equal(inputs["keep_mask"], mask.bool() & (is_image.cumsum(1) > 0))
 
 
 def test_embeddings_shapes_norms_and_finite(model):
     docs = model.encode_images(PAGES)
-    n_prompt = len(model.tokenizer(model.config.page_prompt.replace("<image>", "<|vision_start|><|vision_end|>"),
-                                   add_special_tokens=False)["input_ids"])
-    assert [d.shape for d in docs] == [(n_prompt + n, 128) for n in GOLDEN_TOKENS]
+    # keep_page_tokens="page": the image tokens, <|vision_end|> and the rest of the prompt after the image
+    n_after = len(model.tokenizer("<|vision_end|>" + model.config.page_prompt.split("<image>")[1],
+                                  add_special_tokens=False)["input_ids"])
+    assert [d.shape for d in docs] == [(n + n_after, 128) for n in GOLDEN_TOKENS]
     for emb in docs:
         assert emb.dtype == torch.float32 and torch.isfinite(emb).all()
         torch.testing.assert_close(emb.norm(dim=-1), torch.ones(emb.shape[0]), atol=1e-5, rtol=0)
@@ -160,8 +163,9 @@ def test_visual_tokens_never_exceed_the_cap(tiny_qwen_dir, model):
     assert capped.processor.page_cost(strip) == 16
     inputs = capped.processor.process_images([strip])
     assert int(inputs["mm_token_type_ids"].sum()) == 16 and inputs["image_grid_thw"].tolist() == [[1, 2, 32]]
-    n_prompt = int(inputs["attention_mask"].sum()) - 16
-    assert capped.encode_images([strip])[0].shape[0] == n_prompt + 16
+    n_after = len(capped.tokenizer("<|vision_end|>" + capped.config.page_prompt.split("<image>")[1],
+                                   add_special_tokens=False)["input_ids"])
+    assert capped.encode_images([strip])[0].shape[0] == int(inputs["keep_mask"].sum()) == 16 + n_after
 
 
 def test_lora_only_on_the_language_model(tiny_qwen_dir):

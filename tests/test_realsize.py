@@ -48,9 +48,9 @@ def test_internvl35_1b_shapes_bf16(tiny_model_dir):
     page = Image.new("RGB", (448, 448), (240, 240, 240))
     doc = model.encode_images([page])[0]
     query = model.encode_queries(["what is the total revenue in 2023?"])[0]
-    prompt = len(tokenizer(model.config.page_prompt.replace("<image>", "<img></img>"), add_special_tokens=False)["input_ids"])
+    after_image = len(tokenizer("</img>" + model.config.page_prompt.split("<image>")[1], add_special_tokens=False)["input_ids"])
     assert model.processor.num_tiles(page) == 1
-    assert doc.shape == (prompt + 256, 128) and doc.dtype == torch.float32
+    assert doc.shape == (256 + after_image, 128) and doc.dtype == torch.float32
     assert torch.isfinite(doc).all() and torch.isfinite(query).all()
     torch.testing.assert_close(doc.norm(dim=-1), torch.ones(doc.shape[0]), atol=1e-4, rtol=0)
     assert query.shape[0] == len(tokenizer("Query: what is the total revenue in 2023?", add_special_tokens=False)["input_ids"]) + 10
