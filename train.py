@@ -47,7 +47,7 @@ from colintern.distributed import (all_gather_object, all_reduce_gradients, all_
 from colintern.errors import UserError, run_cli  # noqa: E402
 from colintern.gradcache import gradcache_backward  # noqa: E402
 from colintern.losses import late_interaction_loss  # noqa: E402
-from colintern.training import (LOSS_TXT, METRICS_JSONL, Embedder, Fingerprint, HiddenCache,  # noqa: E402
+from colintern.training import (LOSS_TXT, METRICS_JSONL, Embedder, FailOnSave, Fingerprint, HiddenCache,  # noqa: E402
                                 MicroBatches, append_line, diff_args, fault, format_loss_line, load_hub_examples,
                                 load_jsonl_examples, lr_factor, make_loader, make_plan, prepare_logs,
                                 probe_batch_size, rng_state, seed_everything, set_rng_state, step_loss,
@@ -221,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device, is_main = dist.rank, dist.world_size, dist.device, dist.is_main
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return train(args, rank, world, device, is_main)
     finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         cleanup()
 
 
@@ -434,11 +436,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
             return
         if is_main:
             parts = model.checkpoint_parts()
+            training = {**training, "rng": rngs}
+            if fault("save_error", step):
+                training["fault"] = FailOnSave()  # fails in the middle of writing the temp file
             try:
-                if fault("save_error", step):
-                    raise OSError(28, "No space left on device (injected)")
                 save_checkpoint(path, config=parts["config"], head=parts["head"], lora=parts["lora"],
-                                training={**training, "rng": rngs}, metrics=last_metrics)
+                                training=training, metrics=last_metrics)
             except OSError as err:
                 error = f"{type(err).__name__}: {err}"
         error = broadcast_object(error)
@@ -461,75 +464,77 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
 
     bar = tqdm(total=phase_steps, initial=phase_step, desc=f"phase {phase_index}", unit="step",
                disable=not is_main, dynamic_ncols=True)
-    first_epoch = epoch
-    while phase_step < phase_steps:
-        if position >= steps_per_epoch:  # resumed from an epoch-end checkpoint
-            epoch, position = epoch + 1, 0
-        end = min(steps_per_epoch, position + phase_steps - phase_step)
-        skip = cache.keys() if cache is not None else frozenset()
-        if epoch == first_epoch and skip_at_epoch_start is not None:
-            skip = skip_at_epoch_start
-        p, loader = epoch_batches(epoch, position * A, end * A, skip)
-        it = iter(loader)
-        t_epoch, computed_before = time.perf_counter(), embedder.items_computed
-        full_epoch = position == 0
-        for pos in range(position, end):
-            t0 = time.perf_counter()
-            js = [pos * A + m for m in range(A)]
-            batches = [next(it) for _ in js]
-            for batch in batches:
-                note_skips(batch)
-            loss = all_reduce_mean(run_step(p, js, batches))
-            all_reduce_gradients(params)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")))
-            if fault("nan", step + 1):
-                loss = float("nan")
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise UserError(f"training diverged: loss {loss}, grad_norm {grad_norm} at step {step + 1} "
-                                f"(epoch {epoch}); stopped without saving. Last good checkpoint: "
-                                f"{last_ckpt or '(none written yet)'}. Lower --lr, raise --tau or check the data")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, phase_step, position = step + 1, phase_step + 1, pos + 1
-            seconds = time.perf_counter() - t0
-            pairs = B * A * world
-            run_steps, run_pairs = run_steps + 1, run_pairs + pairs
-            last_metrics = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                            "pairs_per_s": pairs / seconds, "seconds": seconds}
-            window.append(loss)
-            if is_main:
-                append_line(args.out_dir, METRICS_JSONL, json.dumps(last_metrics))
-                if step % args.log_every == 0:
-                    append_line(args.out_dir, LOSS_TXT, format_loss_line(step, epoch, sum(window) / len(window), lr,
-                                                                         grad_norm, pairs / seconds))
-                    window = []
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs / seconds:.1f}", epoch=epoch)
-            epoch_done = position == steps_per_epoch
-            done = phase_step == phase_steps
-            if (args.save_every and step % args.save_every == 0) or (done and not epoch_done):
-                save(os.path.join(args.out_dir, f"colintern_heads_step{step}.pt"), training_state(done))
-            if epoch_done:
-                save(os.path.join(args.out_dir, f"colintern_heads_epoch{epoch}.pt"), training_state(done))
-            fault("kill", step)
-            if fault("raise", step):
-                raise RuntimeError(f"injected failure after step {step}")
-        if full_epoch and position == steps_per_epoch:
-            epoch_seconds[epoch] = time.perf_counter() - t_epoch
-            if is_main and cache is not None and epoch > first_epoch and (epoch - 1) in epoch_seconds:
-                prev = epoch_seconds[epoch - 1]
-                msg = (f"epoch {epoch}: {epoch_seconds[epoch]:.1f} s vs {prev:.1f} s for epoch {epoch - 1}: "
-                       f"{prev / max(epoch_seconds[epoch], 1e-9):.1f}x faster with the hidden-state cache "
-                       f"({len(cache)} items cached, {cache.mem_used / 1e9:.2f} GB memory + "
-                       f"{cache.disk_used / 1e9:.2f} GB disk; {embedder.items_computed - computed_before} "
-                       "items still went through the backbone)")
-                log.info(msg)
-                append_line(args.out_dir, LOSS_TXT, "# " + msg)
-    bar.close()
-    if cache is not None:
-        cache.close()
+    try:
+        first_epoch = epoch
+        while phase_step < phase_steps:
+            if position >= steps_per_epoch:  # resumed from an epoch-end checkpoint
+                epoch, position = epoch + 1, 0
+            end = min(steps_per_epoch, position + phase_steps - phase_step)
+            skip = cache.keys() if cache is not None else frozenset()
+            if epoch == first_epoch and skip_at_epoch_start is not None:
+                skip = skip_at_epoch_start
+            p, loader = epoch_batches(epoch, position * A, end * A, skip)
+            it = iter(loader)
+            t_epoch, computed_before = time.perf_counter(), embedder.items_computed
+            full_epoch = position == 0
+            for pos in range(position, end):
+                t0 = time.perf_counter()
+                js = [pos * A + m for m in range(A)]
+                batches = [next(it) for _ in js]
+                for batch in batches:
+                    note_skips(batch)
+                loss = all_reduce_mean(run_step(p, js, batches))
+                all_reduce_gradients(params)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")))
+                if fault("nan", step + 1):
+                    loss = float("nan")
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise UserError(f"training diverged: loss {loss}, grad_norm {grad_norm} at step {step + 1} "
+                                    f"(epoch {epoch}); stopped without saving. Last good checkpoint: "
+                                    f"{last_ckpt or '(none written yet)'}. Lower --lr, raise --tau or check the data")
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, phase_step, position = step + 1, phase_step + 1, pos + 1
+                seconds = time.perf_counter() - t0
+                pairs = B * A * world
+                run_steps, run_pairs = run_steps + 1, run_pairs + pairs
+                last_metrics = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                "pairs_per_s": pairs / seconds, "seconds": seconds}
+                window.append(loss)
+                if is_main:
+                    append_line(args.out_dir, METRICS_JSONL, json.dumps(last_metrics))
+                    if step % args.log_every == 0:
+                        append_line(args.out_dir, LOSS_TXT, format_loss_line(step, epoch, sum(window) / len(window), lr,
+                                                                             grad_norm, pairs / seconds))
+                        window = []
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs / seconds:.1f}", epoch=epoch)
+                epoch_done = position == steps_per_epoch
+                done = phase_step == phase_steps
+                if (args.save_every and step % args.save_every == 0) or (done and not epoch_done):
+                    save(os.path.join(args.out_dir, f"colintern_heads_step{step}.pt"), training_state(done))
+                if epoch_done:
+                    save(os.path.join(args.out_dir, f"colintern_heads_epoch{epoch}.pt"), training_state(done))
+                fault("kill", step)
+                if fault("raise", step):
+                    raise RuntimeError(f"injected failure after step {step}")
+            if full_epoch and position == steps_per_epoch:
+                epoch_seconds[epoch] = time.perf_counter() - t_epoch
+                base = min(epoch_seconds)  # the first full epoch of this run: the one that filled the cache
+                if is_main and cache is not None and epoch > base:
+                    msg = (f"epoch {epoch}: {epoch_seconds[epoch]:.1f} s vs {epoch_seconds[base]:.1f} s for epoch {base}: "
+                           f"{epoch_seconds[base] / max(epoch_seconds[epoch], 1e-9):.1f}x faster with the hidden-state "
+                           f"cache ({len(cache)} items cached, {cache.mem_used / 1e9:.2f} GB memory + "
+                           f"{cache.disk_used / 1e9:.2f} GB disk; {embedder.items_computed - computed_before} "
+                           "items still went through the backbone)")
+                    log.info(msg)
+                    append_line(args.out_dir, LOSS_TXT, "# " + msg)
+    finally:
+        bar.close()
+        if cache is not None:
+            cache.close()
 
     # ---- summary ----------------------------------------------------------------------------------------
     seconds = time.perf_counter() - t_train

@@ -557,6 +557,13 @@ def fault(kind: str, step: int) -> bool:
     return False
 
 
+class FailOnSave:
+    """Put in a checkpoint payload to make torch.save fail halfway through writing (the "save_error" fault)."""
+
+    def __reduce__(self):
+        raise OSError(28, "No space left on device (injected)")
+
+
 @dataclass
 class Fingerprint:
     """What a checkpoint's training state must match to continue the same phase."""
@@ -675,9 +682,12 @@ class Embedder:
 
 
 def worst_case_page(processor: Any, config: Any):
-    """A blank page with the most tiles the config allows (max_tiles wide, one tile high)."""
+    """A blank page with the most visual tokens the config allows: the processor's own worst case when it has one
+    (Qwen3-VL: max_visual_tokens), else max_tiles tiles in a row (+ the thumbnail) for InternVL."""
     from PIL import Image
 
+    if hasattr(processor, "worst_case_page"):
+        return processor.worst_case_page()
     size = config.tile_size
     return Image.new("RGB", (size * config.max_tiles, size), (255, 255, 255))
 
