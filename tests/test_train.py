@@ -289,17 +289,27 @@ def test_grad_cache_gives_the_gradients_of_one_big_batch(tiny_model_dir, synthet
         assert torch.allclose(x / 0.1, y / 0.1, rtol=0, atol=1e-5 * max(1.0, float((x / 0.1).abs().max())))
 
 
-def test_two_processes_match_one_process_on_the_combined_batch(tiny_model_dir, synthetic_small_dir, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate launch + grad_cache"])
+def test_two_processes_match_one_process_on_the_combined_batch(tiny_model_dir, synthetic_small_dir, tmp_path,
+                                                                launcher):
     common = ["--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"), "--lora",
               "--lora_r", 4, "--lora_dropout", 0, "--max_steps", 2, "--save_every", 1, "--max_grad_norm", 0,
               "--warmup_ratio", 0, "--lr", 1e-3, "--num_workers", 0]
     assert run(*common, "--batch_size", 8, "--out_dir", tmp_path / "one") == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "train.py")] + [str(a) for a in common] + ["--batch_size", "4", "--out_dir", str(tmp_path / "two")]
+    if launcher == "torchrun":  # 2 x 4 pairs, one softmax over the 8 gathered pages per query
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        extra = ["--batch_size", "4"]
+    else:  # 2 processes x 2 micro-batches x 2 pairs, GradCache: the same 8-pair softmax
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29517"]
+        extra = ["--batch_size", "2", "--grad_accum", "2", "--grad_cache"]
+    cmd += [str(REPO / "train.py")] + [str(a) for a in common] + extra + ["--out_dir", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2]
+    assert load_checkpoint(str(tmp_path / "two" / "colintern_heads_step1.pt"))["training"]["phase"]["world_size"] == 2
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
     for step in (1, 2):  # exp_avg: 0.1 x gradient of step 1, then 0.09 g1 + 0.1 g2
