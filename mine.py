@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="faiss index_factory string (inner product). auto: Flat (exact) up to 8M page tokens, "
                         "else IVF<4*sqrt(N)>,PQ32. Default: auto")
     g.add_argument("--nprobe", type=int, default=32, help="faiss IVF lists searched per query token (default: 32)")
+    g.add_argument("--deepen", type=int, default=2,
+                   help="faiss: a query left with fewer than k negatives after positives and the fn filter is "
+                        "searched again with 4x --candidates and --token_k, up to N times (default: 2; 0: never)")
     g.add_argument("--fn_filter", type=float, default=0.95,
                    help="drop candidates scoring above r x the positive's score as probable false negatives "
                         "(default: 0.95; 0 disables)")
@@ -124,8 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "num_shards", "nprobe"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.skip_top < 0 or args.recall_sample < 0 or args.fn_filter < 0:
-        raise UserError("--skip_top, --recall_sample and --fn_filter must not be negative")
+    if args.skip_top < 0 or args.recall_sample < 0 or args.fn_filter < 0 or args.deepen < 0:
+        raise UserError("--skip_top, --recall_sample, --fn_filter and --deepen must not be negative")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     if not 0 <= args.shard_id < args.num_shards:
@@ -183,6 +186,8 @@ def merge_shards(out: str, num_shards: int, keep_pages: bool) -> dict:
         else:
             counts[key] = value  # corpus-wide numbers are the same in every shard
     meta["counts"] = counts
+    if meta.get("faiss"):
+        meta["faiss"] = dict(meta["faiss"], deepened_queries=sum(m["faiss"]["deepened_queries"] for m in metas))
     meta["seconds"] = {key: round(max(m["seconds"][key] for m in metas), 3) for key in metas[0]["seconds"]}
     meta["shard"] = {"num_shards": num_shards, "merged": [str(p["final"]) for p in parts]}
     recalls = [m["candidate_recall"] for m in metas if m.get("candidate_recall")]
@@ -311,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 "pairs_digest": fingerprint([(p.row, p.text, p.page) for p in pairs])}
     if args.method == "faiss":
         settings.update(candidates=args.candidates, token_k=args.token_k, faiss_index=args.faiss_index,
-                        nprobe=args.nprobe)
-    state = {"settings": settings, "lines": 0, "fn_filtered": 0, "short_lines": 0, "search_seconds": 0.0}
+                        nprobe=args.nprobe, deepen=args.deepen)
+    state = {"settings": settings, "lines": 0, "fn_filtered": 0, "short_lines": 0, "deepened": 0,
+             "search_seconds": 0.0}
     resumed = False
     if args.resume and paths["partial"].is_file() and paths["state"].is_file():
         saved = json.loads(paths["state"].read_text())
@@ -367,9 +373,10 @@ def main(argv: list[str] | None = None) -> int:
             res = exact_search(qs, which, batch, pos, pair_plan.positives, store, maxsim, score_device, args.k,
                                args.skip_top, fn_filter)
             return qs, which, pos, res, None
-        res, cands = faiss_search(qs, which, batch, pos, pair_plan.positives, store, index, score_device,
-                                  args.k, args.skip_top, fn_filter, token_k, args.candidates)
-        return qs, which, pos, res, cands
+        res, cands, n_deepened = faiss_search(qs, which, batch, pos, pair_plan.positives, store, index, score_device,
+                                              args.k, args.skip_top, fn_filter, token_k, args.candidates,
+                                              args.deepen, 2048 if faiss_gpu else None)
+        return qs, which, pos, res, (cands, n_deepened)
 
     B = args.search_batch
     with tqdm(total=len(pairs), initial=state["lines"], desc=f"mine [{args.method}]", unit="query",
@@ -377,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         for b0 in range(state["lines"], len(pairs), B):
             t0 = time.time()
             batch = pairs[b0:b0 + B]
-            _, _, pos, res, _ = run_batch(batch)
+            _, _, pos, res, extra = run_batch(batch)
+            state["deepened"] = state.get("deepened", 0) + (extra[1] if extra else 0)
             lines = []
             for p, s_pos, (negs, scores, n_filtered) in zip(batch, pos, res):
                 lines.append(json.dumps({"query": p.text, "pos": path_of(p.page),
@@ -407,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         n_checked = 0
         for s0 in tqdm(range(0, len(sample), B), desc="recall check", disable=not show, dynamic_ncols=True):
             batch = [pairs[i] for i in sample[s0:s0 + B]]
-            qs, which, pos, res, cands = run_batch(batch)
+            qs, which, pos, res, (cands, _) = run_batch(batch)
             exact = exact_search(qs, which, batch, pos, pair_plan.positives, store, maxsim, score_device, args.k,
                                  args.skip_top, fn_filter)
             for r, ((negs_f, _, _), (negs_e, _, _)) in enumerate(zip(res, exact)):
@@ -434,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "filters": {"fn_filter": fn_filter, "skip_top": args.skip_top,
                     "positives": f"rows sharing the page (dedupe by {plan.dedupe}) and rows with the same query text"},
         "faiss": None if faiss_info is None else {**faiss_info, "candidates": args.candidates, "token_k": token_k,
+                                                  "deepen": args.deepen, "deepened_queries": state["deepened"],
                                                   "indexed": "every page token vector (inner product)"},
         "counts": {"rows": len(dataset), "pages": plan.n_pages, "pages_valid": store.n_valid,
                    "page_tokens": store.n_tokens, "queries": len(pairs), "lines": state["lines"],

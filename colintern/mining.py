@@ -743,15 +743,42 @@ def faiss_candidates(index: Any, qs_np: list[np.ndarray], store: PageStore, toke
 
 def faiss_search(qs: list[torch.Tensor], which: np.ndarray, pairs: Sequence[Pair], pos_scores: np.ndarray,
                  positives: dict[str, np.ndarray], store: PageStore, index: Any, device: Any,
-                 k: int, skip_top: int, fn_filter: float | None, token_k: int, n_candidates: int
-                 ) -> tuple[list[tuple[np.ndarray, np.ndarray, int]], list[np.ndarray]]:
-    """FAISS first stage + exact re-rank -> (per pair (negs, scores, n_filtered), per unique text candidates)."""
+                 k: int, skip_top: int, fn_filter: float | None, token_k: int, n_candidates: int,
+                 deepen: int = 0, max_token_k: int | None = None
+                 ) -> tuple[list[tuple[np.ndarray, np.ndarray, int]], list[np.ndarray], int]:
+    """FAISS first stage + exact re-rank -> (per pair (negs, scores, n_filtered), per text candidates, deepened).
+
+    Positives and the false-negative filter can eat a query's best candidates (a page set with many near
+    duplicates, or an undertrained model whose scores are all close). A query left with fewer than k negatives
+    whose candidates do not cover the corpus is searched again with 4x the depth (candidates and token_k), up
+    to `deepen` times, so that it gets what exact search would give it instead of a short list.
+    """
     qs_np = [q.float().numpy() for q in qs]
-    cands = faiss_candidates(index, qs_np, store, token_k, n_candidates)
-    cand_scores = [own_candidate_scores(q, c, store, device) for q, c in zip(qs, cands)]
-    out = []
-    for r, p in enumerate(pairs):
-        u = which[r]
-        thr = float(pos_scores[r] * fn_filter) if fn_filter else None
-        out.append(select_negatives(cands[u], cand_scores[u], positives[p.text], thr, skip_top, k))
-    return out, cands
+    cands: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(qs)
+    cand_scores: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(qs)
+    out: list[tuple[np.ndarray, np.ndarray, int] | None] = [None] * len(pairs)
+    todo = list(range(len(qs)))  # unique texts still to (re)search
+    depth, tk = n_candidates, token_k
+    deepened: set[int] = set()
+    for round_ in range(deepen + 1):
+        found = faiss_candidates(index, [qs_np[u] for u in todo], store, tk, depth)
+        for u, c in zip(todo, found):
+            cands[u] = c
+            cand_scores[u] = own_candidate_scores(qs[u], c, store, device)
+        redo = set()
+        todo_set = set(todo)
+        for r, p in enumerate(pairs):
+            u = int(which[r])
+            if u not in todo_set:
+                continue
+            thr = float(pos_scores[r] * fn_filter) if fn_filter else None
+            out[r] = select_negatives(cands[u], cand_scores[u], positives[p.text], thr, skip_top, k)
+            if len(out[r][0]) < k and len(cands[u]) < store.n_valid:
+                redo.add(u)
+        if not redo or round_ == deepen:
+            break
+        todo = sorted(redo)
+        deepened.update(redo)
+        depth *= 4
+        tk = min(tk * 4, max_token_k) if max_token_k else tk * 4
+    return out, cands, len(deepened)  # type: ignore[return-value]

@@ -230,13 +230,33 @@ def test_faiss_recall_is_measured_against_exact(tiny_model_dir, ckpt, corpus, wo
     run_mine(tiny_model_dir, ckpt, corpus, exact_out, "--method", "exact", "--k", 3, "--fn_filter", 0)
     out = work / "shallow" / "mined.jsonl"
     meta = run_mine(tiny_model_dir, ckpt, corpus, out, "--k", 3, "--candidates", 4, "--token_k", 4,
-                    "--fn_filter", 0, "--recall_sample", 1000)
+                    "--fn_filter", 0, "--recall_sample", 1000, "--deepen", 0)
     exact, approx = read_lines(exact_out), read_lines(out)
     hits = sum(len(set(a["negs"]) & set(e["negs"])) for a, e in zip(approx, exact))
     total = sum(len(e["negs"]) for e in exact)
     rec = meta["candidate_recall"]
-    assert rec["queries"] == 39 and rec["negatives_overlap"] == pytest.approx(hits / total, abs=1e-6)
-    assert rec["candidate_recall"] >= rec["negatives_overlap"] and rec["candidate_recall"] < 1.0
+    assert rec["queries"] == 39 and rec["exact_negatives"] == total == 39 * 3
+    assert rec["negatives_overlap"] == pytest.approx(hits / total, abs=1e-6) and hits < total
+    assert rec["candidate_recall"] >= rec["negatives_overlap"]
+
+
+def test_deepening_recovers_what_the_filter_ate(tiny_model_dir, ckpt, corpus, work):
+    """With a biting fn_filter, 4 candidates leave short lists; deepening (4 -> 16 >= 13 pages) gives exact's."""
+    args = ("--k", 3, "--fn_filter", 0.97)
+    exact_out = work / "deep_exact" / "mined.jsonl"
+    exact_meta = run_mine(tiny_model_dir, ckpt, corpus, exact_out, "--method", "exact", *args)
+    shallow = run_mine(tiny_model_dir, ckpt, corpus, work / "deep0" / "mined.jsonl", *args, "--candidates", 4,
+                       "--token_k", 4, "--deepen", 0, "--recall_sample", 1000)
+    deep = run_mine(tiny_model_dir, ckpt, corpus, work / "deep1" / "mined.jsonl", *args, "--candidates", 4,
+                    "--token_k", 4, "--deepen", 1, "--recall_sample", 1000)
+    assert shallow["counts"]["short_lines"] > exact_meta["counts"]["short_lines"]
+    assert shallow["faiss"]["deepened_queries"] == 0 and deep["faiss"]["deepened_queries"] > 0
+    assert deep["candidate_recall"]["candidate_recall"] > shallow["candidate_recall"]["candidate_recall"]
+    exact = read_lines(exact_out)
+    short = [i for i, ln in enumerate(read_lines(work / "deep0" / "mined.jsonl")) if len(ln["negs"]) < 3]
+    deep_lines = read_lines(work / "deep1" / "mined.jsonl")
+    assert len(short) > 10 and all(deep_lines[i]["negs"] == exact[i]["negs"] for i in short)
+    assert deep["counts"]["short_lines"] == exact_meta["counts"]["short_lines"]
 
 
 def test_interrupted_and_resumed_run_writes_the_same_file(tiny_model_dir, ckpt, corpus, work, monkeypatch):
