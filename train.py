@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device, is_main = dist.rank, dist.world_size, dist.device, dist.is_main
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return train(args, rank, world, device, is_main)
     finally:
@@ -524,7 +525,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
                 epoch_seconds[epoch] = time.perf_counter() - t_epoch
                 base = min(epoch_seconds)  # the first full epoch of this run: the one that filled the cache
                 if is_main and cache is not None and epoch > base:
-                    msg = (f"epoch {epoch}: {epoch_seconds[epoch]:.1f} s vs {epoch_seconds[base]:.1f} s for epoch {base}: "
+                    msg = (f"epoch {epoch}: {epoch_seconds[epoch]:.1f} s vs {epoch_seconds[base]:.1f} s for epoch "
+                           f"{base}: "
                            f"{epoch_seconds[base] / max(epoch_seconds[epoch], 1e-9):.1f}x faster with the hidden-state "
                            f"cache ({len(cache)} items cached, {cache.mem_used / 1e9:.2f} GB memory + "
                            f"{cache.disk_used / 1e9:.2f} GB disk; {embedder.items_computed - computed_before} "

@@ -309,7 +309,8 @@ def test_two_processes_match_one_process_on_the_combined_batch(tiny_model_dir, s
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2]
-    assert load_checkpoint(str(tmp_path / "two" / "colintern_heads_step1.pt"))["training"]["phase"]["world_size"] == 2
+    two_ckpt = load_checkpoint(str(tmp_path / "two" / "colintern_heads_step1.pt"))
+    assert two_ckpt["training"]["phase"]["world_size"] == 2
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
     for step in (1, 2):  # exp_avg: 0.1 x gradient of step 1, then 0.09 g1 + 0.1 g2
@@ -317,7 +318,8 @@ def test_two_processes_match_one_process_on_the_combined_batch(tiny_model_dir, s
                         first_moments(tmp_path / "two" / f"colintern_heads_step{step}.pt")):
             assert torch.allclose(x / 0.1, y / 0.1, rtol=0, atol=1e-5 * max(1.0, float((x / 0.1).abs().max())))
     # (after step 2 Adam's first update of lora_A, lr x g / |g| with g ~ 0, magnifies rounding: compare step 1)
-    a, b = weights(tmp_path / "one" / "colintern_heads_step1.pt"), weights(tmp_path / "two" / "colintern_heads_step1.pt")
+    a = weights(tmp_path / "one" / "colintern_heads_step1.pt")
+    b = weights(tmp_path / "two" / "colintern_heads_step1.pt")
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
 
 
@@ -469,8 +471,8 @@ def test_device_optimizer_fallback_max_tiles_and_dim(tiny_model_dir, synthetic_s
     base = ["--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train")]
     if not torch.cuda.is_available():
         assert run_cli(train.main, base + ["--device_map", "cuda:0"]) == 2
-        assert error_lines(capsys) == ["error: --device_map cuda:0: CUDA is not available on this machine; use --device_map cpu "
-                       "(or auto)"]
+        assert error_lines(capsys) == ["error: --device_map cuda:0: CUDA is not available on this machine; "
+                                       "use --device_map cpu (or auto)"]
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine where bitsandbytes cannot load
     caplog.set_level(logging.INFO)
     assert run(*base, "--optimizer", "adamw_8bit", "--max_tiles", 2, "--dim", 64, "--batch_size", 8, "--max_steps", 1,
@@ -519,3 +521,34 @@ def test_schedule_clipping_weight_decay_and_log_every(tiny_model_dir, synthetic_
     with_wd = weights(tmp_path / "wd0.5" / "colintern_heads_step1.pt")["head.weight"]
     without = weights(tmp_path / "wd0" / "colintern_heads_step1.pt")["head.weight"]
     assert torch.allclose(with_wd - without, -1e-2 * 0.5 * w0, atol=1e-7)
+
+
+def test_auto_batch_search_picks_the_largest_fitting_batch_and_survives_oom(monkeypatch):
+    """probe_batch_size against a simulated GPU (16 GiB; 1 GiB of weights + 1 GiB per pair; OOM from 12 pairs)."""
+    from types import SimpleNamespace
+
+    from colintern.training import probe_batch_size
+
+    gib = 2 ** 30
+    peak, calls = {"bytes": 0}, []
+
+    def step(b: int) -> None:
+        calls.append(b)
+        if b >= 12:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        peak["bytes"] = (1 + b) * gib
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=16 * gib))
+    for name in ("empty_cache", "reset_peak_memory_stats", "synchronize", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["bytes"])
+    device = torch.device("cuda", 0)
+    # budget 0.8 x 16 = 12.8 GiB: 11 pairs (12 GiB) fit, 12 run out of memory
+    assert probe_batch_size(step, [], max_batch=32, target_frac=0.8, device=device)[0] == 11
+    assert calls == [1, 2, 4, 8, 16, 12, 10, 11]
+    calls.clear()  # capped by max_batch
+    assert probe_batch_size(step, [], max_batch=6, target_frac=0.8, device=device)[0] == 6 and calls == [1, 2, 4, 6]
+    calls.clear()  # 3 GiB of optimizer state still to come: 8 pairs (9 + 3 GiB) fit, 9 do not
+    b, notes = probe_batch_size(step, [], max_batch=32, target_frac=0.8, device=device, extra_bytes=3 * gib)
+    assert b == 8 and "batch 16: out of memory" in notes
