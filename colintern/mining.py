@@ -425,12 +425,12 @@ class PageStore:
         A copy of a real token never changes a max, so MaxSim over the padded block is exact without a mask.
         """
         lmax = int(self.lengths[ids].max())
-        buf = np.empty((len(ids), lmax, self.dim), dtype=np.float32)  # (n, Lmax, dim)
+        buf = np.empty((len(ids), lmax, self.dim), dtype=np.float16)  # (n, Lmax, dim), converted on the device
         for r, u in enumerate(ids):
             a = self.page_array(int(u))
             buf[r, :len(a)] = a
             buf[r, len(a):] = a[-1]
-        return torch.from_numpy(buf).to(device)
+        return torch.from_numpy(buf).to(device).float()
 
     def iter_parts(self, device: Any = "cpu") -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
         """(valid page ids of a part, their (L, dim) float32 tensors on device), part after part.

@@ -365,3 +365,18 @@ def test_bad_input_fails_with_one_clear_line(tiny_model_dir, ckpt, corpus, work,
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "trained on base model 'OpenGVLab/InternVL3_5-1B-Instruct'" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "x" / "m.jsonl").exists()
+
+
+def test_output_trains_with_train_py(exact_all, tiny_model_dir, ckpt, tmp_path):
+    """train.py --train_jsonl reads the mined file directly (pseudo-paths resolved, hard negatives used)."""
+    from colintern.checkpoint import load_checkpoint
+
+    train = load_script("train")
+    out_dir = tmp_path / "phase2"
+    assert train.main(["--model_id", tiny_model_dir, "--train_jsonl", str(exact_all[0]), "--resume_ckpt", ckpt,
+                       "--max_steps", "2", "--batch_size", "4", "--num_negs", "2", "--num_workers", "0",
+                       "--out_dir", str(out_dir), "--save_every", "1"]) == 0
+    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
+    saved = load_checkpoint(str(out_dir / "colintern_heads_step2.pt"))
+    assert saved["config"]["max_tiles"] == 2 and saved["lora"] is not None
