@@ -106,10 +106,16 @@ def evaluate(model_id: str, ckpt: str | None, eval_dir: str) -> tuple[float, flo
 # Learning
 
 
-def test_heads_only_training_learns_and_the_cache_speeds_up_later_epochs(tiny_model_dir, synthetic_dir, tmp_path):
+@pytest.fixture(scope="module")
+def untrained_eval(tiny_model_dir, synthetic_dir) -> tuple[float, float]:
+    """(MRR, nDCG@10) of the untrained model (random head) on the held-out synthetic set."""
+    return evaluate(tiny_model_dir, None, os.path.join(synthetic_dir, "eval"))
+
+
+def test_heads_only_training_learns_and_the_cache_speeds_up_later_epochs(tiny_model_dir, synthetic_dir, tmp_path,
+                                                                          untrained_eval):
     out = tmp_path / "run"
-    eval_dir = os.path.join(synthetic_dir, "eval")
-    mrr0, ndcg0 = evaluate(tiny_model_dir, None, eval_dir)
+    mrr0, ndcg0 = untrained_eval
     assert run("--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_dir, "hub", "colintern-synthetic"),
                "--batch_size", 16, "--epochs", 4, "--lr", 2e-3, "--num_workers", 0, "--save_every", 0,
                "--log_every", 5, "--out_dir", out) == 0
@@ -118,8 +124,9 @@ def test_heads_only_training_learns_and_the_cache_speeds_up_later_epochs(tiny_mo
     assert set(rows[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "pairs_per_s", "seconds"}
     per_epoch = [sum(r["loss"] for r in rows if r["epoch"] == e) / 45 for e in (1, 2, 3, 4)]
     assert per_epoch[3] < per_epoch[0] - 0.4, per_epoch
-    mrr1, ndcg1 = evaluate(tiny_model_dir, str(out / "colintern_heads_epoch4.pt"), eval_dir)
-    print(f"loss by epoch {per_epoch}; held-out MRR {mrr0:.3f} -> {mrr1:.3f}, nDCG@10 {ndcg0:.3f} -> {ndcg1:.3f}")
+    mrr1, ndcg1 = evaluate(tiny_model_dir, str(out / "colintern_heads_epoch4.pt"), os.path.join(synthetic_dir, "eval"))
+    print(f"heads only: loss by epoch {per_epoch}; held-out MRR {mrr0:.3f} -> {mrr1:.3f}, "
+          f"nDCG@10 {ndcg0:.3f} -> {ndcg1:.3f}")
     assert mrr1 > mrr0 + 0.05 and ndcg1 > ndcg0 + 0.05
     text = (out / "training_loss.txt").read_text().splitlines()
     steps = [LINE_RE.match(line) for line in text if not line.startswith("# ")]
@@ -133,6 +140,20 @@ def test_heads_only_training_learns_and_the_cache_speeds_up_later_epochs(tiny_mo
     for name in ("colintern_heads_epoch1.pt", "colintern_heads_epoch2.pt", "colintern_heads_epoch3.pt"):
         assert (out / name).is_file()
     assert not list(out.glob(".hidden_cache*"))
+
+
+def test_lora_training_learns_in_one_epoch(tiny_model_dir, synthetic_dir, tmp_path, untrained_eval):
+    out = tmp_path / "run"
+    mrr0, ndcg0 = untrained_eval
+    assert run("--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_dir, "hub", "colintern-synthetic"),
+               "--batch_size", 16, "--epochs", 1, "--lr", 5e-4, "--lora", "--num_workers", 0, "--out_dir", out) == 0
+    losses = [r["loss"] for r in metrics(out)]
+    first, last = sum(losses[:9]) / 9, sum(losses[-9:]) / 9
+    mrr1, ndcg1 = evaluate(tiny_model_dir, str(out / "colintern_heads_epoch1.pt"), os.path.join(synthetic_dir, "eval"))
+    print(f"LoRA: loss {first:.3f} (first 9 steps) -> {last:.3f} (last 9); held-out MRR {mrr0:.3f} -> {mrr1:.3f}, "
+          f"nDCG@10 {ndcg0:.3f} -> {ndcg1:.3f}")
+    assert last < first - 1.0
+    assert mrr1 > mrr0 + 0.05 and ndcg1 > ndcg0 + 0.05
 
 
 # ----------------------------------------------------------------------------------------------------------
