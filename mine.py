@@ -194,10 +194,11 @@ def merge_shards(out: str, num_shards: int, keep_pages: bool) -> dict:
     if recalls:
         merged_recall = {key: sum(r[key] for r in recalls) for key in
                          ("queries", "queries_with_negatives", "exact_negatives", "candidate_hits", "negatives_hits")}
-        total = max(merged_recall["exact_negatives"], 1)
-        meta["candidate_recall"] = {**merged_recall, "k": recalls[0]["k"],
-                                    "candidate_recall": round(merged_recall["candidate_hits"] / total, 6),
-                                    "negatives_overlap": round(merged_recall["negatives_hits"] / total, 6)}
+        total = merged_recall["exact_negatives"]
+        meta["candidate_recall"] = {
+            **merged_recall, "k": recalls[0]["k"],
+            "candidate_recall": round(merged_recall["candidate_hits"] / total, 6) if total else None,
+            "negatives_overlap": round(merged_recall["negatives_hits"] / total, 6) if total else None}
     meta["out_jsonl"] = str(merged)
     atomic_write_json(output_paths(out, 0, 1)["meta"], meta)
     os.replace(tmp, merged)
@@ -427,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                 neg_hits += int(np.isin(negs_e, negs_f).sum())
         recall = {"queries": int(len(sample)), "queries_with_negatives": n_checked, "k": args.k,
                   "exact_negatives": total, "candidate_hits": cand_hits, "negatives_hits": neg_hits,
-                  "candidate_recall": round(cand_hits / max(total, 1), 6),
-                  "negatives_overlap": round(neg_hits / max(total, 1), 6)}
+                  "candidate_recall": round(cand_hits / total, 6) if total else None,
+                  "negatives_overlap": round(neg_hits / total, 6) if total else None}
         t_recall = time.time() - t0
 
     # -- meta, then the final name (the jsonl appears only complete)
@@ -477,9 +478,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{state['search_seconds']:.1f} ({qps if qps is not None else '-'} queries/s), total {t_total:.1f}")
     print(f"  fn_filter dropped {state['fn_filtered']} candidates; {state['short_lines']} lines have fewer than "
           f"{args.k} negatives")
-    if recall:
+    if recall and recall["exact_negatives"]:
         print(f"  candidate recall@{args.k} vs exact ({recall['queries']} queries): {recall['candidate_recall']:.4f}; "
               f"negatives identical to exact: {recall['negatives_overlap']:.4f}")
+    elif recall:
+        print(f"  candidate recall: n/a (exact search finds no negatives for the {recall['queries']} sampled queries)")
+    if state["lines"] and state["short_lines"] > state["lines"] // 2 and fn_filter:
+        log.warning("%d of %d queries got fewer than %d negatives: the fn_filter (%.2f x the positive's score) "
+                    "dropped %d candidates. Nearly uniform scores mean an untrained or collapsed checkpoint; "
+                    "lower --fn_filter or check the checkpoint", state["short_lines"], state["lines"], args.k,
+                    fn_filter, state["fn_filtered"])
     if report.count:
         print(f"  {report.summary()}")
     if sharded:
