@@ -393,7 +393,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     seen_skips: set[tuple[str, str]] = set()
     last_ckpt = args.resume_ckpt
     last_metrics: dict = dict(payload.get("metrics", {})) if payload is not None else {}
-    window: list[float] = []
+    window: list[float] = []  # losses since the last training_loss.txt line (restored on resume)
+    if is_main and payload is not None:
+        with open(os.path.join(args.out_dir, METRICS_JSONL), encoding="utf-8") as f:
+            done = [json.loads(line) for line in f if line.strip()]
+        window = [r["loss"] for r in done if r["step"] > step - step % args.log_every]
     run_steps, run_pairs, t_train = 0, 0, time.perf_counter()
     epoch_seconds: dict[int, float] = {}
     A, B = args.grad_accum, batch_size

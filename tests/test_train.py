@@ -227,8 +227,9 @@ def test_seed_readme_steps_1_and_3_run_verbatim(tiny_model_dir, synthetic_small_
 
 def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(tiny_model_dir, synthetic_small_dir, tmp_path):
     common = ["--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"),
-              "--batch_size", 4, "--grad_accum", 2, "--max_steps", 7, "--save_every", 2, "--lora", "--lora_r", 4,
-              "--lora_dropout", 0.1, "--lr", 1e-3, "--seed", 3, "--num_workers", 2, "--prefetch_factor", 2]
+              "--batch_size", 4, "--grad_accum", 2, "--max_steps", 7, "--save_every", 3, "--log_every", 2, "--lora",
+              "--lora_r", 4, "--lora_dropout", 0.1, "--lr", 1e-3, "--seed", 3, "--num_workers", 2,
+              "--prefetch_factor", 2]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert run(*common, "--out_dir", ref) == 0
     cmd = [sys.executable, str(REPO / "train.py")] + [str(a) for a in common] + ["--out_dir", str(killed)]
@@ -237,16 +238,21 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(tiny_mode
         rc = subprocess.run(cmd, env={**ENV, "COLINTERN_FAULT": "kill@5"}, stdout=f, stderr=f).returncode
     assert rc == -9, log.read_text()[-2000:]
     assert [r["step"] for r in metrics(killed)] == [1, 2, 3, 4, 5]
-    assert not (killed / "colintern_heads_step6.pt").exists()
+    assert sorted(p.name for p in killed.glob("*.pt")) == ["colintern_heads_step3.pt"]
     with log.open("w") as f:
-        rc = subprocess.run(cmd + ["--resume_ckpt", str(killed / "colintern_heads_step4.pt")], env=ENV, stdout=f,
+        rc = subprocess.run(cmd + ["--resume_ckpt", str(killed / "colintern_heads_step3.pt")], env=ENV, stdout=f,
                             stderr=f).returncode
     assert rc == 0, log.read_text()[-2000:]
     a, b = weights(ref / "colintern_heads_step7.pt"), weights(killed / "colintern_heads_step7.pt")
     assert a.keys() == b.keys() and any(k.startswith("lora.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in metrics(killed)] == list(range(1, 8))  # step 5 logged once, not twice
+    assert [r["step"] for r in metrics(killed)] == list(range(1, 8))  # steps 4, 5 logged once, not twice
     assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(ref)]
+
+    def loss_lines(out):  # training_loss.txt without notes and timings; the step-4 line averages steps 3 and 4
+        return [line.rsplit(" | pairs/s", 1)[0] for line in (out / "training_loss.txt").read_text().splitlines()
+                if not line.startswith("# ")]
+    assert loss_lines(killed) == loss_lines(ref) and len(loss_lines(ref)) == 3
 
 
 def test_heads_only_resume_rebuilds_the_cache_and_is_exact(tiny_model_dir, synthetic_small_dir, tmp_path,
