@@ -8,7 +8,8 @@ Phase 2, mined hard negatives (mine.py's output), continuing from phase 1's weig
     python train.py --model_id OpenGVLab/InternVL3_5-1B-Instruct --train_jsonl outputs/mine/mined_triples.jsonl \\
         --resume_ckpt outputs/train/colintern_heads_epoch1.pt --batch_size 8 --grad_accum 4
 Multi-GPU (data parallel; page embeddings are all-gathered so every query sees every rank's pages):
-    torchrun --nproc_per_node 4 train.py ...        or        accelerate launch train.py ...
+    torchrun --nproc_per_node 4 train.py ...   or   accelerate launch --multi_gpu --num_processes 4 train.py ...
+(without GPUs the same commands run CPU processes over gloo).
 
 Modes: without --lora only the head is trained; the backbone (and any LoRA loaded from --resume_ckpt) is
 frozen, so hidden states are cached (--cache_mem_gb / --cache_disk_gb) and later epochs skip the backbone.
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "hardest first, in the same softmax as the in-batch pages (default: 1; 0 = in-batch only)")
     g.add_argument("--max_tiles", type=int, default=None, help="max 448-px tiles per page (default: the "
                    "checkpoint's, else 6); a thumbnail is added when a page has more than one tile")
+    g.add_argument("--max_visual_tokens", type=int, default=None, help="Qwen3-VL: cap of visual tokens per page "
+                   "(ColQwen3's --max-visual-tokens; default: the checkpoint's, else 768)")
     g.add_argument("--dim", type=int, default=None, help="token vector size of a new head (default 128); "
                    "must match the checkpoint when resuming")
     g.add_argument("--strict", action="store_true", help="stop at the first bad row instead of reporting and "
@@ -259,6 +262,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     seed_everything(args.seed)  # identical on every rank: the LoRA initialisation must be the same everywhere
     model = ColIntern.from_pretrained(args.model_id, ckpt=args.resume_ckpt, device=str(device), dtype=args.dtype,
                                       use_flash_attn=args.use_flash_attn, max_tiles=args.max_tiles,
+                                      max_visual_tokens=args.max_visual_tokens,
                                       dim=None if payload is not None else args.dim)
     if args.lora and model.lora_config is None:
         model.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout, include_vision=args.lora_vision)

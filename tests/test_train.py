@@ -502,12 +502,13 @@ def test_device_optimizer_fallback_max_tiles_and_dim(tiny_model_dir, synthetic_s
                                        "use --device_map cpu (or auto)"]
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine where bitsandbytes cannot load
     caplog.set_level(logging.INFO)
-    assert run(*base, "--optimizer", "adamw_8bit", "--max_tiles", 2, "--dim", 64, "--batch_size", 8, "--max_steps", 1,
-               "--num_workers", 0, "--out_dir", tmp_path) == 0
+    assert run(*base, "--optimizer", "adamw_8bit", "--max_tiles", 2, "--max_visual_tokens", 256, "--dim", 64,
+               "--batch_size", 8, "--max_steps", 1, "--num_workers", 0, "--out_dir", tmp_path) == 0
     assert "--optimizer adamw_8bit needs a working bitsandbytes" in caplog.text
     assert "falling back to torch AdamW" in caplog.text
     payload = load_checkpoint(str(tmp_path / "colintern_heads_step1.pt"))
     assert payload["config"]["max_tiles"] == 2 and payload["config"]["dim"] == 64
+    assert payload["config"]["max_visual_tokens"] == 256
     assert tuple(payload["head"]["weight"].shape) == (64, 128)
 
 
