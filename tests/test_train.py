@@ -75,6 +75,14 @@ def error_lines(capsys) -> list[str]:
     return [line for line in re.split(r"[\r\n]", err) if line.startswith("error:")]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -277,6 +285,21 @@ def test_heads_only_resume_rebuilds_the_cache_and_is_exact(tiny_model_dir, synth
     assert not list(cut.glob(".hidden_cache*"))
 
 
+def test_a_full_hidden_state_cache_recomputes_the_rest(tiny_model_dir, synthetic_small_dir, tmp_path, caplog):
+    """Memory budget ~2 pages, disk ~3 more: everything else is recomputed, and training is the same."""
+    common = ["--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"),
+              "--batch_size", 8, "--epochs", 2, "--lr", 1e-3, "--num_workers", 0, "--save_every", 0]
+    assert run(*common, "--out_dir", tmp_path / "all") == 0
+    caplog.set_level(logging.INFO)
+    assert run(*common, "--cache_mem_gb", 1e-4, "--cache_disk_gb", 2e-4, "--out_dir", tmp_path / "small") == 0
+    assert "hidden-state cache full (0.00 GB memory, 0.00 GB disk)" in caplog.text
+    note = [line for line in (tmp_path / "small" / "training_loss.txt").read_text().splitlines()
+            if line.startswith("# epoch 2:")][0]
+    assert int(re.search(r"; (\d+) items still went through the backbone", note).group(1)) > 100
+    for a, b in zip(metrics(tmp_path / "all"), metrics(tmp_path / "small")):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
 def test_resume_with_other_arguments_fails_clearly_and_new_phase_continues_numbering(
         tiny_model_dir, synthetic_small_dir, tmp_path, monkeypatch, capsys):
     common = ["--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"),
@@ -329,7 +352,7 @@ def test_two_processes_match_one_process_on_the_combined_batch(tiny_model_dir, s
     else:  # 2 processes x 2 micro-batches x 2 pairs, GradCache: the same 8-pair softmax
         cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517"]
+               str(free_port())]
         extra = ["--batch_size", "2", "--grad_accum", "2", "--grad_cache"]
     cmd += [str(REPO / "train.py")] + [str(a) for a in common] + extra + ["--out_dir", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
