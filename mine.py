@@ -109,7 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--pages_per_part", type=int, default=1024,
                    help="pages per embedding file part: the unit of shared encoding and of resume (default: 1024)")
     g.add_argument("--no_gpu", action="store_true", help="use the CPU even when a GPU is available")
-    g.add_argument("--dtype", default=None, help="backbone dtype: bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--dtype", default=None,
+                   help="backbone dtype: bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--use_flash_attn", action="store_true", help="flash-attention 2 when installed (GPU)")
     g = p.add_argument_group("sharding")
     g.add_argument("--num_shards", type=int, default=None,
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     from colintern import ColIntern
     from colintern.data import check_query, load_page_dataset, pseudo_path, SkipReport
     from colintern.mining import (PageStore, StoreSpec, atomic_write_json, byte_offset_of_line, count_complete_lines,
-                                  ensure_page_store, exact_search, faiss_search, file_lock, file_sha256, fingerprint,
+                                  ensure_page_store, exact_search, faiss_search, file_sha256, fingerprint,
                                   keys_digest, plan_pages, plan_pairs, positive_scores, unique_texts,
                                   build_faiss_index)
     from colintern.scoring import maxsim
