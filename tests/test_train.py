@@ -473,6 +473,30 @@ def test_train_jsonl_with_local_images_hard_negatives_and_bad_lines(tiny_model_d
     assert len(err) == 1 and f"{tmp_path / 'triples.jsonl'} line 3: malformed JSON" in err[0]
 
 
+def test_corrupt_dataset_images_are_reported_and_skipped_or_fatal_with_strict(tiny_model_dir, synthetic_small_dir,
+                                                                              tmp_path, capsys):
+    import datasets
+
+    from colintern.data import load_page_dataset
+
+    src = load_page_dataset(os.path.join(synthetic_small_dir, "train")).select(range(15))
+    rows = {name: list(src[name]) for name in ("query", "image_filename", "image")}
+    rows["image"][4] = {"bytes": b"\x00garbage" * 20, "path": None}
+    rows["image_filename"][4] = "synthetic/corrupt.png"
+    features = datasets.Features({"query": datasets.Value("string"), "image_filename": datasets.Value("string"),
+                                  "image": datasets.Image()})
+    path = tmp_path / "bad"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    argv = ["--model_id", tiny_model_dir, "--train_hub", path, "--batch_size", 5, "--num_workers", 0, "--out_dir",
+            tmp_path / "out", "--seed", 2]
+    assert run(*argv) == 0
+    summary = capsys.readouterr().out
+    assert "skipped 1 item: corrupt image x1" in summary
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "out")) and len(metrics(tmp_path / "out")) == 3
+    assert run_cli(train.main, [str(a) for a in argv + ["--strict"]]) == 2
+    assert error_lines(capsys) == [f"error: {path} row 4: corrupt image: not a recognised image format (160 bytes)"]
+
+
 def test_dataset_formats_give_the_same_training(tiny_model_dir, synthetic_small_dir, tmp_path):
     losses = []
     for name, path in (("save_to_disk", "train"), ("hub folder", "hub/colintern-synthetic"),
