@@ -609,6 +609,7 @@ def auto_batch(args, model, project, params, num_negs: int, train_backbone: bool
     chosen, notes = probe_batch_size(embed_step, params, max_batch=args.auto_max_batch,
                                      target_frac=args.auto_target_frac, device=device, extra_bytes=state_bytes)
     chosen = min(all_gather_object(chosen))
+    torch.cuda.reset_peak_memory_stats(device)  # the summary's peak memory is training's, not the probes'
     log.info("auto_batch: micro-batch %d (%s)", chosen, "; ".join(notes))
     return chosen
 
