@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -610,8 +611,6 @@ class Embedder:
     def _frozen(self, keys: list[str], inputs: dict[str, torch.Tensor] | None, have: list[int],
                 skip: set[int]) -> list[torch.Tensor | None]:
         """Kept-token hidden states (n_i, H) per key: cached, or computed over `inputs` (rows = `have`)."""
-        import time
-
         fresh: dict[int, torch.Tensor] = {}
         if inputs is not None and any(keys[u] not in self.cache for u in have):
             start = time.perf_counter()
@@ -651,8 +650,6 @@ class Embedder:
 
     def pages(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Page table (U+1, L, D) float32 for the batch's distinct pages + one empty row, and its mask."""
-        import time
-
         keys = ["p:" + k for k in batch["keys"]]
         n_u = len(keys)
         bad = set(batch["bad"])
