@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -164,6 +167,7 @@ def _iter_scores(
     device: str | torch.device | None,
     doc_chunk: int | None,
     query_chunk: int | None,
+    workers: int | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (doc indices, (n_q, n) float32 scores on the compute device) for every doc bucket."""
     qs_l = _as_token_list(qs, "qs")
@@ -183,6 +187,10 @@ def _iter_scores(
     buckets = _doc_buckets([d.shape[0] for d in docs_l], doc_chunk)
     logger.debug("maxsim: %d queries (%d tokens) x %d docs in %d buckets on %s",
                  qt.n, qt.tokens.shape[0], len(docs_l), len(buckets), dev)
+    n_workers = min(int(workers or torch.get_num_threads()), len(buckets))
+    if dev.type == "cpu" and n_workers > 1:
+        yield from _iter_scores_threaded(qt, docs_l, buckets, query_chunk, n_workers)
+        return
     sim_buf = None
     for idx in buckets:
         # settings are scoped to each bucket, never held across a yield
@@ -192,25 +200,69 @@ def _iter_scores(
         yield idx, scores
 
 
+def _iter_scores_threaded(
+    qt: _QueryTokens, docs: list[torch.Tensor], buckets: list[list[int]], query_chunk: int, n_workers: int
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """CPU: score whole buckets in parallel threads, each running single-threaded kernels.
+
+    Coarse-grained parallelism has no per-GEMM barrier, so it keeps near-full speed on a quiet machine
+    and degrades gracefully on a busy one (a descheduled worker simply takes fewer buckets, where a
+    2-thread GEMM would stall both threads). Results are yielded in bucket order; at most 2 * n_workers
+    buckets are in flight. torch's intra-op thread count is 1 while this runs and restored afterwards.
+    """
+    local = threading.local()
+    cpu = torch.device("cpu")
+
+    def work(idx: list[int]) -> tuple[list[int], torch.Tensor]:
+        if not hasattr(local, "buf"):
+            torch.set_num_threads(1)  # single-threaded MKL / OpenMP inside this worker
+            local.buf = None
+        with torch.no_grad():
+            bucket = _pack_bucket(docs, idx, cpu)
+            scores, local.buf = _score_bucket(qt, bucket, query_chunk, local.buf)
+        return idx, scores
+
+    old_threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(n_workers, thread_name_prefix="colintern-maxsim") as pool:
+            todo = iter(buckets)
+            pending: deque[Future] = deque()
+            for idx in todo:
+                pending.append(pool.submit(work, idx))
+                if len(pending) >= 2 * n_workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(work, nxt))
+                yield result
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 def maxsim(
     qs: Sequence[torch.Tensor],
     docs: Sequence[torch.Tensor],
     device: str | torch.device | None = None,
     doc_chunk: int | None = None,
     query_chunk: int | None = None,
+    workers: int | None = None,
 ) -> torch.Tensor:
     """Exact sum-MaxSim of every query against every doc -> (len(qs), len(docs)) float32 on CPU.
 
     qs, docs: lists of (L_i, dim) tensors (real tokens only, any float dtype, any device).
     device: where to compute; None -> CUDA if available else CPU.
     doc_chunk: max padded doc tokens scored per bucket; query_chunk: max query tokens per GEMM tile.
-    Peak extra memory ~ 4 bytes * query_chunk * doc_chunk (+ the concatenated query tokens).
+    workers: CPU only, buckets scored in parallel (None -> torch.get_num_threads(); 1 -> serial,
+    multi-threaded kernels). Peak extra memory ~ 4 bytes * query_chunk * doc_chunk per worker
+    (+ the concatenated query tokens).
     """
     qs_l = _as_token_list(qs, "qs")
     docs_l = _as_token_list(docs, "docs")
     dev = _resolve_device(device)
     out = torch.zeros(len(qs_l), len(docs_l), dtype=torch.float32, device=dev)  # (n_q, n_d)
-    for idx, scores in _iter_scores(qs_l, docs_l, dev, doc_chunk, query_chunk):
+    for idx, scores in _iter_scores(qs_l, docs_l, dev, doc_chunk, query_chunk, workers):
         out[:, torch.as_tensor(idx, device=dev)] = scores
     return out.cpu()
 
@@ -251,11 +303,13 @@ def maxsim_topk(
     device: str | torch.device | None = None,
     doc_chunk: int | None = None,
     query_chunk: int | None = None,
+    workers: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k docs per query by exact sum-MaxSim without building the full score matrix.
 
     Returns (values float32, indices int64), each (len(qs), min(k, len(docs))) on CPU, equal to
     ``topk(maxsim(qs, docs), k)`` (same ordering and tie rule). Memory is O(n_q * (k + chunk)).
+    Arguments as in maxsim.
     """
     qs_l = _as_token_list(qs, "qs")
     docs_l = _as_token_list(docs, "docs")
@@ -274,7 +328,7 @@ def maxsim_topk(
             pend_v, pend_i, n_pend = [], [], 0
 
     if k > 0:
-        for bidx, scores in _iter_scores(qs_l, docs_l, dev, doc_chunk, query_chunk):
+        for bidx, scores in _iter_scores(qs_l, docs_l, dev, doc_chunk, query_chunk, workers):
             pend_v.append(scores)
             pend_i.append(torch.as_tensor(bidx, device=dev).expand(len(qs_l), len(bidx)))
             n_pend += len(bidx)

@@ -48,9 +48,19 @@ def data() -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     "doc_chunk,query_chunk",
     [(None, None), (1, 1), (7, 3), (40, 5), (45, 1000), (100, 13), (10_000, 10_000)],
 )
-def test_maxsim_matches_float64_reference(data, doc_chunk, query_chunk) -> None:
+@pytest.mark.parametrize("workers", [1, 3])
+def test_maxsim_matches_float64_reference(data, doc_chunk, query_chunk, workers) -> None:
     qs, docs, want = data
-    _assert_close(maxsim(qs, docs, device="cpu", doc_chunk=doc_chunk, query_chunk=query_chunk), want)
+    got = maxsim(qs, docs, device="cpu", doc_chunk=doc_chunk, query_chunk=query_chunk, workers=workers)
+    _assert_close(got, want)
+
+
+def test_worker_threads_restore_thread_count(data) -> None:
+    qs, docs, _ = data
+    before = torch.get_num_threads()
+    maxsim(qs, docs, device="cpu", doc_chunk=40, workers=2)
+    maxsim_topk(qs, docs, 3, device="cpu", doc_chunk=40, workers=2)
+    assert torch.get_num_threads() == before
 
 
 def test_default_device_and_dtypes(data) -> None:
@@ -125,7 +135,7 @@ def test_maxsim_topk_equals_full_topk(data, k, merge_cols, monkeypatch: pytest.M
     monkeypatch.setattr(scoring, "_TOPK_MERGE_COLS", merge_cols)
     full = maxsim(qs, docs, device="cpu", doc_chunk=30, query_chunk=7)
     fv, fi = topk(full, k)
-    v, i = maxsim_topk(qs, docs, k, device="cpu", doc_chunk=30, query_chunk=7)
+    v, i = maxsim_topk(qs, docs, k, device="cpu", doc_chunk=30, query_chunk=7, workers=2)
     assert v.shape == (len(qs), min(k, len(docs))) and i.dtype == torch.long
     assert torch.equal(i, fi)
     torch.testing.assert_close(v, fv)
