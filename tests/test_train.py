@@ -201,6 +201,7 @@ def test_seed_readme_steps_1_and_3_run_verbatim(tiny_model_dir, synthetic_small_
     payload = load_checkpoint(str(epoch1))
     assert payload["training"]["step"] == 7 and payload["training"]["epoch"] == 1  # 120 rows / (4 x 4)
     assert payload["training"]["phase_done"] and payload["lora"]["config"]["r"] == 32
+    assert all(k.startswith("language_model.") for k in payload["lora"]["state"])  # never the vision tower
     opt_state = payload["training"]["optimizer"]["state"]
     assert any("__bnb_optimizer_quant_state__" in s for s in opt_state.values())  # bitsandbytes 8-bit states
     assert "auto_batch probes GPU memory and needs CUDA; on cpu it keeps --batch_size 4" in caplog.text
@@ -503,8 +504,8 @@ def test_dataset_formats_give_the_same_training(tiny_model_dir, synthetic_small_
                        ("parquet", "train_parquet/train-00000-of-00001.parquet")):
         out = tmp_path / name.replace(" ", "_")
         assert run("--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, path),
-                   "--batch_size", 8, "--max_steps", 2, "--warmup_ratio", 0, "--lr", 1e-3, "--num_workers", 0,
-                   "--out_dir", out) == 0
+                   "--split", "train", "--batch_size", 8, "--max_steps", 2, "--warmup_ratio", 0, "--lr", 1e-3,
+                   "--num_workers", 0, "--out_dir", out) == 0
         losses.append([r["loss"] for r in metrics(out)])
     assert losses[0] == losses[1] == losses[2]
 
@@ -565,10 +566,13 @@ def test_gradient_checkpointing_and_compiled_head_change_nothing(tiny_model_dir,
               "--warmup_ratio", 0, "--lr", 1e-3, "--num_workers", 0]
     assert run(*common, "--out_dir", tmp_path / "plain") == 0
     assert run(*common, "--gradient_checkpointing", "--compile_heads", "--compile_backend", "aot_eager",
-               "--out_dir", tmp_path / "ckpt") == 0
+               "--dtype", "fp32", "--out_dir", tmp_path / "ckpt") == 0
     for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert run(*common, "--lora_vision", "--max_steps", 1, "--out_dir", tmp_path / "vision") == 0
+    lora = load_checkpoint(str(tmp_path / "vision" / "colintern_heads_step1.pt"))["lora"]
+    assert lora["config"]["include_vision"] and any(k.startswith("vision_tower.") for k in lora["state"])
 
 
 def test_schedule_clipping_weight_decay_and_log_every(tiny_model_dir, synthetic_small_dir, tmp_path):
