@@ -143,7 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--prefetch_factor", type=int, default=2, help="micro-batches each worker prepares ahead "
                    "(default: 2)")
     g.add_argument("--cache_mem_gb", type=float, default=4.0, help="heads-only mode: CPU memory for cached "
-                   "backbone hidden states of pages and queries (default: 4 GB; 0 = none)")
+                   "backbone hidden states of pages and queries (default: 4 GB; 0 = none). A resumed run rebuilds "
+                   "the cache up to its resume point (forward passes only), so results stay bit-identical")
     g.add_argument("--cache_disk_gb", type=float, default=0.0, help="heads-only mode: further cache in a file "
                    "under --out_dir once memory is full (default: 0 = none)")
 
