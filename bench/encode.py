@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -90,6 +91,23 @@ def random_internvl35_1b(tokenizer_dir: str, device: torch.device, dtype: torch.
                             hidden_size=text.hidden_size, tile_size=448, image_tokens_per_tile=256,
                             signature={"model_type": "internvl", "hidden_size": text.hidden_size})
     return ColIntern(loaded, config_for_backbone(loaded, "random-InternVL3_5-1B")).to(device)
+
+
+def save_random_internvl35_1b(out_dir: str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                              seed: int = 0) -> str:
+    """Write a model folder with InternVL3.5-1B's shapes and random weights (+ the tiny model's tokenizer), so
+    scripts that take --model_id (train.py, mine.py) can run at the real size offline. Returns out_dir."""
+    from colintern.tiny import build_tokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    model = random_internvl35_1b(out_dir, device, dtype, "sdpa", seed)
+    backbone = model.backbone
+    backbone.config.text_config.pad_token_id = tokenizer.pad_token_id
+    backbone.config.text_config.eos_token_id = tokenizer.eos_token_id
+    backbone.save_pretrained(out_dir)
+    log.info("wrote a random-weight InternVL3.5-1B-shaped model (%s) to %s", str(dtype).split(".")[-1], out_dir)
+    return out_dir
 
 
 def local_model(model_dir: str, device: torch.device, dtype: torch.dtype, attn: str):
@@ -162,8 +180,36 @@ def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def measure(model, page: Image.Image, batch: int, args, device: torch.device, peak_tflops: float) -> dict[str, Any]:
-    """One configuration: preprocessing, the model forward (timed repeats) and, optionally, encode_images."""
+def simulate_device(model, tflops: float) -> None:
+    """Pipeline-only mode: the model's forward becomes a wait of (batch model FLOPs / tflops) seconds.
+
+    time.sleep releases the GIL like a wait for a CUDA stream does, so end-to-end encode_images then shows what
+    the CPU side (preprocessing, copies, Python) allows on a device of that speed, with no device at all.
+    """
+    def forward(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = inputs["input_ids"]  # (B, L)
+        tiles = inputs["pixel_values"].shape[0] // ids.shape[0] if "pixel_values" in inputs else 0
+        flops = page_flops(model.backbone.config, tiles, ids.shape[1], model.config.dim)["total"] * ids.shape[0]
+        time.sleep(flops / (tflops * 1e12))
+        return torch.zeros(*ids.shape, model.config.dim), inputs["keep_mask"]  # (B, L, dim), (B, L)
+
+    model.forward = forward
+
+
+def accelerator_prep_workers() -> int:
+    """ColIntern's default number of preprocessing threads on an accelerator (0 where it has no such setting)."""
+    from colintern import model as model_module
+
+    return getattr(model_module, "default_prep_workers", lambda device: 0)("cuda")
+
+
+def measure(model, page: Image.Image, batch: int, args, device: torch.device,
+            peak_tflops: float) -> list[dict[str, Any]]:
+    """One configuration: preprocessing, the model forward (timed repeats) and, optionally, encode_images.
+
+    With --simulate_tflops: one row per --prep_workers value, end-to-end only, the values interleaved in every
+    repeat so that bursts of background load hit them alike.
+    """
     row: dict[str, Any] = {"batch": batch}
     pages = [page] * batch
     pre_times = [timed(lambda: model.processor.process_images(pages), torch.device("cpu"))[0]
@@ -176,6 +222,20 @@ def measure(model, page: Image.Image, batch: int, args, device: torch.device, pe
     flops = page_flops(model.backbone.config, tiles, seq_len, model.config.dim)
     row["gflop_per_page"] = flops["total"] / 1e9
     row["flops_breakdown"] = flops
+    if args.simulate_tflops:  # pipeline only: no forward pass to time
+        row["sim_device_pages_per_s"] = args.simulate_tflops * 1e12 / flops["total"]
+        workers = [accelerator_prep_workers() if w < 0 else w for w in args.prep_workers]
+        n = max(batch, args.e2e_pages or 2 * batch)
+        times: dict[int, list[float]] = {w: [] for w in workers}
+        for rep in range(args.warmup + args.repeats):
+            for w in workers:
+                model.prep_workers = w
+                seconds, _ = timed(lambda: model.encode_images([page] * n, batch_size=batch, show_progress=False),
+                                   device)
+                if rep >= args.warmup:
+                    times[w].append(seconds)
+        return [{**row, "prep_workers": w, "e2e_pages": n, "e2e_s": times[w],
+                 "e2e_pages_per_s": n / statistics.median(times[w])} for w in workers]
     inputs = to_device(inputs, device)
     reset_peak(device)
     with torch.inference_mode():
@@ -188,12 +248,24 @@ def measure(model, page: Image.Image, batch: int, args, device: torch.device, pe
     row.update(forward_s=times, pages_per_s=batch / t, tokens_per_s=batch * seq_len / t)
     row["tflops"] = flops["total"] * batch / t / 1e12
     row["mfu"] = row["tflops"] / peak_tflops
-    if args.e2e:
+    if args.e2e:  # ColIntern.encode_images end to end: preprocessing + forward + copy back
         n = max(batch, args.e2e_pages or 2 * batch)
         seconds, _ = timed(lambda: model.encode_images([page] * n, batch_size=batch, show_progress=False), device)
-        row["e2e_pages"] = n
-        row["e2e_pages_per_s"] = n / seconds
-    return row
+        row.update(e2e_pages=n, e2e_s=[seconds], e2e_pages_per_s=n / seconds,
+                   prep_workers=model.prep_workers if getattr(model, "prep_workers", None) is not None
+                   else accelerator_prep_workers() if device.type != "cpu" else 0)
+    return [row]
+
+
+def log_row(row: dict[str, Any]) -> None:
+    if row["status"] != "ok":
+        note = row["status"]
+    elif "pages_per_s" in row:
+        note = f"{row['pages_per_s']:.2f} pages/s, MFU {100 * row['mfu']:.1f}%"
+    else:
+        note = (f"prep_workers {row['prep_workers']}: end to end {row['e2e_pages_per_s']:.1f} pages/s (the simulated "
+                f"device alone: {row['sim_device_pages_per_s']:.1f})")
+    log.info("%s %s %d tiles batch %d: %s", row["dtype"], row["attn"], row["max_tiles"], row["batch"], note)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed forward passes first (default: 2)")
     p.add_argument("--no_e2e", dest="e2e", action="store_false",
                    help="skip the end-to-end encode_images measurement (default: measure it)")
+    p.add_argument("--simulate_tflops", type=float, default=None, help="pipeline only: no real forward; the "
+                   "backbone becomes a wait of (model FLOPs / this many TFLOP/s), e.g. 400 = 40%% of an H100's "
+                   "989 dense bf16 TFLOP/s, and only end-to-end encode_images is timed (default: off)")
+    p.add_argument("--prep_workers", type=int, nargs="+", default=[-1], help="with --simulate_tflops: values of "
+                   "ColIntern.prep_workers (background preprocessing threads) to compare; 0 = serial, the code "
+                   "before the prefetch fix; -1 = ColIntern's default on a GPU (default: -1)")
     p.add_argument("--e2e_pages", type=int, default=0, help="pages for the end-to-end measurement "
                    "(default: 2 x batch size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and pages (default: 0)")
@@ -261,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                     model = local_model(args.model_dir, device, DTYPES[dtype_name], attn)
                 else:
                     model = random_internvl35_1b(tok_dir, device, DTYPES[dtype_name], attn, args.seed)
+                if args.simulate_tflops:
+                    simulate_device(model, args.simulate_tflops)
                 n_params = sum(p.numel() for p in model.backbone.parameters())
                 log.info("built %s (%.0fM parameters, %s, %s) in %.1f s", args.model_dir or "InternVL3.5-1B shapes",
                          n_params / 1e6, dtype_name, attn, time.perf_counter() - t0)
@@ -276,16 +356,16 @@ def main(argv: list[str] | None = None) -> int:
                         base = {"dtype": dtype_name, "attn": attn, "max_tiles": tiles, "batch": batch,
                                 "params": n_params, "weights_gib": weights_gib, "load_before": loadavg()}
                         try:
-                            row = {**base, **measure(model, page, batch, args, device, peaks[dtype_name]),
-                                   "status": "ok"}
+                            new = [{**base, **r, "status": "ok"}
+                                   for r in measure(model, page, batch, args, device, peaks[dtype_name])]
                         except torch.OutOfMemoryError:
-                            row = {**base, "status": "OOM"}
+                            new = [{**base, "status": "OOM"}]
                             torch.cuda.empty_cache()
-                        row["load_after"] = loadavg()
-                        rows.append(row)
-                        log.info("%s %s %d tiles batch %d: %s", dtype_name, attn, tiles, batch,
-                                 f"{row['pages_per_s']:.2f} pages/s, MFU {100 * row['mfu']:.1f}%"
-                                 if row["status"] == "ok" else row["status"])
+                        for row in new:
+                            row["load_after"] = loadavg()
+                        rows += new
+                        for row in new:
+                            log_row(row)
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -305,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("batch", "batch", "d"), ("seq_len", "tokens/page", "d"), ("pages_per_s", "pages/s", ".2f"),
                        ("tokens_per_s", "tokens/s", ".0f"), ("tflops", "TFLOP/s", ".3g"), ("mfu_pct", "MFU %", ".1f"),
                        ("peak_mem_gib", "peak GiB", ".2f"), ("preprocess_ms_per_page", "prep ms/page", ".1f"),
-                       ("e2e_pages_per_s", "e2e pages/s", ".2f"), ("status", "status", "s")])
+                       ("prep_workers", "prep threads", "d"), ("e2e_pages_per_s", "e2e pages/s", ".2f"),
+                       ("sim_device_pages_per_s", "sim device pages/s", ".1f"),
+                       ("status", "status", "s")])
     for s in skipped:
         print(f"skipped: {s['dtype']} {s['attn']}: {s['reason']}")
     ok = [r for r in rows if r["status"] == "ok"]
@@ -315,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
               f"target {100 * MFU_TARGET:.0f}%: {'met' if best['mfu'] >= MFU_TARGET else 'NOT met'}")
     write_json(args.json_out, {
         "benchmark": "encode", **info, "model": args.model_dir or "InternVL3.5-1B shapes (random weights)",
-        "matmul_tflops": peaks, "mfu_target": MFU_TARGET, "repeats": args.repeats, "warmup": args.warmup,
+        "matmul_tflops": peaks, "mfu_target": MFU_TARGET, "simulate_tflops": args.simulate_tflops, "repeats": args.repeats, "warmup": args.warmup,
         "loadavg_before": load_before, "loadavg_after": loadavg(), "rows": rows, "skipped": skipped,
         "flops_convention": "2 FLOPs per multiply-add of every linear/conv layer + attention QK^T and AV "
                             "(LM causal attention at half); per page, real tokens only",
