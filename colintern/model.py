@@ -9,8 +9,12 @@ and right padding keeps a causal LM's hidden states independent of what else is 
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import Any, Sequence
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -31,6 +35,13 @@ NORM_EPS = 1e-6
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_prep_workers(device: str | torch.device) -> int:
+    """Background preprocessing threads of encode_*: none on a CPU (the model needs the cores), else up to 4."""
+    if torch.device(device).type == "cpu":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
@@ -91,6 +102,8 @@ class ColIntern(nn.Module):
             self.head.bias.zero_()
         self.head.to(next(self.backbone.parameters()).device)
         self.lora_config: dict[str, Any] | None = None
+        # encode_images / encode_queries: background threads preparing the next batches (None: default_prep_workers)
+        self.prep_workers: int | None = None
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -204,6 +217,36 @@ class ColIntern(nn.Module):
         return self.project(self.hidden_states(inputs), keep), keep
 
     # -- encoding --------------------------------------------------------------------------------------
+    def _prepared(self, items: Sequence[Any], batches: list[list[int]], process,
+                  workers: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(indices, processed inputs) of each batch, in order.
+
+        With workers > 0, up to `workers` later batches are processed in background threads while the caller runs
+        the model on the current one, so a GPU no longer waits for the CPU work (decoding, tiling, resizing,
+        normalising, tokenising) of every batch. Outputs are the same either way. The first batch is processed in
+        this thread: it sets the fast tokenizer's padding state, which the workers then only read (reconfiguring
+        it from two threads at once is not allowed).
+        """
+        if workers <= 0 or len(batches) < 2:
+            for idx in batches:
+                yield idx, process([items[i] for i in idx])
+            return
+        first = process([items[i] for i in batches[0]])
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="colintern-prep")
+        try:
+            todo = iter(batches[1:])
+            pending: deque = deque((idx, pool.submit(process, [items[i] for i in idx]))
+                                   for idx in itertools.islice(todo, workers))
+            yield batches[0], first
+            while pending:
+                idx, future = pending.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(process, [items[i] for i in nxt])))
+                yield idx, future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     @torch.inference_mode()
     def _encode(self, items: Sequence[Any], costs: list[int], process, batch_size: int, desc: str,
                 show_progress: bool | None) -> list[torch.Tensor]:
@@ -211,12 +254,13 @@ class ColIntern(nn.Module):
         was_training = self.training
         self.eval()
         order = sorted(range(len(items)), key=lambda i: -costs[i])
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        workers = default_prep_workers(self.device) if self.prep_workers is None else self.prep_workers
         results: list[torch.Tensor | None] = [None] * len(items)
         show = len(items) > batch_size if show_progress is None else show_progress
         with tqdm(total=len(items), desc=desc, unit="item", disable=not show, dynamic_ncols=True) as bar:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                emb, keep = self.forward(process([items[i] for i in idx]))
+            for idx, inputs in self._prepared(items, batches, process, workers):
+                emb, keep = self.forward(inputs)
                 emb, keep = emb.cpu(), keep.cpu()
                 for row, i in enumerate(idx):
                     results[i] = emb[row][keep[row]].clone()  # (L_i, dim) real tokens only
