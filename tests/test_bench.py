@@ -177,3 +177,91 @@ def test_prep_workers_give_identical_embeddings(tiny_model_dir, one_thread):
     # an unusable page in a batch prepared in the background is still one UserError naming it
     with pytest.raises(UserError, match="image has size 0x0"):
         model.encode_images(pages + [Image.new("RGB", (0, 0))], batch_size=2)
+
+
+# ---------------------------------------------------------------------------------------------------- train_step
+
+
+def test_train_step_bench_smallest(tiny_model_dir, synthetic_small_dir, tmp_path, one_thread):
+    """Every mode through the real train.py (in this process): pairs/s x s/step = pairs per step, peak memory."""
+    train_step = load_bench("train_step")
+    out = tmp_path / "train_step.json"
+    assert train_step.main(["--model_id", tiny_model_dir, "--data_dir", synthetic_small_dir, "--batch_sizes", "8",
+                            "--modes", "lora_gc", "heads", "gradcache", "--gc_micro", "4", "--steps", "1",
+                            "--warmup_steps", "1", "--num_workers", "0", "--device", "cpu", "--in_process",
+                            "--json_out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("date", "device", "torch", "transformers", "peft", "loadavg_before", "rows_in_corpus", "rows"):
+        assert key in result
+    n_rows = result["rows_in_corpus"]
+    assert n_rows == 120
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert set(rows) == {"lora_gc", "heads", "gradcache"}
+    assert (rows["gradcache"]["micro_batch"], rows["gradcache"]["grad_accum"]) == (4, 2)
+    assert (rows["lora_gc"]["micro_batch"], rows["lora_gc"]["grad_accum"]) == (8, 1)
+    for mode, row in rows.items():
+        assert row["status"] == "ok"
+        for key in ("pairs_per_s", "s_per_step", "peak_mem_gib", "wall_s"):
+            assert positive_finite(row[key]), (mode, key, row[key])
+        assert row["pairs_per_s"] * row["s_per_step"] == pytest.approx(8)  # every step trains 8 pairs
+        assert len(row["metrics"]) == row["max_steps"]
+    assert rows["lora_gc"]["steps_measured"] == 1 and rows["lora_gc"]["max_steps"] == 2
+    # heads: two whole epochs of 120 // 8 = 15 steps; each epoch measured without its first step
+    assert rows["heads"]["max_steps"] == 30 and rows["heads"]["steps_measured"] == 14
+    assert {m["epoch"] for m in rows["heads"]["metrics"]} == {1, 2}
+    assert positive_finite(rows["heads"]["uncached_pairs_per_s"]) and positive_finite(rows["heads"]["cached_speedup"])
+
+
+def test_train_step_steady_arithmetic():
+    train_step = load_bench("train_step")
+    metrics = [{"seconds": 10.0, "pairs_per_s": 0.8}, {"seconds": 2.0, "pairs_per_s": 4.0},
+               {"seconds": 4.0, "pairs_per_s": 2.0}]
+    s = train_step.steady(metrics, 1)
+    assert s == {"pairs_per_s": 16 / 6, "s_per_step": 3.0, "steps": 2}
+    assert train_step.steady(metrics, 3) is None
+
+
+# ---------------------------------------------------------------------------------------------------- mining
+
+
+def test_mining_bench_smallest(tmp_path):
+    mining = load_bench("mining")
+    out = tmp_path / "mining.json"
+    assert mining.main(["--sizes", "10", "20", "40", "--d_len", "50", "150", "--faiss_pages", "30",
+                        "--faiss_queries", "8", "--faiss_index", "Flat", "--k", "5", "--candidates", "100",
+                        "--device", "cpu", "--json_out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("date", "device", "torch", "faiss", "fp32_ceiling_gflops", "exact", "extrapolation", "faiss"):
+        assert key in result
+    rows = result["exact"]
+    assert [r["n"] for r in rows] == [10, 20, 40]
+    for r in rows:
+        for key in ("seconds", "gflop", "gflops", "pairs_per_s"):
+            assert positive_finite(r[key])
+        assert r["gflop"] == pytest.approx(2 * 128 * r["query_tokens"] * r["page_tokens"] / 1e9)
+    # the extrapolation: least squares of t = a N^2 through the origin, then a x queries x pages
+    ex = result["extrapolation"]
+    n2 = np.array([r["n"] ** 2 for r in rows], dtype=np.float64)
+    t = np.array([r["seconds"] for r in rows])
+    a = float((n2 * t).sum() / (n2 * n2).sum())
+    assert ex["fit_a_s_per_pair"] == pytest.approx(a, rel=1e-12)
+    assert ex["target_queries"] == ex["target_pages"] == 118_695
+    assert ex["fit_seconds"] == pytest.approx(a * 118_695**2, rel=1e-12)
+    assert ex["fit_days"] == pytest.approx(ex["fit_seconds"] / 86400)
+    assert ex["work_gflop"] == pytest.approx(2 * 128 * 118_695 * 30 * 118_695 * 100 / 1e9)
+    assert ex["rate_seconds"] == pytest.approx(ex["work_gflop"] / rows[-1]["gflops"])
+    # FAISS with candidates covering all 30 pages re-ranks the whole corpus: exactly exact's negatives
+    faiss_rows = {r["method"] + r["index"]: r for r in result["faiss"]["rows"]}
+    assert faiss_rows["faissFlat"]["candidate_recall"] == 1.0
+    assert faiss_rows["faissFlat"]["negatives_overlap"] == 1.0
+    assert positive_finite(faiss_rows["faissFlat"]["search_s"]) and positive_finite(faiss_rows["exact-"]["search_s"])
+
+
+def test_fit_quadratic_exact():
+    mining = load_bench("mining")
+    assert mining.fit_quadratic([100, 200, 400], [1.0, 4.0, 16.0]) == pytest.approx(1e-4)
+    queries, pages = mining.clustered_corpus(5, 7, (3, 4), (10, 12), 16, seed=0)
+    assert len(queries) == 7 and len(pages) == 5
+    assert all(3 <= q.shape[0] <= 4 and q.shape[1] == 16 for q in queries)
+    assert all(10 <= p.shape[0] <= 12 for p in pages)
+    torch.testing.assert_close(torch.cat(pages).norm(dim=1), torch.ones(sum(p.shape[0] for p in pages)))
