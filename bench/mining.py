@@ -16,6 +16,8 @@ timing depends only on the shapes; the recall printed here describes this synthe
    searched with colintern.mining.faiss_search (token-level FAISS first stage + exact re-rank), per index type,
    against colintern.mining.exact_search; candidate recall@k = share of exact's k best negatives among the
    FAISS candidates (mine.py's candidate_recall), negatives overlap = share of exact's negatives FAISS returns.
+   The alternative users would otherwise pick, a single mean-pooled vector per page and query in a FAISS
+   inner-product index (the seed's miner), is measured on the same data.
 
     python bench/mining.py                                   # sizes 125 250 500 1000, FAISS at 1000 pages
     python bench/mining.py --sizes 100 200 --faiss_pages 200 --faiss_queries 50 --faiss_index Flat   # quick
@@ -147,6 +149,33 @@ def extrapolate(rows: list[dict[str, Any]], args) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- FAISS vs exact
 
 
+def pooled_row(qs: list[torch.Tensor], pages: list[torch.Tensor], pairs, exact, args) -> dict[str, Any]:
+    """The single-vector alternative (the seed's miner): mean-pooled, L2-normalised page and query vectors in a
+    FAISS inner-product index; a query's negatives are its nearest pages other than its positive."""
+    import faiss
+
+    t0 = time.perf_counter()
+    page_vecs = np.stack([p.mean(0).numpy() for p in pages]).astype(np.float32)  # (P, dim)
+    faiss.normalize_L2(page_vecs)
+    index = faiss.IndexFlatIP(page_vecs.shape[1])
+    index.add(page_vecs)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    q_vecs = np.stack([q.mean(0).numpy() for q in qs]).astype(np.float32)  # (Q, dim)
+    faiss.normalize_L2(q_vecs)
+    _, ids = index.search(q_vecs, min(len(pages), args.candidates + 1))  # (Q, candidates + 1)
+    search_s = time.perf_counter() - t0
+    cand_hits = neg_hits = total = 0
+    for r, (p, (negs_e, _, _)) in enumerate(zip(pairs, exact)):
+        found = ids[r][(ids[r] >= 0) & (ids[r] != p.page)]
+        total += len(negs_e)
+        cand_hits += int(np.isin(negs_e, found[:args.candidates]).sum())
+        neg_hits += int(np.isin(negs_e, found[:args.k]).sum())
+    return {"method": "pooled (seed)", "index": "Flat, 1 vector/page", "build_s": build_s, "search_s": search_s,
+            "queries_per_s": len(qs) / search_s, "candidate_recall": cand_hits / total if total else None,
+            "negatives_overlap": neg_hits / total if total else None, "speedup_vs_exact": None}
+
+
 def faiss_rows(args, device: torch.device, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """mine.py's two search paths on the same page store and queries: time and recall of FAISS vs exact."""
     from colintern.mining import Pair, build_faiss_index, exact_search, faiss_search, positive_scores
@@ -167,6 +196,7 @@ def faiss_rows(args, device: torch.device, tmp: Path) -> tuple[list[dict[str, An
     log.info("exact search: %d queries x %d pages in %.1f s", len(qs), len(pages), t_exact)
     rows = [{"method": "exact", "index": "-", "build_s": 0.0, "search_s": t_exact, "queries_per_s": len(qs) / t_exact,
              "candidate_recall": 1.0, "negatives_overlap": 1.0, "speedup_vs_exact": 1.0}]
+    rows.append(pooled_row(qs, pages, pairs, exact, args))
     for factory in args.faiss_index:
         t0 = time.perf_counter()
         index, index_info = build_faiss_index(store, factory, args.nprobe, False, 0, None, show_progress=False)

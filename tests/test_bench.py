@@ -255,6 +255,9 @@ def test_mining_bench_smallest(tmp_path):
     assert faiss_rows["faissFlat"]["candidate_recall"] == 1.0
     assert faiss_rows["faissFlat"]["negatives_overlap"] == 1.0
     assert positive_finite(faiss_rows["faissFlat"]["search_s"]) and positive_finite(faiss_rows["exact-"]["search_s"])
+    pooled = faiss_rows["pooled (seed)Flat, 1 vector/page"]
+    assert pooled["candidate_recall"] == 1.0  # 100 candidates hold all 29 other pages
+    assert 0 <= pooled["negatives_overlap"] <= 1
 
 
 def test_fit_quadratic_exact():
