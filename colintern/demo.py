@@ -130,7 +130,8 @@ def child_env(threads: int) -> tuple[dict[str, str], dict[str, str]]:
     fixed = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
              "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if Path.cwd().resolve() != REPO:  # `python -m colintern.*` must find the package from anywhere
-        fixed["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [x for x in [os.environ.get("PYTHONPATH")] if x])
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        fixed["PYTHONPATH"] = os.pathsep.join(paths if str(REPO) in paths else [str(REPO), *paths])
     return {**os.environ, **fixed}, fixed
 
 

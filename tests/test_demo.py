@@ -241,3 +241,21 @@ def test_out_dir_rules_and_bad_flags(tmp_path, capsys):
     assert run_cli(demo.main, ["--out", str(tmp_path / "x"), "--train_pages", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --train_pages must be at least 1, got 0"
     assert not (tmp_path / "x").exists()
+
+
+def test_commands_find_the_package_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    env, fixed = demo.child_env(3)
+    assert fixed == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                     "TOKENIZERS_PARALLELISM": "false"} and env["OMP_NUM_THREADS"] == "3"
+    assert demo.script("train.py") == "train.py"
+    monkeypatch.chdir(tmp_path)  # elsewhere: PYTHONPATH gets the repository (once) and scripts are absolute
+    monkeypatch.setenv("PYTHONPATH", "/opt/lib")
+    assert demo.child_env(1)[1]["PYTHONPATH"] == f"{REPO}:/opt/lib"
+    monkeypatch.setenv("PYTHONPATH", f"/opt/lib:{REPO}")
+    assert demo.child_env(1)[1]["PYTHONPATH"] == f"/opt/lib:{REPO}"
+    assert demo.script("train.py") == str(REPO / "train.py")
+    done = subprocess.run([sys.executable, "-m", "colintern.tiny", "--help"], env=demo.child_env(1)[0],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "tiny InternVL3.5" in done.stdout
