@@ -11,7 +11,9 @@ padding artefact). Query tokens are concatenated without padding and summed per 
 ``segment_reduce``. All arithmetic is float32 (TF32 is switched off on CUDA while scoring).
 
 Speed: one GEMM per (query-token tile, document bucket) pair, sized so the similarity tile stays in
-the CPU cache; the padding waste of the length buckets is typically well under 1 %.
+the CPU cache; the padding waste of the length buckets is typically well under 1 %. On CPU, buckets are
+spread over one worker thread per intra-op thread, each running single-threaded kernels (see
+``_iter_scores_threaded``). Benchmarks: ``bench/scoring.py`` and docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
