@@ -14,6 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: tiny tensors gain nothing from more, and on a busy 2-core machine the
+    thread wake-ups dominate (measured several times slower). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """The tiny InternVL3.5-architecture model in the transformers-native layout."""

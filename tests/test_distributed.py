@@ -18,13 +18,7 @@ B, L, F_IN, D = 3, 5, 6, 8  # per-rank batch, tokens, input features, embedding 
 WORLD = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (severe on a busy 2-core box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyEmbedder(nn.Module):

@@ -13,13 +13,7 @@ N, MICRO = 8, 2  # big batch, micro-batch (4 micro-batches of queries and 4 of p
 TEMP = 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (severe on a busy 2-core box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def combine_queries_pages(n_query_closures: int):

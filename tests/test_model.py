@@ -13,21 +13,16 @@ from PIL import Image
 from colintern import ColIntern, UserError
 from colintern.checkpoint import load_checkpoint, save_checkpoint
 from colintern.config import ColInternConfig
+from helpers import noisy_page
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def page(width: int, height: int, colour: tuple[int, int, int], seed: int = 0) -> Image.Image:
-    """A page with some structure (so different tiles differ)."""
-    g = torch.Generator().manual_seed(seed)
-    noise = (torch.rand(height, width, 3, generator=g) * 60).to(torch.uint8)
-    base = torch.tensor(colour, dtype=torch.uint8).expand(height, width, 3)
-    return Image.fromarray((base.int() * 3 // 4 + noise.int()).clamp(0, 255).to(torch.uint8).numpy())
 
 
-PAGES = [page(224, 300, (255, 0, 0), 1), page(100, 100, (0, 0, 255), 2), page(600, 200, (0, 255, 0), 3),
-         page(120, 900, (200, 200, 0), 4), page(50, 60, (0, 0, 0), 5), page(448, 448, (10, 200, 100), 6),
-         page(300, 224, (90, 20, 200), 7), page(1000, 1400, (255, 255, 255), 8)]
+PAGES = [noisy_page(224, 300, (255, 0, 0), 1), noisy_page(100, 100, (0, 0, 255), 2), noisy_page(600, 200, (0, 255, 0), 3),
+         noisy_page(120, 900, (200, 200, 0), 4), noisy_page(50, 60, (0, 0, 0), 5), noisy_page(448, 448, (10, 200, 100), 6),
+         noisy_page(300, 224, (90, 20, 200), 7), noisy_page(1000, 1400, (255, 255, 255), 8)]
 QUERIES = ["red page", "a blue square with the word delta", "which page shows a green triangle on a white background?",
            "x", "chart", "table of revenue per year in the annual report", "gamma", "find the star"]
 

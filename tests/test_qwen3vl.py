@@ -16,21 +16,16 @@ from PIL import Image
 from colintern import ColIntern, UserError
 from colintern.checkpoint import load_checkpoint, save_checkpoint
 from colintern.losses import late_interaction_loss
+from helpers import noisy_page
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 64  # small cap so the tiny model runs fast; the default (768) is checked on a huge page
 
 
-def page(width: int, height: int, colour: tuple[int, int, int], seed: int = 0) -> Image.Image:
-    """A page with some structure (noise over a colour) so different pages and patches differ."""
-    g = torch.Generator().manual_seed(seed)
-    noise = (torch.rand(height, width, 3, generator=g) * 60).to(torch.uint8)
-    base = torch.tensor(colour, dtype=torch.uint8).expand(height, width, 3)
-    return Image.fromarray((base.int() * 3 // 4 + noise.int()).clamp(0, 255).to(torch.uint8).numpy())
 
 
-PAGES = [page(224, 300, (255, 0, 0), 1), page(100, 100, (0, 0, 255), 2), page(600, 200, (0, 255, 0), 3),
-         page(50, 60, (0, 0, 0), 4), page(3000, 4000, (255, 255, 255), 5), page(120, 900, (200, 200, 0), 6)]
+PAGES = [noisy_page(224, 300, (255, 0, 0), 1), noisy_page(100, 100, (0, 0, 255), 2), noisy_page(600, 200, (0, 255, 0), 3),
+         noisy_page(50, 60, (0, 0, 0), 4), noisy_page(3000, 4000, (255, 255, 255), 5), noisy_page(120, 900, (200, 200, 0), 6)]
 # Visual tokens after the 2x2 merge (32x32 px each), by smart_resize with min 4 and max 64 tokens:
 # 224x300 -> 224x288 (7x9); 100x100 -> 96x96 (3x3); 600x200 -> shrunk to 416x128 (13x4); 50x60 -> 64x64
 # (2x2); 3000x4000 -> shrunk to 192x288 (6x9); 120x900 -> 128x896 (4x28 = 112) shrunk to 64x672 (2x21).
@@ -39,13 +34,7 @@ QUERIES = ["red page", "a blue square with the word delta", "which page shows a 
            "chart of revenue", "gamma"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A tiny model: intra-op threads mostly add wake-up latency on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +147,7 @@ def test_visual_tokens_never_exceed_the_cap(tiny_qwen_dir, model):
     assert model.processor.worst_case_page().size == (8 * 32, 8 * 32)
     assert model.processor.page_cost(model.processor.worst_case_page()) == MAX_TOKENS
     # A 50:1 strip under a 16-token cap: smart_resize alone would keep 1 x 28 tokens; the cap wins.
-    strip = page(5000, 100, (0, 0, 0), 9)
+    strip = noisy_page(5000, 100, (0, 0, 0), 9)
     capped = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=16)
     assert capped.processor.page_cost(strip) == 16
     inputs = capped.processor.process_images([strip])
@@ -196,7 +185,7 @@ def test_a_few_steps_of_late_interaction_loss_make_it_fall(tiny_qwen_dir):
     for n, p in m.named_parameters():
         p.requires_grad_(n in trainable)
     colours = [(255, 0, 0), (0, 0, 255), (0, 200, 0), (230, 230, 0)]
-    pages = [page(96 + 32 * i, 128, c, i) for i, c in enumerate(colours)]
+    pages = [noisy_page(96 + 32 * i, 128, c, i) for i, c in enumerate(colours)]
     queries = ["red page", "blue page", "green page", "yellow page"]
     page_inputs, query_inputs = m.processor.process_images(pages), m.processor.process_queries(queries)
     optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
