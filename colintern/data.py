@@ -401,11 +401,11 @@ class ImageResolver:
             self._datasets[key] = load_page_dataset(location, split)
         return self._datasets[key]
 
-    def load(self, path: str) -> Image.Image:
-        """Decode the image a path names (BadRowError if it is missing or unusable)."""
+    def locate(self, path: str) -> tuple[Path | None, tuple[str, str, int] | None]:
+        """Where a path points: (local file, None) or (None, (dataset, split, row)); BadRowError if nowhere."""
         local = self._local(path)
         if local.is_file():
-            return decode_image(str(local), where=path)
+            return local, None
         parsed = parse_pseudo_path(path)
         if parsed is None:
             raise BadRowError(path, f"missing image: file not found: {local}")
@@ -414,7 +414,15 @@ class ImageResolver:
         if index >= len(dataset):
             raise BadRowError(path, f"missing image: row {index} out of range ({name} split {split} has "
                                     f"{len(dataset)} rows)")
-        return decode_image(dataset[index]["image"], where=path)
+        return None, parsed
+
+    def load(self, path: str) -> Image.Image:
+        """Decode the image a path names (BadRowError if it is missing or unusable)."""
+        local, row = self.locate(path)
+        if local is not None:
+            return decode_image(str(local), where=path)
+        name, split, index = row
+        return decode_image(self.dataset(name, split)[index]["image"], where=path)
 
 
 # ---------------------------------------------------------------- triples

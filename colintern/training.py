@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from colintern.data import (BadRowError, ImageResolver, SkipReport, check_query, decode_image, load_page_dataset,
-                            page_keys, parse_pseudo_path, read_triples_jsonl)
+                            page_keys, read_triples_jsonl)
 from colintern.errors import UserError
 
 log = logging.getLogger("colintern.train")
@@ -113,19 +113,11 @@ def load_jsonl_examples(path: str, root: str | None, report: SkipReport) -> Trai
     key_cache: dict[tuple[str, str], list[str]] = {}
 
     def ref(p: str) -> PageRef:
-        local = Path(os.path.expanduser(p))
-        if not local.is_absolute() and root:
-            local = Path(root) / local  # the same rule as ImageResolver: relative paths live under --root
-        if local.is_file():
+        local, row = resolver.locate(p)  # relative paths live under --root; pseudo-paths name dataset rows
+        if local is not None:
             return PageRef("file:" + str(local.resolve()), p, path=str(local))
-        parsed = parse_pseudo_path(p)
-        if parsed is None:
-            raise BadRowError(p, f"missing image: file not found: {local}")
-        name, split, index = parsed
+        name, split, index = row
         dataset = resolver.dataset(name, split)
-        if index >= len(dataset):
-            raise BadRowError(p, f"missing image: row {index} out of range ({name} split {split} has "
-                                 f"{len(dataset)} rows)")
         if (name, split) not in key_cache:
             key_cache[(name, split)] = page_keys(dataset)
         return PageRef(f"{name}/{split}:" + key_cache[(name, split)][index], p, (name, split), index)
