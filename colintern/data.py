@@ -23,11 +23,11 @@ from typing import Any, Iterator
 from PIL import Image
 
 from colintern.errors import UserError
+from colintern.processor import MAX_ASPECT_RATIO  # one limit for the API and the batch jobs
 
 log = logging.getLogger("colintern.data")
 
 REQUIRED_COLUMNS = ("query", "image")
-MAX_ASPECT_RATIO = 50.0  # pages longer than 50:1 either way are not documents and break tiling
 _PSEUDO_RE = re.compile(r"^(?P<name>.+)/(?P<split>[^/]+)/doc_(?P<index>\d+)\.png$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
