@@ -83,6 +83,23 @@ def tiny_internvl_config(vocab_size: int, image_token_id: int, eos_token_id: int
                           image_seq_length=16, downsample_ratio=0.5, tie_word_embeddings=True)
 
 
+def internvl35_1b_config(image_token_id: int, attn_implementation: str = "sdpa"):
+    """The real InternVL3.5-1B shapes (InternViT-300M 1024 x 24 layers with qkv bias + Qwen3-0.6B 1024 x 28 layers,
+    vocab 151936), for smoke tests and benchmarks with random weights."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen3Config
+
+    vision = InternVLVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                  intermediate_size=4096, attention_bias=True, image_size=448, patch_size=14,
+                                  use_mean_pooling=True, norm_type="layer_norm", layer_norm_eps=1e-6)
+    text = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                       max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    config = InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
+                            image_seq_length=256, downsample_ratio=0.5)
+    config._attn_implementation = attn_implementation
+    return config
+
+
 # Inverse of colintern.backbone's renames: native name -> original InternVL name.
 _TO_REMOTE = [
     (r"^vision_tower\.", "vision_model."),

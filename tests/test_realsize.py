@@ -8,28 +8,14 @@ from PIL import Image
 
 from colintern.backbone import LoadedBackbone, load_tokenizer
 from colintern.model import ColIntern, config_for_backbone
-
-
-def internvl35_1b_config(image_token_id: int):
-    """InternVL3.5-1B: InternViT-300M (1024 x 24 layers, qkv bias) + Qwen3-0.6B (1024 x 28 layers, vocab 151936)."""
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen3Config
-
-    vision = InternVLVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                  intermediate_size=4096, attention_bias=True, image_size=448, patch_size=14,
-                                  use_mean_pooling=True, norm_type="layer_norm", layer_norm_eps=1e-6)
-    text = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                       max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    return InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
-                          image_seq_length=256, downsample_ratio=0.5)
+from colintern.tiny import internvl35_1b_config
 
 
 def test_internvl35_1b_shapes_bf16(tiny_model_dir):
     from transformers import InternVLModel
 
     tokenizer = load_tokenizer(tiny_model_dir)  # ids < 151936, so the tiny tokenizer drives the big model
-    config = internvl35_1b_config(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
-    config._attn_implementation = "sdpa"
+    config = internvl35_1b_config(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), "sdpa")
     start = time.time()
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
