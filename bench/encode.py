@@ -250,8 +250,9 @@ def measure(model, page: Image.Image, batch: int, args, device: torch.device,
     row["mfu"] = row["tflops"] / peak_tflops
     if args.e2e:  # ColIntern.encode_images end to end: preprocessing + forward + copy back
         n = max(batch, args.e2e_pages or 2 * batch)
-        seconds, _ = timed(lambda: model.encode_images([page] * n, batch_size=batch, show_progress=False), device)
-        row.update(e2e_pages=n, e2e_s=[seconds], e2e_pages_per_s=n / seconds,
+        e2e_s = [timed(lambda: model.encode_images([page] * n, batch_size=batch, show_progress=False), device)[0]
+                 for _ in range(args.repeats)]
+        row.update(e2e_pages=n, e2e_s=e2e_s, e2e_pages_per_s=n / statistics.median(e2e_s),
                    prep_workers=model.prep_workers if getattr(model, "prep_workers", None) is not None
                    else accelerator_prep_workers() if device.type != "cpu" else 0)
     return [row]
@@ -286,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES),
                    help="backbone dtypes (default: bf16); the head stays fp32")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--repeats", type=int, default=5, help="timed forward passes per configuration; the median "
-                   "is reported (default: 5)")
+    p.add_argument("--repeats", type=int, default=5, help="timed forward passes (and end-to-end runs) per "
+                   "configuration; the median is reported (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed forward passes first (default: 2)")
     p.add_argument("--no_e2e", dest="e2e", action="store_false",
                    help="skip the end-to-end encode_images measurement (default: measure it)")
@@ -299,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                    "before the prefetch fix; -1 = ColIntern's default on a GPU (default: -1)")
     p.add_argument("--e2e_pages", type=int, default=0, help="pages for the end-to-end measurement "
                    "(default: 2 x batch size)")
+    p.add_argument("--matmul_n", type=int, default=None, help="size of the square matmul that measures the "
+                   "device's ceiling, before and after the runs (default: 8192 on a GPU, 4096 on a CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and pages (default: 0)")
     p.add_argument("--json_out", default="outputs/bench/encode.json", help="result file "
                    "(default: outputs/bench/encode.json)")
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
 
     load_before = loadavg()
-    peaks = {name: matmul_tflops(device, DTYPES[name]) for name in args.dtype}
+    peaks = {name: matmul_tflops(device, DTYPES[name], args.matmul_n) for name in args.dtype}
     log.info("measured %s matmul ceiling: %s", device.type, ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()))
 
     tok_dir, tmp = args.tokenizer_dir, None
@@ -373,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
+    after = {name: matmul_tflops(device, DTYPES[name], args.matmul_n) for name in args.dtype}
+    ceiling_runs = {name: [peaks[name], after[name]] for name in args.dtype}
+    if any(after[name] > peaks[name] for name in args.dtype):  # the ceiling is the best of both measurements
+        for r in rows:
+            if r.get("tflops") is not None:
+                r["mfu"] = r["tflops"] / max(ceiling_runs[r["dtype"]])
+        peaks = {name: max(v) for name, v in ceiling_runs.items()}
     info = env(device)
     print(f"\nPage encoding, {args.model_dir or 'InternVL3.5-1B shapes, random weights'} on {info['device']}; "
           f"torch {info['torch']}, transformers {info['transformers']}, flash-attn {info['flash_attn']}; "
@@ -397,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
               f"target {100 * MFU_TARGET:.0f}%: {'met' if best['mfu'] >= MFU_TARGET else 'NOT met'}")
     write_json(args.json_out, {
         "benchmark": "encode", **info, "model": args.model_dir or "InternVL3.5-1B shapes (random weights)",
-        "matmul_tflops": peaks, "mfu_target": MFU_TARGET, "simulate_tflops": args.simulate_tflops, "repeats": args.repeats, "warmup": args.warmup,
+        "matmul_tflops": peaks, "matmul_tflops_runs": ceiling_runs, "mfu_target": MFU_TARGET, "simulate_tflops": args.simulate_tflops, "repeats": args.repeats, "warmup": args.warmup,
         "loadavg_before": load_before, "loadavg_after": loadavg(), "rows": rows, "skipped": skipped,
         "flops_convention": "2 FLOPs per multiply-add of every linear/conv layer + attention QK^T and AV "
                             "(LM causal attention at half); per page, real tokens only",

@@ -102,7 +102,7 @@ def test_encode_bench_smallest(tiny_model_dir, tmp_path, one_thread):
     out = tmp_path / "encode.json"
     assert encode.main(["--model_dir", tiny_model_dir, "--device", "cpu", "--tiles", "1", "4", "--batch_sizes", "1",
                         "2", "--attn", "sdpa", "flash_attention_2", "--dtype", "fp32", "--repeats", "1",
-                        "--warmup", "0", "--json_out", str(out)]) == 0
+                        "--warmup", "0", "--matmul_n", "256", "--json_out", str(out)]) == 0
     result = json.loads(out.read_text())
     for key in ("date", "device", "torch", "transformers", "matmul_tflops", "loadavg_before", "rows", "skipped"):
         assert key in result
@@ -119,6 +119,7 @@ def test_encode_bench_smallest(tiny_model_dir, tmp_path, one_thread):
         flops = encode.page_flops(_tiny_config(tiny_model_dir), row["tiles_total"], row["seq_len"], 128)
         assert row["gflop_per_page"] == pytest.approx(flops["total"] / 1e9)
         assert row["mfu"] == pytest.approx(row["tflops"] / result["matmul_tflops"]["fp32"])
+    assert result["matmul_tflops"]["fp32"] == max(result["matmul_tflops_runs"]["fp32"])
 
 
 def _tiny_config(model_dir: str):
@@ -132,7 +133,8 @@ def test_encode_pipeline_simulation(tiny_model_dir, tmp_path, one_thread):
     out = tmp_path / "sim.json"
     assert encode.main(["--model_dir", tiny_model_dir, "--device", "cpu", "--tiles", "4", "--batch_sizes", "2",
                         "--attn", "sdpa", "--dtype", "fp32", "--repeats", "1", "--warmup", "0", "--simulate_tflops",
-                        "0.002", "--prep_workers", "0", "2", "--e2e_pages", "6", "--json_out", str(out)]) == 0
+                        "0.002", "--prep_workers", "0", "2", "--e2e_pages", "6", "--matmul_n", "256",
+                        "--json_out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["prep_workers"] for r in rows] == [0, 2]
     for row in rows:
@@ -229,7 +231,7 @@ def test_mining_bench_smallest(tmp_path):
     out = tmp_path / "mining.json"
     assert mining.main(["--sizes", "10", "20", "40", "--d_len", "50", "150", "--faiss_pages", "30",
                         "--faiss_queries", "8", "--faiss_index", "Flat", "--k", "5", "--candidates", "100",
-                        "--device", "cpu", "--json_out", str(out)]) == 0
+                        "--device", "cpu", "--matmul_n", "256", "--json_out", str(out)]) == 0
     result = json.loads(out.read_text())
     for key in ("date", "device", "torch", "faiss", "fp32_ceiling_gflops", "exact", "extrapolation", "faiss"):
         assert key in result
