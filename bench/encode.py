@@ -40,7 +40,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import env, loadavg, matmul_tflops, peak_memory_gib, print_table, reset_peak, sync, timed, write_json  # noqa: E402
+from benchlib import (env, loadavg, matmul_tflops, peak_memory_gib, print_table, reset_peak, sync,  # noqa: E402
+                      timed, write_json)
 
 from colintern.errors import UserError, run_cli  # noqa: E402
 
@@ -403,11 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     ok = [r for r in rows if r["status"] == "ok"]
     if device.type == "cuda" and ok:
         best = max(ok, key=lambda r: r["mfu"])
-        print(f"best MFU {100 * best['mfu']:.1f}% ({best['attn']}, {best['tiles_label']} tiles, batch {best['batch']}); "
+        print(f"best MFU {100 * best['mfu']:.1f}% ({best['attn']}, {best['tiles_label']} tiles, "
+              f"batch {best['batch']}); "
               f"target {100 * MFU_TARGET:.0f}%: {'met' if best['mfu'] >= MFU_TARGET else 'NOT met'}")
     write_json(args.json_out, {
         "benchmark": "encode", **info, "model": args.model_dir or "InternVL3.5-1B shapes (random weights)",
-        "matmul_tflops": peaks, "matmul_tflops_runs": ceiling_runs, "mfu_target": MFU_TARGET, "simulate_tflops": args.simulate_tflops, "repeats": args.repeats, "warmup": args.warmup,
+        "matmul_tflops": peaks, "matmul_tflops_runs": ceiling_runs, "mfu_target": MFU_TARGET,
+        "simulate_tflops": args.simulate_tflops, "repeats": args.repeats, "warmup": args.warmup,
         "loadavg_before": load_before, "loadavg_after": loadavg(), "rows": rows, "skipped": skipped,
         "flops_convention": "2 FLOPs per multiply-add of every linear/conv layer + attention QK^T and AV "
                             "(LM causal attention at half); per page, real tokens only",

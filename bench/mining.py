@@ -155,13 +155,13 @@ def pooled_row(qs: list[torch.Tensor], pages: list[torch.Tensor], pairs, exact, 
     import faiss
 
     t0 = time.perf_counter()
-    page_vecs = np.stack([p.mean(0).numpy() for p in pages]).astype(np.float32)  # (P, dim)
+    page_vecs = np.stack([p.numpy().mean(0) for p in pages]).astype(np.float32)  # (P, dim)
     faiss.normalize_L2(page_vecs)
     index = faiss.IndexFlatIP(page_vecs.shape[1])
     index.add(page_vecs)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    q_vecs = np.stack([q.mean(0).numpy() for q in qs]).astype(np.float32)  # (Q, dim)
+    q_vecs = np.stack([q.numpy().mean(0) for q in qs]).astype(np.float32)  # (Q, dim)
     faiss.normalize_L2(q_vecs)
     _, ids = index.search(q_vecs, min(len(pages), args.candidates + 1))  # (Q, candidates + 1)
     search_s = time.perf_counter() - t0
@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"extrapolated to {args.target_queries:,} queries x {args.target_pages:,} pages: "
           f"{extra['fit_hours']:.1f} h = {extra['fit_days']:.2f} days from the N^2 fit "
           f"(a = {extra['fit_a_s_per_pair']:.3e} s per pair); {extra['rate_seconds'] / 3600:.1f} h from the "
-          f"work ({extra['work_gflop'] / 1e6:.1f} PFLOP) at the largest run's {extra['rate_gflops_largest']:.1f} GFLOP/s")
+          f"work ({extra['work_gflop'] / 1e6:.1f} PFLOP) at the largest run's "
+          f"{extra['rate_gflops_largest']:.1f} GFLOP/s")
     if frows:
         print(f"\nFAISS first stage + exact re-rank vs exact search (mine.py's paths): {finfo['queries']} queries x "
               f"{finfo['pages']} pages ({finfo['page_tokens']:,} page tokens), k={args.k}, candidates "

@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nTraining step, {model_label}, train.py on {info['device']} ({args.dtype}); torch {info['torch']}, "
           f"transformers {info['transformers']}, peft {info['peft']}; {n_rows} synthetic rows, pages "
           f"{args.page_size} px; load {load_before} -> {loadavg()}")
-    print_table(rows, [("mode", "mode", "s"), ("threads", "threads", "d"), ("batch", "pairs/step", "d"), ("micro_batch", "micro", "d"),
+    print_table(rows, [("mode", "mode", "s"), ("threads", "threads", "d"), ("batch", "pairs/step", "d"),
+                       ("micro_batch", "micro", "d"),
                        ("grad_accum", "accum", "d"), ("pairs_per_s", "pairs/s", ".1f"), ("s_per_step", "s/step", ".3f"),
                        ("uncached_pairs_per_s", "uncached pairs/s", ".1f"), ("peak_mem_gib", "peak GiB", ".2f"),
                        ("status", "status", "s")])
