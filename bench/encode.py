@@ -339,10 +339,16 @@ def main(argv: list[str] | None = None) -> int:
                         log.warning("skipping flash_attention_2 (%s)", why)
                         continue
                 t0 = time.perf_counter()
-                if args.model_dir:
-                    model = local_model(args.model_dir, device, DTYPES[dtype_name], attn)
-                else:
-                    model = random_internvl35_1b(tok_dir, device, DTYPES[dtype_name], attn, args.seed)
+                try:
+                    if args.model_dir:
+                        model = local_model(args.model_dir, device, DTYPES[dtype_name], attn)
+                    else:
+                        model = random_internvl35_1b(tok_dir, device, DTYPES[dtype_name], attn, args.seed)
+                except (UserError, ImportError, ValueError, RuntimeError) as err:  # e.g. an unusable attention
+                    why = f"model build failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    skipped.append({"dtype": dtype_name, "attn": attn, "reason": why})
+                    log.warning("skipping %s %s (%s)", dtype_name, attn, why)
+                    continue
                 if args.simulate_tflops:
                     simulate_device(model, args.simulate_tflops)
                 n_params = sum(p.numel() for p in model.backbone.parameters())
@@ -365,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
                         except torch.OutOfMemoryError:
                             new = [{**base, "status": "OOM"}]
                             torch.cuda.empty_cache()
+                        except (RuntimeError, ValueError) as err:  # a kernel that cannot run this shape/dtype
+                            new = [{**base, "status": f"error: {type(err).__name__}: "
+                                                      f"{str(err).splitlines()[0][:120] if str(err) else ''}"}]
+                            log.exception("%s %s %d tiles batch %d failed", dtype_name, attn, tiles, batch)
                         for row in new:
                             row["load_after"] = loadavg()
                         rows += new
