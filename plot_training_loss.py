@@ -35,6 +35,8 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from colintern.errors import UserError, run_script  # noqa: E402
+
 PROG = "plot_training_loss.py"
 log = logging.getLogger("plot_training_loss")
 
@@ -53,10 +55,6 @@ TEXT_FIELDS = {
 }
 # metrics.jsonl keys read as numbers (besides "step"); others are ignored.
 JSON_NUMBERS = ("loss", "epoch", "lr", "grad_norm", "pairs_per_s", "seconds")
-
-
-class UserError(Exception):
-    """A problem with the user's input or arguments: reported as one line, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,24 +327,10 @@ def run(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, message already printed by argparse)
-        return 0 if e.code is None else int(e.code)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
-    log.handlers[:] = [handler]
-    log.propagate = False
-    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
-    try:
-        out = run(args)
-    except UserError as e:
-        message = str(e).replace("\n", " ")  # always exactly one line
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    status, out = run_script(PROG, build_parser(), run, log, argv)
+    if out is not None:
+        print(out)
+    return status
 
 
 if __name__ == "__main__":

@@ -43,16 +43,14 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from colintern.errors import UserError, run_script  # noqa: E402
+
 PROG = "plot_vidore_metrics.py"
 log = logging.getLogger("plot_vidore_metrics")
 
 DEFAULT_METRICS = ["ndcg_at_5", "ndcg_at_10", "recall_at_5"]
 DEFAULT_MAIN_METRIC = "ndcg_at_5"  # ViDoRe's headline metric, used when a summary names none
 AVERAGE = "average"  # the pseudo-task holding each run's mean over tasks
-
-
-class UserError(Exception):
-    """A problem with the user's input or arguments: reported as one line, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,25 +380,10 @@ def run(args) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, message already printed by argparse)
-        return 0 if e.code is None else int(e.code)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
-    log.handlers[:] = [handler]
-    log.propagate = False
-    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
-    try:
-        written = run(args)
-    except UserError as e:
-        message = str(e).replace("\n", " ")  # always exactly one line
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    for path in written:
+    status, written = run_script(PROG, build_parser(), run, log, argv)
+    for path in written or []:
         print(path)
-    return 0
+    return status
 
 
 if __name__ == "__main__":
