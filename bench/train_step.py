@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.model_id == RANDOM_1B:
             from encode import save_random_internvl35_1b
 
-            args.model_id = save_random_internvl35_1b(os.path.join(tmp.name, "internvl35_1b"), device)
+            # built on the CPU: this parent process must not hold GPU memory while the children train
+            args.model_id = save_random_internvl35_1b(os.path.join(tmp.name, "internvl35_1b"), torch.device("cpu"))
             model_label = "InternVL3.5-1B shapes, random weights"
         else:
             model_label = args.model_id
