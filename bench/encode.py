@@ -44,30 +44,12 @@ from benchlib import (env, loadavg, matmul_tflops, peak_memory_gib, print_table,
                       timed, write_json)
 
 from colintern.errors import UserError, run_cli  # noqa: E402
+from colintern.tiny import internvl35_1b_config  # noqa: E402  (the real shapes, shared with tests/test_realsize.py)
 
 log = logging.getLogger("bench.encode")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MFU_TARGET = 0.40  # issue 7: >= 40 % of the GPU's measured bf16 matmul rate
-
-
-def internvl35_1b_config(image_token_id: int, attn: str):
-    """InternVL3.5-1B: InternViT-300M (1024 x 24 layers, qkv bias) + Qwen3-0.6B (1024 x 28 layers, vocab 151936).
-
-    The same shapes as tests/test_realsize.py (and OpenGVLab/InternVL3_5-1B-Instruct's config.json).
-    """
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen3Config
-
-    vision = InternVLVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                  intermediate_size=4096, attention_bias=True, image_size=448, patch_size=14,
-                                  use_mean_pooling=True, norm_type="layer_norm", layer_norm_eps=1e-6)
-    text = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                       max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    config = InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
-                            image_seq_length=256, downsample_ratio=0.5)
-    config._attn_implementation = attn  # set recursively on the vision and text configs
-    return config
 
 
 def random_internvl35_1b(tokenizer_dir: str, device: torch.device, dtype: torch.dtype, attn: str, seed: int):
@@ -78,7 +60,7 @@ def random_internvl35_1b(tokenizer_dir: str, device: torch.device, dtype: torch.
     from colintern.model import ColIntern, config_for_backbone
 
     tokenizer = load_tokenizer(tokenizer_dir)  # any InternVL tokenizer: its ids only need to be < 151936
-    config = internvl35_1b_config(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), attn)
+    config = internvl35_1b_config(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), attn)  # colintern.tiny
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

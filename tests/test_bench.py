@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from colintern.errors import UserError
+from helpers import noisy_page
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -31,21 +32,8 @@ def load_bench(name: str):
 encode = load_bench("encode")
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-def noise_page(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), "RGB")
 
 
 # ---------------------------------------------------------------------------------------------------- encode
@@ -81,7 +69,7 @@ def test_page_flops_match_torch_flop_counter(tiny_model_dir, one_thread):
 
 def test_page_flops_internvl35_1b_golden():
     """InternVL3.5-1B, one 448-px tile and a 273-token page: hand-computed terms."""
-    config = encode.internvl35_1b_config(image_token_id=5, attn="sdpa")
+    config = encode.internvl35_1b_config(5, "sdpa")
     f = encode.page_flops(config, tiles=1, seq_len=273, head_dim_out=128)
     assert f["vision_linear"] == 2 * 1025 * 24 * (4 * 1024**2 + 2 * 1024 * 4096)
     assert f["vision_attention"] == 4 * 1025**2 * 1024 * 24
@@ -152,8 +140,8 @@ def test_prep_workers_give_identical_embeddings(tiny_model_dir, one_thread):
     from colintern.model import default_prep_workers
 
     model = ColIntern.from_pretrained(tiny_model_dir, max_tiles=4)
-    pages = [noise_page(w, h, i) for i, (w, h) in enumerate([(112, 112), (224, 224), (336, 112), (224, 300),
-                                                             (112, 224), (300, 200), (150, 150)])]
+    sizes = [(112, 112), (224, 224), (336, 112), (224, 300), (112, 224), (300, 200), (150, 150)]
+    pages = [noisy_page(w, h, (40 * i, 200 - 20 * i, 90), seed=i) for i, (w, h) in enumerate(sizes)]
     queries = ["red circle", "which page shows a blue star on a green background", "the word delta", "table"]
     assert default_prep_workers("cpu") == 0 and default_prep_workers("cuda") >= 1
     assert model.prep_workers is None  # -> default_prep_workers(device): 0 on this CPU
