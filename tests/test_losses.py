@@ -15,13 +15,7 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 GOLDEN = json.loads((FIXTURES / "loss_golden.json").read_text())["cases"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (severe on a busy 2-core box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(case: dict, dtype: torch.dtype) -> dict:

@@ -8,13 +8,7 @@ from colintern import scoring
 from colintern.scoring import maxsim, maxsim_topk, pad_embeddings, topk, unpad_embeddings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (severe on a busy 2-core box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ragged(n: int, lo: int, hi: int, dim: int, g: torch.Generator) -> list[torch.Tensor]:
