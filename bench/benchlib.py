@@ -103,8 +103,17 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     c = torch.empty(n, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=c)  # warm-up
-    best = min(timed(lambda: torch.mm(a, b, out=c), device)[0] for _ in range(repeats))
+    # An fp32 ceiling must be true fp32: keep TF32 off on CUDA while measuring it.
+    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    ieee = device.type == "cuda" and dtype == torch.float32 and prec is not None
+    if ieee:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        torch.mm(a, b, out=c)  # warm-up
+        best = min(timed(lambda: torch.mm(a, b, out=c), device)[0] for _ in range(repeats))
+    finally:
+        if ieee:
+            torch.backends.cuda.matmul.fp32_precision = prec
     return 2 * n**3 / best / 1e12
 
 

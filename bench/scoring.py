@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -30,6 +29,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import loadavg, matmul_tflops, sync  # noqa: E402
+
 from colintern.scoring import maxsim  # noqa: E402
 
 
@@ -38,11 +40,6 @@ def ragged(n: int, lo: int, hi: int, dim: int, g: torch.Generator) -> list[torch
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     flat = torch.nn.functional.normalize(torch.randn(sum(lens), dim, generator=g), dim=-1)  # one big draw: fast
     return [t.clone() for t in torch.split(flat, lens)]  # independent storages, like real encoder output
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_it(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> tuple[list[float], torch.Tensor]:
@@ -55,24 +52,6 @@ def time_it(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) 
         sync(device)
         times.append(time.perf_counter() - t0)
     return times, out
-
-
-def matmul_gflops(device: torch.device, repeats: int = 2) -> float:
-    """Best fp32 GFLOP/s of a plain square matmul: the device's practical ceiling."""
-    n = 4096 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
-    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if device.type == "cuda" and prec is not None:
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-    try:
-        torch.mm(a, b, out=c)  # warm-up
-        times, _ = time_it(lambda: torch.mm(a, b, out=c), repeats, device)
-    finally:
-        if device.type == "cuda" and prec is not None:
-            torch.backends.cuda.matmul.fp32_precision = prec
-    return 2 * n**3 / min(times) / 1e9
 
 
 def reference_sample(
@@ -145,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     real_gflop = 2 * args.dim * q_tok * d_tok / 1e9
     padded_gflop = 2 * args.dim * len(qs) * max(q.shape[0] for q in qs) * len(docs) * max(d.shape[0] for d in docs) / 1e9
 
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    peak = matmul_gflops(device)
+    load_before = loadavg()
+    peak = matmul_tflops(device, torch.float32, repeats=2) * 1e3  # GFLOP/s
     qi, di, ref = reference_sample(qs, docs, args.ref_pairs, g)
 
     # scorers: name -> (call, work in GFLOP it actually performs)
@@ -180,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                "gflop": scorers[name][1], **errs[name]}
         for name in scorers
     }
-    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_after = loadavg()
 
     ours_s = rows["colintern.maxsim"]["seconds"]
     for r in rows.values():
@@ -192,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MaxSim: {len(qs)} queries ({q_tok} tokens) x {len(docs)} pages ({d_tok} tokens), dim {args.dim}, "
           f"on {dev_name}; torch {torch.__version__}, mteb {mteb_version}")
     print(f"real work {real_gflop:.0f} GFLOP (fully padded {padded_gflop:.0f}); plain fp32 matmul ceiling {peak:.0f} GFLOP/s; "
-          f"load average before/after {load_before and round(load_before[0], 2)}/{load_after and round(load_after[0], 2)}")
+          f"load average before/after {load_before and load_before[0]}/{load_after and load_after[0]}")
     hdr = f"{'scorer':<24}{'best s':>9}{'median s':>10}{'useful GFLOP/s':>16}{'% ceiling':>11}{'time/ours':>11}{'max abs err':>13}{'max rel err':>13}"
     print(hdr)
     print("-" * len(hdr))
