@@ -558,25 +558,44 @@ def exact_fp32(device: Any) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+def rerank_chunk_tokens(device: Any) -> int:
+    """Padded page tokens scored per GEMM in a re-rank.
+
+    On a CPU a 4,096-token block (2 MiB of fp32) and its similarity tile stay in cache between the fp16 -> fp32
+    conversion, the GEMM and the max: 4x faster than one block of all candidates (bench/mining.py, BENCHMARKS.md).
+    On a GPU fewer, larger transfers and launches win.
+    """
+    return 4096 if torch.device(device).type == "cpu" else 1 << 20
+
+
 @torch.no_grad()
 def own_candidate_scores(q: torch.Tensor, ids: np.ndarray, store: PageStore, device: Any,
-                         max_pages: int = 256) -> np.ndarray:
+                         chunk_tokens: int | None = None) -> np.ndarray:
     """Exact sum-MaxSim of ONE query against its own list of pages -> (len(ids),) float32.
 
     colintern.scoring.maxsim scores every query against every page; re-ranking needs each query against its
-    own candidates only, so this scores one (Lq, dim) query against a padded (n, Lmax, dim) block of its
-    pages (padding = copies of a real token, exact) in one GEMM per max_pages pages.
+    own candidates only. Candidates are taken shortest first and packed into padded (n, Lmax, dim) blocks of at
+    most chunk_tokens tokens (padding = copies of a real token, exact; sorting keeps it small), one GEMM each.
     """
     out = np.empty(len(ids), dtype=np.float32)
     if not len(ids):
         return out
+    budget = chunk_tokens or rerank_chunk_tokens(device)
+    order = np.argsort(store.lengths[ids], kind="stable")  # (n,) shortest first
+    lengths = store.lengths[ids][order]
     qd = q.to(device=device, dtype=torch.float32)  # (Lq, dim)
     with exact_fp32(device):
-        for s in range(0, len(ids), max_pages):
-            block = store.padded(ids[s:s + max_pages], device)  # (n, Lmax, dim)
+        start = 0
+        while start < len(ids):
+            # the block's Lmax is its last (longest) page: grow while n x Lmax fits the budget (at least 1 page)
+            block_sizes = np.arange(1, len(ids) - start + 1) * lengths[start:]  # ascending
+            end = start + max(1, int(np.searchsorted(block_sizes, budget, side="right")))
+            sel = order[start:end]
+            block = store.padded(ids[sel], device)  # (n, Lmax, dim)
             n, lmax, dim = block.shape
             sim = qd @ block.view(n * lmax, dim).T  # (Lq, n*Lmax)
-            out[s:s + n] = sim.view(-1, n, lmax).amax(-1).sum(0).cpu().numpy()  # (n,)
+            out[sel] = sim.view(-1, n, lmax).amax(-1).sum(0).cpu().numpy()  # (n,)
+            start = end
     return out
 
 
@@ -647,18 +666,36 @@ def exact_search(qs: list[torch.Tensor], which: np.ndarray, pairs: Sequence[Pair
     return out
 
 
+# Below this many page tokens exact search is as fast as FAISS and has no approximation; above it an IVF-PQ first
+# stage pays for its build. Measured on a 2-core CPU (docs/BENCHMARKS.md, "Mining"): at 1.3M tokens (1,000 pages)
+# exact took 58 ms per query, IVF-PQ 36 ms per query after a 35 s build (break-even near one query per page), a Flat
+# index 78 ms per query (the same GEMMs as exact, plus per-token top-k heaps).
+AUTO_EXACT_MAX_TOKENS = 2_000_000
+
+
+def choose_method(method: str, n_tokens: int, on_gpu: bool) -> tuple[str, str]:
+    """--method auto -> ("exact" | "faiss", why): exact on a GPU or up to AUTO_EXACT_MAX_TOKENS page tokens."""
+    if method != "auto":
+        return method, "asked for"
+    if on_gpu:
+        return "exact", "exact MaxSim runs at GEMM speed on a GPU"
+    if n_tokens <= AUTO_EXACT_MAX_TOKENS:
+        return "exact", f"{n_tokens:,} page tokens <= {AUTO_EXACT_MAX_TOKENS:,}: exact is as fast as FAISS here"
+    return "faiss", f"{n_tokens:,} page tokens > {AUTO_EXACT_MAX_TOKENS:,}: an IVF-PQ first stage is faster"
+
+
 def build_faiss_index(store: PageStore, factory: str, nprobe: int, use_gpu: bool, gpu_id: int, cache_path: Path | None,
                       show_progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Inner-product FAISS index over every page token vector (ids = global token positions).
 
-    factory "auto": an exact "Flat" index up to 8M tokens (4 GB of float32), else "IVF<nlist>,PQ32" (32 bytes
-    per token, trained on a sample), searched with nprobe lists. A trained index is saved to cache_path so a
+    factory "auto": an exact "Flat" index up to AUTO_EXACT_MAX_TOKENS tokens (too few to train IVF lists well),
+    else "IVF<nlist>,PQ32" (32 bytes per token, trained on a sample), searched with nprobe lists. A trained index is saved to cache_path so a
     resumed run searches the very same index. With use_gpu the index is moved to GPU gpu_id (float16 storage).
     """
     import faiss
 
     if factory == "auto":
-        if store.n_tokens <= 8_000_000:
+        if store.n_tokens <= AUTO_EXACT_MAX_TOKENS:
             factory = "Flat"
         else:
             nlist = int(2 ** round(math.log2(4 * math.sqrt(store.n_tokens))))

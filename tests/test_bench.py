@@ -258,3 +258,24 @@ def test_fit_quadratic_exact():
     assert all(3 <= q.shape[0] <= 4 and q.shape[1] == 16 for q in queries)
     assert all(10 <= p.shape[0] <= 12 for p in pages)
     torch.testing.assert_close(torch.cat(pages).norm(dim=1), torch.ones(sum(p.shape[0] for p in pages)))
+
+
+@pytest.mark.parametrize("chunk_tokens", [40, 300, None])
+def test_rerank_blocks_equal_float64_reference(chunk_tokens, tmp_path):
+    """own_candidate_scores packs candidates shortest-first into blocks of at most chunk_tokens padded tokens
+    (a page longer than the budget gets a block of its own); every score equals float64 MaxSim of the stored
+    fp16 page, in the caller's candidate order."""
+    from colintern.mining import own_candidate_scores
+
+    mining = load_bench("mining")
+    rng = np.random.default_rng(3)
+    pages = [torch.nn.functional.normalize(torch.randn(int(n), 16), dim=1) for n in rng.integers(5, 120, 40)]
+    pages[7] = torch.nn.functional.normalize(torch.randn(200, 16), dim=1)  # longer than the 40/300 budgets
+    store = mining.write_page_store(tmp_path / "store", pages, pages_per_part=16)
+    query = torch.nn.functional.normalize(torch.randn(9, 16), dim=1)
+    ids = np.concatenate([rng.permutation(np.delete(np.arange(40), 7))[:30], [7]])
+    rng.shuffle(ids)
+    got = own_candidate_scores(query, ids, store, "cpu", chunk_tokens=chunk_tokens)
+    want = [(query.double() @ pages[u].half().double().T).amax(1).sum().item() for u in ids]
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    assert own_candidate_scores(query, np.empty(0, dtype=np.int64), store, "cpu").shape == (0,)
