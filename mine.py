@@ -9,8 +9,9 @@ encoded once with the checkpoint's head, LoRA and formatting, and written to dis
 (query, page) row then gets the `--k` best-scoring pages that are not its positives, found either exactly
 (`--method exact`: late-interaction MaxSim against every page, streamed from disk) or with a FAISS first
 stage over every page token vector re-ranked by exact MaxSim (`--method faiss`, see colintern/mining.py for
-why token vectors and not a pooled page vector). A page scoring above `--fn_filter` x the positive's score is
-treated as a probable unlabelled positive and dropped.
+why token vectors and not a pooled page vector). The default `--method auto` picks exact on a GPU and for
+corpora up to 2M page tokens, where it is as fast as FAISS, and FAISS above that. A page scoring above
+`--fn_filter` x the positive's score is treated as a probable unlabelled positive and dropped.
 
 Output, one line per (query, page) pair, in dataset order:
     {"query": str, "pos": "<dataset>/<split>/doc_<i>.png", "negs": [...],
@@ -76,10 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "reuses them either way)")
     g = p.add_argument_group("mining")
     g.add_argument("--k", type=int, default=20, help="hard negatives per query (default: 20)")
-    g.add_argument("--method", choices=["faiss", "exact"], default="faiss",
-                   help="faiss: FAISS first stage over page token vectors + exact MaxSim re-rank of the "
-                        "candidates; exact: exact MaxSim against every page (chunked; fast on a GPU). "
-                        "Default: faiss")
+    g.add_argument("--method", choices=["auto", "faiss", "exact"], default="auto",
+                   help="exact: exact MaxSim against every page (streamed part by part; fast on a GPU); faiss: "
+                        "FAISS first stage over page token vectors + exact MaxSim re-rank of the candidates; auto: "
+                        "exact on a GPU or up to 2M page tokens (~1,500 pages), where it is as fast as FAISS "
+                        "(docs/BENCHMARKS.md), else faiss. Default: auto")
     g.add_argument("--candidates", type=int, default=100,
                    help="faiss: pages per query re-ranked exactly (default: 100); at least the number of pages "
                         "makes faiss equal to exact")
@@ -87,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="faiss: nearest page tokens retrieved per query token (default: 256; at most 2048 on "
                         "a GPU index)")
     g.add_argument("--faiss_index", default="auto",
-                   help="faiss index_factory string (inner product). auto: Flat (exact) up to 8M page tokens, "
+                   help="faiss index_factory string (inner product). auto: Flat (exact) up to 2M page tokens, "
                         "else IVF<4*sqrt(N)>,PQ32. Default: auto")
     g.add_argument("--nprobe", type=int, default=32, help="faiss IVF lists searched per query token (default: 32)")
     g.add_argument("--deepen", type=int, default=2,
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     from colintern.mining import (PageStore, StoreSpec, atomic_write_json, byte_offset_of_line, count_complete_lines,
                                   ensure_page_store, exact_search, faiss_search, file_sha256, fingerprint,
                                   keys_digest, plan_pages, plan_pairs, positive_scores, unique_texts,
-                                  build_faiss_index)
+                                  build_faiss_index, choose_method)
     from colintern.scoring import maxsim
 
     t_start = time.time()
@@ -310,13 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     hi = (args.shard_id + 1) * len(pairs_all) // args.num_shards
     pairs = pairs_all[lo:hi]
     fn_filter = args.fn_filter if args.fn_filter > 0 else None
+    method, why = choose_method(args.method, store.n_tokens, use_gpu)
+    log.info("search method: %s (%s)", method, why)
 
     # -- resume state
-    settings = {"store": spec.id, "method": args.method, "k": args.k, "skip_top": args.skip_top,
+    settings = {"store": spec.id, "method": method, "k": args.k, "skip_top": args.skip_top,
                 "fn_filter": fn_filter, "search_batch": args.search_batch, "shard": [args.shard_id, args.num_shards],
                 "pairs": [lo, hi], "model_id": args.model_id, "ckpt_sha256": ckpt_sha,
                 "pairs_digest": fingerprint([(p.row, p.text, p.page) for p in pairs])}
-    if args.method == "faiss":
+    if method == "faiss":
         settings.update(candidates=args.candidates, token_k=args.token_k, faiss_index=args.faiss_index,
                         nprobe=args.nprobe, deepen=args.deepen)
     state = {"settings": settings, "lines": 0, "fn_filtered": 0, "short_lines": 0, "deepened": 0,
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     index, faiss_info = None, None
     faiss_gpu = False
     token_k = args.token_k
-    if args.method == "faiss":
+    if method == "faiss":
         import faiss
 
         faiss_gpu = use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         texts, which = unique_texts(batch)
         qs = model.encode_queries(texts, batch_size=args.query_batch, show_progress=False)
         pos = positive_scores(qs, which, batch, store, score_device)
-        if args.method == "exact":
+        if method == "exact":
             res = exact_search(qs, which, batch, pos, pair_plan.positives, store, maxsim, score_device, args.k,
                                args.skip_top, fn_filter)
             return qs, which, pos, res, None
@@ -381,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return qs, which, pos, res, (cands, n_deepened)
 
     B = args.search_batch
-    with tqdm(total=len(pairs), initial=state["lines"], desc=f"mine [{args.method}]", unit="query",
+    with tqdm(total=len(pairs), initial=state["lines"], desc=f"mine [{method}]", unit="query",
               dynamic_ncols=True, disable=not show) as bar, open(paths["partial"], "ab") as out:
         for b0 in range(state["lines"], len(pairs), B):
             t0 = time.time()
@@ -409,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- honesty about the approximation: FAISS candidates vs exact top-k on a sample of queries
     recall = None
     t_recall = 0.0
-    if args.method == "faiss" and args.recall_sample > 0 and pairs:
+    if method == "faiss" and args.recall_sample > 0 and pairs:
         t0 = time.time()
         m = min(args.recall_sample, len(pairs))
         sample = np.unique(np.linspace(0, len(pairs) - 1, m).round().astype(int))
@@ -439,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     t_total = time.time() - t_start
     meta = {
         "checkpoint": args.ckpt, "checkpoint_sha256": ckpt_sha, "model": args.model_id, "dataset": args.hub_name,
-        "split": args.split, "limit": args.limit, "method": args.method, "k": args.k,
+        "split": args.split, "limit": args.limit, "method": method, "method_asked": args.method,
+        "method_why": why, "k": args.k,
         "score": SCORE_DOC,
         "filters": {"fn_filter": fn_filter, "skip_top": args.skip_top,
                     "positives": f"rows sharing the page (dedupe by {plan.dedupe}) and rows with the same query text"},

@@ -224,13 +224,32 @@ def test_faiss_equals_exact_when_candidates_cover_the_corpus(index, tiny_model_d
     assert meta["faiss"]["factory"] == index and meta["faiss"]["n_tokens"] == meta["counts"]["page_tokens"]
 
 
+def test_auto_method_is_exact_on_small_corpora_and_on_a_gpu(tiny_model_dir, ckpt, corpus, work):
+    """The default --method auto searches this 13-page corpus exactly (the same file as --method exact) and says
+    why in the meta; above AUTO_EXACT_MAX_TOKENS on a CPU it takes FAISS."""
+    from colintern.mining import AUTO_EXACT_MAX_TOKENS, choose_method
+
+    exact_out = work / "auto_exact" / "mined.jsonl"
+    run_mine(tiny_model_dir, ckpt, corpus, exact_out, "--method", "exact", "--k", 4)
+    out = work / "auto" / "mined.jsonl"
+    meta = run_mine(tiny_model_dir, ckpt, corpus, out, "--k", 4)
+    assert out.read_bytes() == exact_out.read_bytes()
+    assert meta["method"] == "exact" and meta["method_asked"] == "auto" and meta["faiss"] is None
+    assert meta["method_why"] == (f"{meta['counts']['page_tokens']:,} page tokens <= 2,000,000: exact is as fast "
+                                  "as FAISS here")
+    assert choose_method("auto", AUTO_EXACT_MAX_TOKENS, on_gpu=False)[0] == "exact"
+    assert choose_method("auto", AUTO_EXACT_MAX_TOKENS + 1, on_gpu=False)[0] == "faiss"
+    assert choose_method("auto", 10**9, on_gpu=True)[0] == "exact"
+    assert choose_method("faiss", 10, on_gpu=True) == ("faiss", "asked for")
+
+
 def test_faiss_recall_is_measured_against_exact(tiny_model_dir, ckpt, corpus, work):
     """A shallow first stage: the meta's recall is what a direct comparison with exact search gives."""
     exact_out = work / "shallow_exact" / "mined.jsonl"
     run_mine(tiny_model_dir, ckpt, corpus, exact_out, "--method", "exact", "--k", 3, "--fn_filter", 0)
     out = work / "shallow" / "mined.jsonl"
-    meta = run_mine(tiny_model_dir, ckpt, corpus, out, "--k", 3, "--candidates", 4, "--token_k", 4,
-                    "--fn_filter", 0, "--recall_sample", 1000, "--deepen", 0)
+    meta = run_mine(tiny_model_dir, ckpt, corpus, out, "--method", "faiss", "--k", 3, "--candidates", 4,
+                    "--token_k", 4, "--fn_filter", 0, "--recall_sample", 1000, "--deepen", 0)
     exact, approx = read_lines(exact_out), read_lines(out)
     hits = sum(len(set(a["negs"]) & set(e["negs"])) for a, e in zip(approx, exact))
     total = sum(len(e["negs"]) for e in exact)
@@ -245,10 +264,9 @@ def test_deepening_recovers_what_the_filter_ate(tiny_model_dir, ckpt, corpus, wo
     args = ("--k", 3, "--fn_filter", 0.97)
     exact_out = work / "deep_exact" / "mined.jsonl"
     exact_meta = run_mine(tiny_model_dir, ckpt, corpus, exact_out, "--method", "exact", *args)
-    shallow = run_mine(tiny_model_dir, ckpt, corpus, work / "deep0" / "mined.jsonl", *args, "--candidates", 4,
-                       "--token_k", 4, "--deepen", 0, "--recall_sample", 1000)
-    deep = run_mine(tiny_model_dir, ckpt, corpus, work / "deep1" / "mined.jsonl", *args, "--candidates", 4,
-                    "--token_k", 4, "--deepen", 1, "--recall_sample", 1000)
+    faiss = ("--method", "faiss", "--candidates", 4, "--token_k", 4, "--recall_sample", 1000)
+    shallow = run_mine(tiny_model_dir, ckpt, corpus, work / "deep0" / "mined.jsonl", *args, *faiss, "--deepen", 0)
+    deep = run_mine(tiny_model_dir, ckpt, corpus, work / "deep1" / "mined.jsonl", *args, *faiss, "--deepen", 1)
     assert shallow["counts"]["short_lines"] > exact_meta["counts"]["short_lines"]
     assert shallow["faiss"]["deepened_queries"] == 0 and deep["faiss"]["deepened_queries"] > 0
     assert deep["candidate_recall"]["candidate_recall"] > shallow["candidate_recall"]["candidate_recall"]
@@ -260,7 +278,8 @@ def test_deepening_recovers_what_the_filter_ate(tiny_model_dir, ckpt, corpus, wo
 
 
 def test_interrupted_and_resumed_run_writes_the_same_file(tiny_model_dir, ckpt, corpus, work, monkeypatch):
-    args = ("--k", 4, "--search_batch", 8, "--pages_per_part", 4, "--candidates", 6, "--token_k", 16)
+    args = ("--method", "faiss", "--k", 4, "--search_batch", 8, "--pages_per_part", 4, "--candidates", 6,
+            "--token_k", 16)
     import colintern.mining as mining
 
     out = work / "resume" / "mined.jsonl"
@@ -307,7 +326,7 @@ def test_interrupted_and_resumed_run_writes_the_same_file(tiny_model_dir, ckpt, 
 
 
 def test_shards_merge_into_the_single_run_file(tiny_model_dir, ckpt, corpus, work):
-    args = ("--k", 4, "--candidates", 6, "--token_k", 16, "--search_batch", 8)
+    args = ("--method", "faiss", "--k", 4, "--candidates", 6, "--token_k", 16, "--search_batch", 8)
     single = work / "single" / "mined.jsonl"
     run_mine(tiny_model_dir, ckpt, corpus, single, *args)
     out = work / "sharded" / "mined.jsonl"
