@@ -138,6 +138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--auto_target_frac", type=float, default=0.8, help="share of GPU memory auto_batch may "
                    "use (default: 0.8)")
     g.add_argument("--auto_max_batch", type=int, default=32, help="largest batch auto_batch tries (default: 32)")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the training process "
+                   "(default: torch's default, one per core). On a CPU, small models often train several times "
+                   "faster with 1, above all on a busy machine (docs/BENCHMARKS.md); irrelevant on a GPU")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader processes decoding and tiling "
                    "images (default: 2; 0 = in the main process)")
     g.add_argument("--prefetch_factor", type=int, default=2, help="micro-batches each worker prepares ahead "
@@ -170,6 +173,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "weight_decay", "max_grad_norm", "warmup_ratio"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
     if not args.lr > 0 or not args.tau > 0:
         raise UserError(f"--lr and --tau must be positive (got {args.lr}, {args.tau})")
     if not 0 < args.auto_target_frac <= 1:
@@ -227,10 +232,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled())
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         return train(args, rank, world, device, is_main)
-    finally:
+    finally:  # an in-process caller (tests, notebooks) gets its global torch settings back
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.set_num_threads(threads)
         cleanup()
 
 
@@ -285,6 +294,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("mode: %s; %.3fM trainable parameters", "LoRA + head" if train_backbone else
              "head only (frozen backbone, cached hidden states)", sum(p.numel() for p in params) / 1e6)
+    log.info("device %s, backbone %s, %d torch thread(s)", device, str(model.backbone.dtype).replace("torch.", ""),
+             torch.get_num_threads())
     if args.gradient_checkpointing:
         if train_backbone:
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -542,10 +542,15 @@ def test_device_optimizer_fallback_max_tiles_and_dim(tiny_model_dir, synthetic_s
         assert run_cli(train.main, base + ["--device_map", "cuda:0"]) == 2
         assert error_lines(capsys) == ["error: --device_map cuda:0: CUDA is not available on this machine; "
                                        "use --device_map cpu (or auto)"]
+    assert run_cli(train.main, base + ["--threads", "0"]) == 2
+    assert error_lines(capsys) == ["error: --threads must be at least 1, got 0"]
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine where bitsandbytes cannot load
     caplog.set_level(logging.INFO)
+    threads_before = torch.get_num_threads()
     assert run(*base, "--optimizer", "adamw_8bit", "--max_tiles", 2, "--max_visual_tokens", 256, "--dim", 64,
-               "--batch_size", 8, "--max_steps", 1, "--num_workers", 0, "--out_dir", tmp_path) == 0
+               "--batch_size", 8, "--max_steps", 1, "--num_workers", 0, "--threads", 3, "--out_dir", tmp_path) == 0
+    assert "device cpu, backbone float32, 3 torch thread(s)" in caplog.text
+    assert torch.get_num_threads() == threads_before  # restored for the in-process caller
     assert "--optimizer adamw_8bit needs a working bitsandbytes" in caplog.text
     assert "falling back to torch AdamW" in caplog.text
     payload = load_checkpoint(str(tmp_path / "colintern_heads_step1.pt"))
