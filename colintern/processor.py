@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -18,17 +19,34 @@ from colintern.errors import UserError
 MAX_ASPECT_RATIO = 50.0  # wider or taller than 50:1 is not a page (e.g. a 20000x50 strip)
 
 
+def page_size_problem(width: int, height: int) -> str | None:
+    """Why a width x height image cannot be a page, or None: the one size rule of the API and the batch jobs."""
+    if width <= 0 or height <= 0:
+        return f"empty image: {width}x{height} pixels"
+    ratio = max(width / height, height / width)
+    if ratio > MAX_ASPECT_RATIO:
+        return f"extreme aspect ratio: {width}x{height} pixels ({ratio:.0f}:1, limit {MAX_ASPECT_RATIO:.0f}:1)"
+    return None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy; transparent areas become white (as on a printed page) rather than black."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        page = Image.new("RGB", rgba.size, (255, 255, 255))
+        page.paste(rgba, mask=rgba.getchannel("A"))
+        return page
+    return image.convert("RGB")
+
+
 def check_page_image(image: Any, where: str) -> Image.Image:
-    """Return an RGB PIL image, or raise UserError naming `where` for what cannot be a page."""
+    """Return an RGB PIL image (the same one when it is RGB already), or raise UserError naming `where`."""
     if not isinstance(image, Image.Image):
         raise UserError(f"{where}: expected a PIL image, got {type(image).__name__}")
-    width, height = image.size
-    if width == 0 or height == 0:
-        raise UserError(f"{where}: image has size {width}x{height}; an empty image cannot be encoded")
-    if max(width / height, height / width) > MAX_ASPECT_RATIO:
-        raise UserError(f"{where}: image of {width}x{height} has an aspect ratio over {MAX_ASPECT_RATIO:.0f}:1; "
-                        "crop or split it into pages first")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    problem = page_size_problem(*image.size)
+    if problem:
+        raise UserError(f"{where}: {problem}; crop or split it into pages, or drop it")
+    return image if image.mode == "RGB" else to_rgb(image)
 
 
 def check_query(text: Any, where: str) -> str:
@@ -53,7 +71,14 @@ def page_keep_mask(attention_mask: torch.Tensor, is_image: torch.Tensor, mode: s
 
 
 class InternVLProcessor:
-    """Processor for InternVL backbones (tokenizer + GotOcr2 PIL image processor)."""
+    """Processor for InternVL backbones (tokenizer + GotOcr2's tiling, bit-identical but vectorised).
+
+    GotOcr2ImageProcessorPil resizes the page once to the tile grid, crops the tiles, then rescales and normalises
+    them tile by tile in float64/float32 NumPy passes, and stacks them. The pixel values only depend on (channel,
+    uint8 value), so `tile_page` does the same resize and crop on the uint8 canvas and maps every byte through a
+    (3, 256) table built by that processor's own rescale + normalize: the same float32 numbers, several times
+    faster (docs/BENCHMARKS.md; tests/test_model.py checks bitwise equality).
+    """
 
     def __init__(self, tokenizer: Any, config: ColInternConfig):
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -67,6 +92,10 @@ class InternVLProcessor:
         )
         if not config.use_thumbnail:
             raise UserError("use_thumbnail=False is not supported by the GotOcr2 tiling of InternVL")
+        levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256))  # (C, 1, 256): every byte value
+        rescaled = self.image_processor.rescale(levels, 1 / 255) if self.image_processor.do_rescale else levels
+        table = self.image_processor.normalize(rescaled, config.image_mean, config.image_std)  # (3, 1, 256)
+        self.pixel_table = np.ascontiguousarray(table, dtype=np.float32).reshape(3, 256)  # [channel, byte]
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         tokenizer.padding_side = config.padding_side
         if tokenizer.pad_token is None:
@@ -82,15 +111,34 @@ class InternVLProcessor:
         return self.num_tiles(image) * self.config.image_tokens_per_tile
 
     # -- pages -----------------------------------------------------------------------------------------
+    def tile_page(self, image: Image.Image) -> torch.Tensor:
+        """One RGB page -> (tiles, 3, S, S) float32 pixel values: the grid's tiles, row by row, then the thumbnail."""
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+        size = self.config.tile_size
+        resample = self.image_processor.resample
+        width, height = image.size
+        cols, rows = (get_optimal_tiled_canvas((height, width), (size, size), 1, self.config.max_tiles)
+                      if self.config.max_tiles > 1 else (1, 1))
+        canvas = np.asarray(image.resize((cols * size, rows * size), resample=resample))  # (rows*S, cols*S, 3) u8
+        tiles = canvas.reshape(rows, size, cols, size, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, size, size)
+        if rows * cols > 1:
+            thumbnail = np.asarray(image.resize((size, size), resample=resample)).transpose(2, 0, 1)  # (3, S, S)
+            tiles = np.concatenate([tiles, thumbnail[None]])
+        tiles = np.ascontiguousarray(tiles)  # (T, 3, S, S) uint8
+        pixels = np.empty(tiles.shape, dtype=np.float32)
+        for channel in range(3):
+            np.take(self.pixel_table[channel], tiles[:, channel], out=pixels[:, channel])
+        return torch.from_numpy(pixels)
+
     def process_images(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """Batch of pages -> input_ids (B, L), attention_mask (B, L), pixel_values (T, 3, S, S), keep_mask (B, L)."""
         cfg = self.config
         pixel_values, texts = [], []
         for i, image in enumerate(images):
-            image = check_page_image(image, f"image {i}")
-            out = self.image_processor(image, return_tensors="pt")
-            tiles = int(out["num_patches"][0])
-            pixel_values.append(out["pixel_values"])  # (tiles, 3, S, S)
+            pixels = self.tile_page(check_page_image(image, f"image {i}"))  # (tiles, 3, S, S)
+            tiles = pixels.shape[0]
+            pixel_values.append(pixels)
             image_text = cfg.image_start_token + cfg.image_token * (tiles * cfg.image_tokens_per_tile) + cfg.image_end_token
             texts.append(cfg.page_prompt.replace("<image>", image_text))
         batch = self.tokenizer(texts, padding="longest", return_tensors="pt", add_special_tokens=False)

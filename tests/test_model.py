@@ -1,6 +1,7 @@
 """Foundation: backbone loading (both layouts), processor, batch-independent embeddings, checkpoints, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -47,6 +48,32 @@ def test_remote_layout_converts_to_identical_embeddings(model, tiny_model_dir, t
     assert all(torch.equal(native_state[k], remote_state[k]) for k in native_state)
     assert max_diff(model.encode_images(PAGES[:4]), remote.encode_images(PAGES[:4])) < 1e-6
     assert max_diff(model.encode_queries(QUERIES[:4]), remote.encode_queries(QUERIES[:4])) < 1e-6
+
+
+@pytest.mark.parametrize("max_tiles", [1, 4, 12])
+def test_tiling_is_bit_identical_to_transformers_gotocr2(tiny_model_dir, max_tiles):
+    """processor.tile_page (one resize, a byte -> float table) gives exactly the pixel values of transformers'
+    GotOcr2ImageProcessorPil (resize, crop, then float64 rescale and float32 normalise per tile): 1 tile, grids
+    with a thumbnail, extreme aspect ratios, a 1x1 page, grey and RGBA inputs, the real 448-px size."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from colintern.processor import InternVLProcessor, check_page_image
+
+    pages = PAGES + [noisy_page(1, 1, (7, 7, 7), 9), noisy_page(2000, 60, (30, 60, 90), 10),
+                     noisy_page(330, 700, (120, 40, 10), 11).convert("L"),
+                     noisy_page(500, 380, (1, 2, 3), 12).convert("RGBA")]
+    tiny = ColIntern.from_pretrained(tiny_model_dir)
+    for tile_size in (112, 448):
+        config = dataclasses.replace(tiny.config, tile_size=tile_size, max_tiles=max_tiles)
+        proc = InternVLProcessor(tiny.processor.tokenizer, config)
+        reference = GotOcr2ImageProcessorPil(
+            size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1,
+            max_patches=max_tiles, image_mean=config.image_mean, image_std=config.image_std, do_convert_rgb=True)
+        for i, page in enumerate(pages):
+            want = reference(page, return_tensors="pt")["pixel_values"]  # (tiles, 3, S, S)
+            got = proc.tile_page(check_page_image(page, f"page {i}"))
+            assert got.dtype == torch.float32 and torch.equal(got, want), (tile_size, i, page.size)
+            assert got.shape[0] == proc.num_tiles(page)
 
 
 def test_embedding_shapes_norms_and_token_counts(model):
@@ -157,10 +184,27 @@ def test_checkpoint_for_another_base_model_fails_clearly(tiny_model_dir, tmp_pat
         ColIntern.from_pretrained(tiny_model_dir, ckpt=str(garbage))
 
 
+def test_transparent_pages_are_white_in_the_api_as_in_the_datasets(model, tmp_path):
+    """A transparent PNG given to encode_images (eval, the Python API) embeds exactly as the same file read by the
+    dataset/JSONL loaders (training, mining): transparent areas are white paper in both, never black."""
+    from colintern.data import decode_image
+
+    page = noisy_page(224, 300, (200, 30, 30), 13).convert("RGBA")
+    alpha = Image.new("L", page.size, 255)
+    alpha.paste(0, (0, 0, 224, 150))  # the top half fully transparent
+    page.putalpha(alpha)
+    path = tmp_path / "transparent.png"
+    page.save(path)
+    from_file = decode_image(str(path), "transparent.png")
+    assert from_file.getpixel((10, 10)) == (255, 255, 255)
+    api, loaded = model.encode_images([Image.open(path)]), model.encode_images([from_file])
+    assert torch.equal(api[0], loaded[0])
+
+
 def test_bad_inputs_give_one_clear_line(model, tmp_path):
-    with pytest.raises(UserError, match=r"image 1: image has size 0x0"):
+    with pytest.raises(UserError, match=r"^image 1: empty image: 0x0 pixels; crop or split it into pages, or drop it$"):
         model.encode_images([PAGES[0], Image.new("RGB", (0, 0))])
-    with pytest.raises(UserError, match=r"image 0: image of 20000x50 has an aspect ratio over 50:1"):
+    with pytest.raises(UserError, match=r"^image 0: extreme aspect ratio: 20000x50 pixels \(400:1, limit 50:1\); crop"):
         model.encode_images([Image.new("RGB", (20000, 50))])
     with pytest.raises(UserError, match=r"query 1: empty query"):
         model.encode_queries(["fine", "   "])
