@@ -23,7 +23,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from colintern.errors import UserError
-from colintern.processor import MAX_ASPECT_RATIO  # one limit for the API and the batch jobs
+from colintern.processor import page_size_problem, to_rgb  # one rule for the API and the batch jobs
 
 log = logging.getLogger("colintern.data")
 
@@ -129,23 +129,9 @@ def _read_source(value: Any, where: str) -> bytes:
 
 
 def _check_size(width: int, height: int, where: str) -> None:
-    """Reject empty images and extreme aspect ratios."""
-    if width <= 0 or height <= 0:
-        raise BadRowError(where, f"empty image: {width}x{height} pixels")
-    ratio = max(width / height, height / width)
-    if ratio > MAX_ASPECT_RATIO:
-        raise BadRowError(where, f"extreme aspect ratio: {width}x{height} pixels "
-                                 f"({ratio:.0f}:1, limit {MAX_ASPECT_RATIO:.0f}:1)")
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy; transparent areas become white (as on a printed page) rather than black."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        page = Image.new("RGB", rgba.size, (255, 255, 255))
-        page.paste(rgba, mask=rgba.getchannel("A"))
-        return page
-    return image.convert("RGB")
+    problem = page_size_problem(width, height)
+    if problem:
+        raise BadRowError(where, problem)
 
 
 def decode_image(value: Any, where: str) -> Image.Image:
@@ -157,13 +143,13 @@ def decode_image(value: Any, where: str) -> Image.Image:
         raise BadRowError(where, "missing image: no image value")
     if isinstance(value, Image.Image):
         _check_size(value.width, value.height, where)
-        return _to_rgb(value)
+        return to_rgb(value)
     data = _read_source(value, where)
     try:
         with Image.open(io.BytesIO(data)) as image:
             _check_size(image.width, image.height, where)  # from the header: reject before decoding pixels
             image.load()
-            return _to_rgb(image)
+            return to_rgb(image)
     except BadRowError:
         raise
     except Image.DecompressionBombError as err:

@@ -165,7 +165,7 @@ def test_prep_workers_give_identical_embeddings(tiny_model_dir, one_thread):
     for a, b in zip(serial_docs + serial_queries, docs + queries_out):
         assert torch.equal(a, b)
     # an unusable page in a batch prepared in the background is still one UserError naming it
-    with pytest.raises(UserError, match="image has size 0x0"):
+    with pytest.raises(UserError, match="empty image: 0x0 pixels"):
         model.encode_images(pages + [Image.new("RGB", (0, 0))], batch_size=2)
 
 
