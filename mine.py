@@ -10,7 +10,7 @@ encoded once with the checkpoint's head, LoRA and formatting, and written to dis
 (`--method exact`: late-interaction MaxSim against every page, streamed from disk) or with a FAISS first
 stage over every page token vector re-ranked by exact MaxSim (`--method faiss`, see colintern/mining.py for
 why token vectors and not a pooled page vector). The default `--method auto` picks exact on a GPU and for
-corpora up to 2M page tokens, where it is as fast as FAISS, and FAISS above that. A page scoring above
+corpora up to 3M page tokens, where it is as fast as FAISS, and FAISS above that. A page scoring above
 `--fn_filter` x the positive's score is treated as a probable unlabelled positive and dropped.
 
 Output, one line per (query, page) pair, in dataset order:
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--method", choices=["auto", "faiss", "exact"], default="auto",
                    help="exact: exact MaxSim against every page (streamed part by part; fast on a GPU); faiss: "
                         "FAISS first stage over page token vectors + exact MaxSim re-rank of the candidates; auto: "
-                        "exact on a GPU or up to 2M page tokens (~1,500 pages), where it is as fast as FAISS "
+                        "exact on a GPU or up to 3M page tokens (~2,300 pages), where it is as fast as FAISS "
                         "(docs/BENCHMARKS.md), else faiss. Default: auto")
     g.add_argument("--candidates", type=int, default=100,
                    help="faiss: pages per query re-ranked exactly (default: 100); at least the number of pages "
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="faiss: nearest page tokens retrieved per query token (default: 256; at most 2048 on "
                         "a GPU index)")
     g.add_argument("--faiss_index", default="auto",
-                   help="faiss index_factory string (inner product). auto: Flat (exact) up to 2M page tokens, "
+                   help="faiss index_factory string (inner product). auto: Flat (exact) up to 3M page tokens, "
                         "else IVF<4*sqrt(N)>,PQ32. Default: auto")
     g.add_argument("--nprobe", type=int, default=32, help="faiss IVF lists searched per query token (default: 32)")
     g.add_argument("--deepen", type=int, default=2,

@@ -667,10 +667,10 @@ def exact_search(qs: list[torch.Tensor], which: np.ndarray, pairs: Sequence[Pair
 
 
 # Below this many page tokens exact search is as fast as FAISS and has no approximation; above it an IVF-PQ first
-# stage pays for its build. Measured on a 2-core CPU (docs/BENCHMARKS.md, "Mining"): at 1.3M tokens (1,000 pages)
-# exact took 58 ms per query, IVF-PQ 36 ms per query after a 35 s build (break-even near one query per page), a Flat
-# index 78 ms per query (the same GEMMs as exact, plus per-token top-k heaps).
-AUTO_EXACT_MAX_TOKENS = 2_000_000
+# stage pays for its build. Measured on a 2-core CPU (docs/BENCHMARKS.md, "Mining"), per query / build: 1.3M tokens
+# exact 58 ms, IVF1024,PQ32 35 ms / 35 s, Flat 78 ms (the same GEMMs as exact plus top-k heaps); 2.6M tokens exact
+# 134 ms, IVF8192,PQ32 (auto) 53 ms / 209 s. With one query per page the totals meet near 3M tokens.
+AUTO_EXACT_MAX_TOKENS = 3_000_000
 
 
 def choose_method(method: str, n_tokens: int, on_gpu: bool) -> tuple[str, str]:

@@ -235,7 +235,7 @@ def test_auto_method_is_exact_on_small_corpora_and_on_a_gpu(tiny_model_dir, ckpt
     meta = run_mine(tiny_model_dir, ckpt, corpus, out, "--k", 4)
     assert out.read_bytes() == exact_out.read_bytes()
     assert meta["method"] == "exact" and meta["method_asked"] == "auto" and meta["faiss"] is None
-    assert meta["method_why"] == (f"{meta['counts']['page_tokens']:,} page tokens <= 2,000,000: exact is as fast "
+    assert meta["method_why"] == (f"{meta['counts']['page_tokens']:,} page tokens <= 3,000,000: exact is as fast "
                                   "as FAISS here")
     assert choose_method("auto", AUTO_EXACT_MAX_TOKENS, on_gpu=False)[0] == "exact"
     assert choose_method("auto", AUTO_EXACT_MAX_TOKENS + 1, on_gpu=False)[0] == "faiss"
