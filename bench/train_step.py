@@ -81,6 +81,8 @@ def train_argv(mode: str, batch: int, args: argparse.Namespace, data_dir: str, o
         argv += ["--grad_cache"]
     if args.use_flash_attn:
         argv += ["--use_flash_attn"]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
     return argv, {"micro_batch": micro, "grad_accum": accum, "steps_per_epoch": steps_per_epoch, "max_steps": steps}
 
 
@@ -100,7 +102,7 @@ def run_in_this_process(argv: list[str], device: str) -> dict[str, Any]:
     return {"metrics": metrics, "wall_s": wall, "peak_mem_gib": peak, "peak_mem_kind": kind}
 
 
-def run_child(argv: list[str], device: str, timeout: float, threads: int | None) -> dict[str, Any]:
+def run_child(argv: list[str], device: str, timeout: float) -> dict[str, Any]:
     """The same in a fresh Python process (so peak memory is this configuration's own)."""
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as f:
         result_path = f.name
@@ -108,8 +110,6 @@ def run_child(argv: list[str], device: str, timeout: float, threads: int | None)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", result_path, "--device", device, "--",
                *argv]
         env_vars = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-        if threads:
-            env_vars["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the child
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env_vars, cwd=str(REPO))
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", help="train.py --dtype (default: auto = bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--use_flash_attn", action="store_true", help="train.py --use_flash_attn")
     p.add_argument("--num_workers", type=int, default=2, help="train.py --num_workers (default: 2, train.py's)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the training process "
-                   "(OMP_NUM_THREADS; default: torch's default, one per core)")
+    p.add_argument("--threads", type=int, default=None, help="train.py --threads: torch intra-op threads of the "
+                   "training process (default: train.py's, i.e. torch's default, one per core)")
     p.add_argument("--in_process", action="store_true", help="run train.py in this process instead of a child "
                    "per configuration (faster start; peak memory is then the whole process's)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration (default: 1800)")
@@ -234,14 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                        "load_before": loadavg()}
                 t0 = time.perf_counter()
                 if args.in_process:
-                    before = torch.get_num_threads()
-                    torch.set_num_threads(args.threads or before)
-                    try:
-                        result = {**run_in_this_process(targv, args.device), "status": "ok"}
-                    finally:
-                        torch.set_num_threads(before)
+                    result = {**run_in_this_process(targv, args.device), "status": "ok"}
                 else:
-                    result = run_child(targv, args.device, args.timeout, args.threads)
+                    result = run_child(targv, args.device, args.timeout)
                 row.update(status=result["status"], wall_s=time.perf_counter() - t0, load_after=loadavg(),
                            peak_mem_gib=result.get("peak_mem_gib"), peak_mem_kind=result.get("peak_mem_kind"),
                            **summarise(mode, result, args.warmup_steps), metrics=result.get("metrics"))
