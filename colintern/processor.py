@@ -111,8 +111,8 @@ class InternVLProcessor:
         return self.num_tiles(image) * self.config.image_tokens_per_tile
 
     # -- pages -----------------------------------------------------------------------------------------
-    def tile_page(self, image: Image.Image) -> torch.Tensor:
-        """One RGB page -> (tiles, 3, S, S) float32 pixel values: the grid's tiles, row by row, then the thumbnail."""
+    def tile_bytes(self, image: Image.Image) -> np.ndarray:
+        """One RGB page -> (tiles, 3, S, S) uint8: GotOcr2's grid tiles, row by row, then the thumbnail."""
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
         size = self.config.tile_size
@@ -122,29 +122,36 @@ class InternVLProcessor:
                       if self.config.max_tiles > 1 else (1, 1))
         canvas = np.asarray(image.resize((cols * size, rows * size), resample=resample))  # (rows*S, cols*S, 3) u8
         tiles = canvas.reshape(rows, size, cols, size, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, size, size)
-        if rows * cols > 1:
-            thumbnail = np.asarray(image.resize((size, size), resample=resample)).transpose(2, 0, 1)  # (3, S, S)
-            tiles = np.concatenate([tiles, thumbnail[None]])
-        tiles = np.ascontiguousarray(tiles)  # (T, 3, S, S) uint8
-        pixels = np.empty(tiles.shape, dtype=np.float32)
+        if rows * cols == 1:
+            return tiles
+        thumbnail = np.asarray(image.resize((size, size), resample=resample)).transpose(2, 0, 1)  # (3, S, S)
+        return np.concatenate([tiles, thumbnail[None]])
+
+    def pixels(self, tiles: np.ndarray) -> torch.Tensor:
+        """(T, 3, S, S) uint8 -> (T, 3, S, S) float32 pixel values, one table lookup per byte."""
+        out = np.empty(tiles.shape, dtype=np.float32)
         for channel in range(3):
-            np.take(self.pixel_table[channel], tiles[:, channel], out=pixels[:, channel])
-        return torch.from_numpy(pixels)
+            np.take(self.pixel_table[channel], tiles[:, channel], out=out[:, channel])
+        return torch.from_numpy(out)
+
+    def tile_page(self, image: Image.Image) -> torch.Tensor:
+        """One RGB page -> (tiles, 3, S, S) float32, exactly GotOcr2ImageProcessorPil's pixel_values."""
+        return self.pixels(self.tile_bytes(image))
 
     def process_images(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """Batch of pages -> input_ids (B, L), attention_mask (B, L), pixel_values (T, 3, S, S), keep_mask (B, L)."""
         cfg = self.config
-        pixel_values, texts = [], []
+        page_tiles, texts = [], []
         for i, image in enumerate(images):
-            pixels = self.tile_page(check_page_image(image, f"image {i}"))  # (tiles, 3, S, S)
-            tiles = pixels.shape[0]
-            pixel_values.append(pixels)
+            tile_bytes = self.tile_bytes(check_page_image(image, f"image {i}"))  # (tiles, 3, S, S) uint8
+            tiles = tile_bytes.shape[0]
+            page_tiles.append(tile_bytes)
             image_text = cfg.image_start_token + cfg.image_token * (tiles * cfg.image_tokens_per_tile) + cfg.image_end_token
             texts.append(cfg.page_prompt.replace("<image>", image_text))
         batch = self.tokenizer(texts, padding="longest", return_tensors="pt", add_special_tokens=False)
         keep = page_keep_mask(batch["attention_mask"], batch["input_ids"] == self.image_token_id, cfg.keep_page_tokens)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "pixel_values": torch.cat(pixel_values, dim=0), "keep_mask": keep}
+                "pixel_values": self.pixels(np.concatenate(page_tiles)), "keep_mask": keep}  # (T, 3, S, S)
 
     # -- queries ---------------------------------------------------------------------------------------
     def format_query(self, text: str) -> str:

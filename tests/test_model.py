@@ -69,11 +69,14 @@ def test_tiling_is_bit_identical_to_transformers_gotocr2(tiny_model_dir, max_til
         reference = GotOcr2ImageProcessorPil(
             size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1,
             max_patches=max_tiles, image_mean=config.image_mean, image_std=config.image_std, do_convert_rgb=True)
+        wants = []
         for i, page in enumerate(pages):
             want = reference(page, return_tensors="pt")["pixel_values"]  # (tiles, 3, S, S)
             got = proc.tile_page(check_page_image(page, f"page {i}"))
             assert got.dtype == torch.float32 and torch.equal(got, want), (tile_size, i, page.size)
             assert got.shape[0] == proc.num_tiles(page)
+            wants.append(want)
+        assert torch.equal(proc.process_images(pages)["pixel_values"], torch.cat(wants))  # the batch path too
 
 
 def test_embedding_shapes_norms_and_token_counts(model):
