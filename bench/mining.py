@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faiss_queries", type=int, default=200, help="queries of that comparison (default: 200, "
                    "mine.py's --recall_sample)")
     p.add_argument("--faiss_index", nargs="+", default=["Flat", "IVF1024,PQ32"],
-                   help="FAISS index_factory strings to compare (default: Flat IVF1024,PQ32; mine.py's auto is "
-                        "Flat up to 8M page tokens, IVF<~4 sqrt(tokens)>,PQ32 above)")
+                   help="FAISS index_factory strings to compare (default: Flat IVF1024,PQ32; mine.py's \"auto\" is "
+                        "Flat up to 3M page tokens, IVF<~4 sqrt(tokens)>,PQ32 above; pass auto to run it)")
     p.add_argument("--k", type=int, default=20, help="negatives per query (default: 20, mine.py's)")
     p.add_argument("--candidates", type=int, default=100, help="FAISS candidates re-ranked (default: 100)")
     p.add_argument("--token_k", type=int, default=256, help="FAISS hits per query token (default: 256)")
