@@ -7,7 +7,9 @@ writes JSON.
 
 mteb is called the way its retrieval evaluation calls a ColPali-style model: the encoder returns
 zero-padded (N, Lmax, dim) tensors (``pad_sequence``, as mteb's ColPali wrappers do) and the scorer gets
-``max_sim(query_embeddings, corpus_embeddings)``. ``--mteb_ragged`` also times mteb's list input path.
+``max_sim(query_embeddings, corpus_embeddings)``. ``--mteb_ragged`` also times mteb's list input path. On CUDA,
+late-interaction-kernels' fused varlen kernel (what colpali-engine uses there when it is installed; fp16 dot
+products) is timed too when importable.
 
     python bench/scoring.py           # CPU: 64 queries x 500 pages (under a minute); GPU: 256 x 2000
     python bench/scoring.py --full    # 256 queries x 2000 pages, the reference workload, on any device
@@ -87,6 +89,28 @@ def padding_artefact(mteb_max_sim: Callable | None) -> dict[str, float | None]:
     return {"reference": ref, "colintern": ours, "mteb_padded": theirs}
 
 
+def lik_scorer(qs: list[torch.Tensor], docs: list[torch.Tensor],
+               device: torch.device) -> tuple[Callable[[], torch.Tensor] | None, str | None]:
+    """late-interaction-kernels' packed (varlen) Triton MaxSim, what colpali-engine scores with on CUDA when that
+    package is installed -> (call, None), or (None, why it cannot run here). It masks pads exactly but computes
+    the dot products in fp16 on tensor cores (fp32 inputs are downcast), so its error column is not fp32's."""
+    if device.type != "cuda":
+        return None, "needs CUDA (Triton kernels)"
+    try:
+        from late_interaction_kernels import maxsim_varlen
+    except ImportError as err:
+        return None, f"not installed ({err}); pip install late-interaction-kernels"
+
+    def offsets(items: list[torch.Tensor]) -> torch.Tensor:  # (n + 1,) int32 cumulative token counts
+        lens = torch.tensor([0] + [t.shape[0] for t in items], device=device)
+        return lens.cumsum(0).to(torch.int32)
+
+    q_packed, d_packed = torch.cat(qs), torch.cat(docs)  # (Tq, dim), (Td, dim)
+    cu_q, cu_d = offsets(qs), offsets(docs)
+    max_q, max_d = max(q.shape[0] for q in qs), max(d.shape[0] for d in docs)
+    return (lambda: maxsim_varlen(q_packed, d_packed, cu_q, cu_d, max_q, max_d)), None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_queries", type=int, default=None,
@@ -103,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref_pairs", type=int, default=500, help="random pairs checked against float64")
     p.add_argument("--skip_mteb", action="store_true", help="time only colintern's maxsim")
     p.add_argument("--mteb_ragged", action="store_true", help="also time mteb's list (ragged) input path")
+    p.add_argument("--skip_lik", action="store_true", help="do not time late-interaction-kernels' fused kernel "
+                   "(colpali-engine's CUDA scorer; timed by default when installed and on CUDA)")
     p.add_argument("--quick", action="store_true", help="64 queries x 500 pages on any device")
     p.add_argument("--full", action="store_true", help="256 queries x 2000 pages on any device")
     p.add_argument("--seed", type=int, default=0, help="seed of the random embeddings (default: 0)")
@@ -144,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.mteb_ragged:
             scorers["mteb max_sim (list)"] = (lambda: mteb_max_sim(qs, docs), None)
 
+    skipped: dict[str, str] = {}
+    if not args.skip_lik:
+        call, why = lik_scorer(qs, docs, device)
+        if call is None:
+            skipped["late-interaction-kernels varlen"] = why
+        else:
+            scorers["LIK varlen (fp16 dot)"] = (call, real_gflop)
+
     # interleave the scorers on every repeat so a burst of background load hits them alike
     times: dict[str, list[float]] = {name: [] for name in scorers}
     errs: dict[str, dict[str, float]] = {}
@@ -181,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if "mteb max_sim (padded)" in rows:
         ratio = rows["mteb max_sim (padded)"]["seconds"] / ours_s
         print(f"colintern is {ratio:.2f}x faster than mteb max_sim (padded inputs)")
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
     print(f"padding artefact (all-negative page): reference {artefact['reference']:.4f}, "
           f"colintern {artefact['colintern']:.4f}, mteb padded {artefact['mteb_padded']}")
 
@@ -193,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "query_tokens": q_tok, "doc_tokens": d_tok, "real_gflop": real_gflop, "padded_gflop": padded_gflop,
         "repeats": args.repeats, "ref_pairs": args.ref_pairs, "matmul_ceiling_gflops": peak,
         "loadavg_before": load_before, "loadavg_after": load_after,
-        "results": rows, "padding_artefact": artefact,
+        "results": rows, "skipped": skipped, "padding_artefact": artefact,
     }
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -279,3 +279,29 @@ def test_rerank_blocks_equal_float64_reference(chunk_tokens, tmp_path):
     want = [(query.double() @ pages[u].half().double().T).amax(1).sum().item() for u in ids]
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
     assert own_candidate_scores(query, np.empty(0, dtype=np.int64), store, "cpu").shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+def test_scoring_bench_smallest(tmp_path, one_thread, capsys):
+    """bench/scoring.py end to end on a tiny workload: both scorers within fp32 rounding of float64, the ratio
+    printed, the zero-padding artefact shown (mteb 0.0 where the truth is -1.4), LIK skipped with its reason."""
+    scoring = load_bench("scoring")
+    out = tmp_path / "scoring.json"
+    assert scoring.main(["--n_queries", "6", "--n_docs", "9", "--d_len", "30", "90", "--ref_pairs", "40",
+                         "--device", "cpu", "--json_out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["results"]
+    assert set(rows) == {"colintern.maxsim", "mteb max_sim (padded)"}
+    for r in rows.values():
+        assert r["max_abs_err"] < 1e-5 and positive_finite(r["seconds"])
+        assert r["slower_than_ours"] == pytest.approx(r["seconds"] / rows["colintern.maxsim"]["seconds"])
+    assert result["real_gflop"] == pytest.approx(2 * 128 * result["query_tokens"] * result["doc_tokens"] / 1e9)
+    assert result["padding_artefact"]["reference"] == pytest.approx(-1.4)
+    assert result["padding_artefact"]["colintern"] == pytest.approx(-1.4)
+    assert result["padding_artefact"]["mteb_padded"] == 0.0
+    assert result["skipped"] == {"late-interaction-kernels varlen": "needs CUDA (Triton kernels)"}
+    printed = capsys.readouterr().out
+    assert "x faster than mteb max_sim (padded inputs)" in printed
+    assert "skipped late-interaction-kernels varlen: needs CUDA (Triton kernels)" in printed
