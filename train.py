@@ -139,8 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "use (default: 0.8)")
     g.add_argument("--auto_max_batch", type=int, default=32, help="largest batch auto_batch tries (default: 32)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the training process "
-                   "(default: torch's default, one per core). On a CPU, small models often train several times "
-                   "faster with 1, above all on a busy machine (docs/BENCHMARKS.md); irrelevant on a GPU")
+                   "(default: torch's default, one per core). On a busy, shared CPU small models can train several "
+                   "times faster with 1; on a quiet one the default is faster (docs/BENCHMARKS.md). Irrelevant on "
+                   "a GPU")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader processes decoding and tiling "
                    "images (default: 2; 0 = in the main process)")
     g.add_argument("--prefetch_factor", type=int, default=2, help="micro-batches each worker prepares ahead "
