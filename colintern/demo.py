@@ -20,8 +20,8 @@ nDCG@10, recall@5), the plot paths and the total time; demo_summary.json holds t
 Layout of --out (the seed's outputs/ layout, one level down):
     tiny/  synthetic/  train/  mine/  eval/{base,epoch1,epoch2}/  plots/  demo_summary.json
 
-Why these defaults: the tiny model runs fastest single-threaded (on a busy 2-core machine two torch threads
-spin-wait and are several times slower), 2 tiles per page are enough for 224-px pages, and 480 pages x 6
+Why these defaults: one torch thread (a second one gains at most ~1.3x on a quiet machine, and on a busy
+2-core machine two threads spin-wait and are several times slower), 2 tiles per page are enough for 224-px pages, and 480 pages x 6
 queries make one epoch long enough to learn the synthetic attributes in about a minute of CPU.
 """
 from __future__ import annotations
@@ -87,8 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("machine and checks")
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads per step (OMP_NUM_THREADS / MKL_NUM_THREADS of every command). The tiny "
-                        "model gains nothing from a second thread, and on a busy machine threads spin-waiting "
-                        "for each other make steps several times slower (default: 1)")
+                        "model gains at most ~1.3x from a second thread on a quiet machine, and on a busy one "
+                        "threads spin-waiting for each other make steps several times slower (default: 1)")
     g.add_argument("--num_workers", type=int, default=1,
                    help="train.py DataLoader processes preparing pages next to the training thread (default: 1)")
     g.add_argument("--min_gain", type=float, default=0.3,
