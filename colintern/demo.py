@@ -21,8 +21,9 @@ Layout of --out (the seed's outputs/ layout, one level down):
     tiny/  synthetic/  train/  mine/  eval/{base,epoch1,epoch2}/  plots/  demo_summary.json
 
 Why these defaults: one torch thread (a second one gains at most ~1.3x on a quiet machine, and on a busy
-2-core machine two threads spin-wait and are several times slower), 2 tiles per page are enough for 224-px pages, and 480 pages x 6
-queries make one epoch long enough to learn the synthetic attributes in about a minute of CPU.
+2-core machine two threads spin-wait and are several times slower), 2 tiles per page are enough for 224-px
+pages, and 480 pages x 6 queries make one epoch long enough to learn the synthetic attributes in about a
+minute of CPU.
 """
 from __future__ import annotations
 

@@ -688,9 +688,10 @@ def build_faiss_index(store: PageStore, factory: str, nprobe: int, use_gpu: bool
                       show_progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Inner-product FAISS index over every page token vector (ids = global token positions).
 
-    factory "auto": an exact "Flat" index up to AUTO_EXACT_MAX_TOKENS tokens (too few to train IVF lists well),
-    else "IVF<nlist>,PQ32" (32 bytes per token, trained on a sample), searched with nprobe lists. A trained index is saved to cache_path so a
-    resumed run searches the very same index. With use_gpu the index is moved to GPU gpu_id (float16 storage).
+    factory "auto": an exact "Flat" index up to AUTO_EXACT_MAX_TOKENS tokens (where --method auto would not use
+    FAISS at all), else "IVF<nlist>,PQ32" (32 bytes per token, trained on a sample), searched with nprobe lists.
+    A trained index is saved to cache_path so a resumed run searches the very same index. With use_gpu the index
+    is moved to GPU gpu_id (float16 storage).
     """
     import faiss
 
