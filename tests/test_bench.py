@@ -305,3 +305,41 @@ def test_scoring_bench_smallest(tmp_path, one_thread, capsys):
     printed = capsys.readouterr().out
     assert "x faster than mteb max_sim (padded inputs)" in printed
     assert "skipped late-interaction-kernels varlen: needs CUDA (Triton kernels)" in printed
+
+
+# ---------------------------------------------------------------------------------------------------- preprocess
+
+
+def test_preprocess_bench_on_a_rendered_pdf(tmp_path, one_thread):
+    """bench/preprocess.py renders a real PDF (written here by matplotlib: an A4 portrait and an A4 landscape
+    page) with pypdfium2 and finds ColIntern's tiling bit-identical to GotOcr2's. Tiles: one at max_tiles 1; a
+    2x3 / 3x2 grid + thumbnail (7) at max_tiles 6; at 12 the portrait page stays 2x3 + 1 while the landscape one
+    (aspect 1.41) becomes 4x3 + 1 = 13 (4/3 is closer than 3/2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    pdf = tmp_path / "two_pages.pdf"
+    with PdfPages(pdf) as out:
+        for size in ((8.27, 11.69), (11.69, 8.27)):  # A4 in inches
+            fig = plt.figure(figsize=size)
+            fig.text(0.1, 0.9, "Annual report 2026", fontsize=28)
+            ax = fig.add_axes([0.1, 0.2, 0.8, 0.5])
+            ax.bar(range(6), [3, 1, 4, 1, 5, 9])
+            out.savefig(fig)
+            plt.close(fig)
+    preprocess = load_bench("preprocess")
+    result_path = tmp_path / "preprocess.json"
+    assert preprocess.main(["--pdf", str(pdf), "--dpi", "72", "--max_tiles", "1", "6", "12", "--repeats", "1",
+                            "--json_out", str(result_path)]) == 0
+    result = json.loads(result_path.read_text())
+    assert result["page_sizes"] == {"596x842": 1, "842x596": 1}  # 8.27 x 11.69 in at 72 dpi, rounded up
+    rows = {r["max_tiles"]: r for r in result["rows"]}
+    assert {k: r["tiles_per_page"] for k, r in rows.items()} == {1: {"1": 2}, 6: {"7": 2}, 12: {"7": 1, "13": 1}}
+    assert all(r["bit_identical"] and r["pages"] == 2 for r in rows.values())
+    assert all(positive_finite(r["gotocr2_ms_per_page"]) and positive_finite(r["colintern_ms_per_page"])
+               for r in rows.values())
+    with pytest.raises(UserError, match="cannot open it as a PDF"):
+        preprocess.main(["--pdf", str(tmp_path / "preprocess.json"), "--json_out", str(tmp_path / "x.json")])
