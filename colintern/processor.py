@@ -76,8 +76,9 @@ class InternVLProcessor:
     GotOcr2ImageProcessorPil resizes the page once to the tile grid, crops the tiles, then rescales and normalises
     them tile by tile in float64/float32 NumPy passes, and stacks them. The pixel values only depend on (channel,
     uint8 value), so `tile_page` does the same resize and crop on the uint8 canvas and maps every byte through a
-    (3, 256) table built by that processor's own rescale + normalize: the same float32 numbers, about twice
-    as fast at 12+1 tiles (docs/BENCHMARKS.md; tests/test_model.py checks bitwise equality).
+    (3, 256) table built by that processor's own rescale + normalize: the same float32 numbers with less
+    work (1.4x faster at one tile on real pages; at 6+1 and 12+1 tiles PIL's resizes dominate both; see
+    docs/BENCHMARKS.md). tests/test_model.py checks bitwise equality.
     """
 
     def __init__(self, tokenizer: Any, config: ColInternConfig):
