@@ -75,7 +75,7 @@ def measure(pages: list, max_tiles: int, batch: int, repeats: int, tokenizer: An
         return [theirs(b, return_tensors="pt")["pixel_values"] for b in batches]  # (T_b, 3, S, S) each
 
     def run_ours() -> list[torch.Tensor]:
-        return [ours.pixels(np.concatenate([ours.tile_bytes(p) for p in b])) for b in batches]
+        return [ours.batch_pixels(b)[0] for b in batches]  # process_images' pixel path
 
     identical = all(torch.equal(a, b) for a, b in zip(run_theirs(), run_ours()))
     # Timed runs drop their output at once, as a consumer that moves each batch to the device does. Holding

@@ -139,20 +139,24 @@ class InternVLProcessor:
         """One RGB page -> (tiles, 3, S, S) float32, exactly GotOcr2ImageProcessorPil's pixel_values."""
         return self.pixels(self.tile_bytes(image))
 
+    def batch_pixels(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[int]]:
+        """Pages -> (pixel values (T, 3, S, S) float32 of all their tiles, in order; tiles per page).
+
+        Tiles stay uint8 until the whole batch is concatenated; one table lookup then writes the float output."""
+        page_tiles = [self.tile_bytes(check_page_image(image, f"image {i}")) for i, image in enumerate(images)]
+        return self.pixels(np.concatenate(page_tiles)), [t.shape[0] for t in page_tiles]
+
     def process_images(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """Batch of pages -> input_ids (B, L), attention_mask (B, L), pixel_values (T, 3, S, S), keep_mask (B, L)."""
         cfg = self.config
-        page_tiles, texts = [], []
-        for i, image in enumerate(images):
-            tile_bytes = self.tile_bytes(check_page_image(image, f"image {i}"))  # (tiles, 3, S, S) uint8
-            tiles = tile_bytes.shape[0]
-            page_tiles.append(tile_bytes)
-            image_text = cfg.image_start_token + cfg.image_token * (tiles * cfg.image_tokens_per_tile) + cfg.image_end_token
-            texts.append(cfg.page_prompt.replace("<image>", image_text))
+        pixel_values, tiles_per_page = self.batch_pixels(images)
+        texts = [cfg.page_prompt.replace("<image>", cfg.image_start_token
+                                         + cfg.image_token * (tiles * cfg.image_tokens_per_tile) + cfg.image_end_token)
+                 for tiles in tiles_per_page]
         batch = self.tokenizer(texts, padding="longest", return_tensors="pt", add_special_tokens=False)
         keep = page_keep_mask(batch["attention_mask"], batch["input_ids"] == self.image_token_id, cfg.keep_page_tokens)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "pixel_values": self.pixels(np.concatenate(page_tiles)), "keep_mask": keep}  # (T, 3, S, S)
+                "pixel_values": pixel_values, "keep_mask": keep}
 
     # -- queries ---------------------------------------------------------------------------------------
     def format_query(self, text: str) -> str:
