@@ -41,6 +41,8 @@ def render_pdf(path: str, dpi: float, max_pages: int) -> list:
     """The first max_pages pages of a PDF as RGB PIL images at dpi."""
     import pypdfium2 as pdfium
 
+    if not Path(path).is_file():
+        raise UserError(f"--pdf {path}: no such file")
     try:
         pdf = pdfium.PdfDocument(path)
     except (pdfium.PdfiumError, OSError) as err:

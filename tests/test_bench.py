@@ -343,3 +343,5 @@ def test_preprocess_bench_on_a_rendered_pdf(tmp_path, one_thread):
                for r in rows.values())
     with pytest.raises(UserError, match="cannot open it as a PDF"):
         preprocess.main(["--pdf", str(tmp_path / "preprocess.json"), "--json_out", str(tmp_path / "x.json")])
+    with pytest.raises(UserError, match="^--pdf .*missing.pdf: no such file$"):
+        preprocess.main(["--pdf", str(tmp_path / "missing.pdf"), "--json_out", str(tmp_path / "x.json")])
