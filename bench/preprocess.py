@@ -55,18 +55,12 @@ def render_pdf(path: str, dpi: float, max_pages: int) -> list:
 
 
 def processors(max_tiles: int, tokenizer: Any):
-    """(ColIntern's InternVLProcessor, transformers' GotOcr2ImageProcessorPil) with the same tiling settings."""
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
+    """(ColIntern's InternVLProcessor, the transformers GotOcr2ImageProcessorPil it holds, with the same settings)."""
     from colintern.config import ColInternConfig
     from colintern.processor import InternVLProcessor
 
-    config = ColInternConfig(max_tiles=max_tiles)
-    ours = InternVLProcessor(tokenizer, config)
-    theirs = GotOcr2ImageProcessorPil(
-        size={"height": config.tile_size, "width": config.tile_size}, crop_to_patches=True, min_patches=1,
-        max_patches=max_tiles, image_mean=config.image_mean, image_std=config.image_std, do_convert_rgb=True)
-    return ours, theirs
+    ours = InternVLProcessor(tokenizer, ColInternConfig(max_tiles=max_tiles))
+    return ours, ours.image_processor
 
 
 def measure(pages: list, max_tiles: int, batch: int, repeats: int, tokenizer: Any) -> dict[str, Any]:
