@@ -8,7 +8,7 @@
     python eval.py --list_benchmarks
 
 Every task runs through mteb's own retrieval evaluation (mteb 2.x): local sets become mteb retrieval tasks
-named after their directory. Writes into <out_dir>/<run_name>/ (SPEC §8):
+named after their directory. Writes into <out_dir>/<run_name>/ (docs/CONTRACT.md §8):
 
     summary.json      {"model", "ckpt", "benchmark", "main_metric", "tasks": {task: {"ndcg_at_5", "ndcg_at_10",
                       "recall_at_5", ...}}, "average": {metric: mean over tasks}, "mteb_version", "dtype",
@@ -43,9 +43,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from colintern.errors import UserError, run_cli  # noqa: E402
+from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.errors import UserError  # noqa: E402
+from colintern.files import atomic_write_text  # noqa: E402
 
-log = logging.getLogger("eval")
+log = logging.getLogger("colintern.eval")
 
 DEFAULT_BENCHMARK = "ViDoRe(v1)"
 RUN_TOP_K = 100
@@ -71,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--list_benchmarks", action="store_true",
                    help="print the benchmark names the installed mteb knows, one per line, and exit")
     p.add_argument("--local_dataset", nargs="+", default=[], metavar="DIR",
-                   help="local BEIR-layout evaluation set(s) (SPEC §7: corpus, queries, qrels as .jsonl or "
+                   help="local BEIR-layout evaluation set(s) (docs/CONTRACT.md §7: corpus, queries, qrels as .jsonl or "
                         ".parquet); each becomes an mteb task named after its directory (default: none)")
     p.add_argument("--task_data", nargs="+", default=[], metavar="TASK=DIR",
                    help="read an mteb task's dataset from a local copy of its hub repo (same configs and files), "
@@ -97,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run directory's results instead of refusing (finished) or resuming "
                         "(interrupted)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details (debug level; default: progress and results)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.query_batch_size < 1:
         raise UserError("--batch_size and --query_batch_size must be at least 1")
@@ -376,11 +378,8 @@ def evaluate(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, a
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically (colintern.files.atomic_write_text), readable as it is (non-ASCII kept)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def format_table(summary: dict) -> str:
@@ -404,8 +403,7 @@ def format_table(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(args.verbose)
     for noisy in ("httpx", "httpx2", "urllib3", "datasets", "mteb"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
     if args.list_benchmarks:

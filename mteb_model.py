@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -37,7 +36,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from colintern.data import BadRowError, decode_image
+from colintern.device import resolve_device
 from colintern.errors import UserError
+from colintern.files import file_sha256, fingerprint
+from colintern.processor import require_query_text
 from colintern.scoring import maxsim
 
 log = logging.getLogger("colintern.mteb")
@@ -61,20 +63,11 @@ def model_display_name(model_id: str, ckpt: str | None) -> str:
     return f"colintern/{name}"
 
 
-def _file_digest(path: str) -> str:
-    """sha256 of a file's bytes (checkpoints are at most a few hundred MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_fingerprint(model_id: str, ckpt: str | None, config: dict[str, Any], dtype: str) -> str:
     """12 hex digits identifying what the embeddings mean: backbone, checkpoint bytes, formatting config, dtype."""
     model_key = str(Path(model_id).resolve()) if os.path.isdir(model_id) else model_id
-    payload = {"model": model_key, "ckpt": _file_digest(ckpt) if ckpt else None, "config": config, "dtype": dtype}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    payload = {"model": model_key, "ckpt": file_sha256(ckpt) if ckpt else None, "config": config, "dtype": dtype}
+    return fingerprint(payload, n=12)
 
 
 def _load_from_meta(model_name: str, revision: str | None = None, **kwargs: Any) -> "ColInternMTEB":
@@ -152,11 +145,11 @@ class ColInternMTEB(AbsEncoder):
                  batch_size: int = 8, query_batch_size: int = 32, use_flash_attn: bool = False,
                  model: Any = None, show_progress: bool = True) -> None:
         """Load model_name (hub id or local dir) + optional checkpoint, or wrap an already built `model`."""
-        from colintern.model import default_device, resolve_dtype
+        from colintern.model import resolve_dtype
 
         self.model_id = model_name
         self.ckpt = ckpt
-        self.device = device or default_device()
+        self.device = resolve_device(device)
         self.dtype = str(resolve_dtype(dtype, self.device)).replace("torch.", "")
         if model is None:
             from colintern import ColIntern
@@ -223,8 +216,7 @@ class ColInternMTEB(AbsEncoder):
     def encode_queries(self, texts: Sequence[str], show: bool = True, where: str = "query") -> list[torch.Tensor]:
         """Raw query strings -> embeddings; the ColIntern processor adds the prefix/augmentation, once."""
         for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{where} {i}: empty query")
+            require_query_text(text, f"{where} {i}")
         return self.model.encode_queries(list(texts), batch_size=self.query_batch_size, show_progress=show)
 
     def encode_pages(self, dataset: Any, show: bool = True, where: str = "corpus",

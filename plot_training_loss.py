@@ -5,7 +5,7 @@
     python plot_training_loss.py --input outputs/e1/metrics.jsonl outputs/e2/metrics.jsonl \\
         --labels "E1 (in-batch)" "E2 (mined)" --smooth 50 --lr
 
-Each --input is one of the two logs of SPEC §8 (detected by extension, else by content):
+Each --input is one of the two logs of docs/CONTRACT.md §8 (detected by extension, else by content):
 
 training_loss.txt  one line per log step, fields separated by "|", each field "key value":
                        step 12 | epoch 1 | loss 0.123456 | lr 5.000e-05 | grad_norm 1.2345 | pairs/s 12.3
@@ -35,10 +35,11 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from colintern.errors import UserError, run_script  # noqa: E402
+from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.errors import UserError  # noqa: E402
 
 PROG = "plot_training_loss.py"
-log = logging.getLogger("plot_training_loss")
+log = logging.getLogger("colintern.plot_training_loss")
 
 # The example line shown in error messages: train.py writes exactly this layout.
 TEXT_EXAMPLE = "step 12 | epoch 1 | loss 0.123456 | lr 5.000e-05 | grad_norm 1.2345 | pairs/s 12.3"
@@ -326,11 +327,18 @@ def run(args) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    status, out = run_script(PROG, build_parser(), run, log, argv)
+def run_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, default=logging.WARNING)
+    out = run(args)
     if out is not None:
         print(out)
-    return status
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 after a plot or --help, 2 after a usage error or a UserError (one line, no traceback)."""
+    return run_cli(run_main, argv)
 
 
 if __name__ == "__main__":

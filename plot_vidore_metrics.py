@@ -5,7 +5,7 @@
     python plot_vidore_metrics.py --inputs outputs/eval_v1.json outputs/eval_v2.json \\
         --labels "E1 (in-batch)" "E2 (mined)" --outdir outputs/plots
 
-Each --inputs item is a summary.json written by eval.py (SPEC §8), a directory holding one, or a directory
+Each --inputs item is a summary.json written by eval.py (docs/CONTRACT.md §8), a directory holding one, or a directory
 whose sub-directories hold one each (e.g. outputs/eval: every <run_name>/summary.json, sorted by name).
 summary.json:
 
@@ -43,10 +43,11 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from colintern.errors import UserError, run_script  # noqa: E402
+from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.errors import UserError  # noqa: E402
 
 PROG = "plot_vidore_metrics.py"
-log = logging.getLogger("plot_vidore_metrics")
+log = logging.getLogger("colintern.plot_vidore_metrics")
 
 DEFAULT_METRICS = ["ndcg_at_5", "ndcg_at_10", "recall_at_5"]
 DEFAULT_MAIN_METRIC = "ndcg_at_5"  # ViDoRe's headline metric, used when a summary names none
@@ -379,11 +380,18 @@ def run(args) -> list:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    status, written = run_script(PROG, build_parser(), run, log, argv)
+def run_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, default=logging.WARNING)
+    written = run(args)
     for path in written or []:
         print(path)
-    return status
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 after a plot or --help, 2 after a usage error or a UserError (one line, no traceback)."""
+    return run_cli(run_main, argv)
 
 
 if __name__ == "__main__":

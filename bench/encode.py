@@ -43,13 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (env, loadavg, matmul_tflops, peak_memory_gib, print_table, reset_peak, sync,  # noqa: E402
                       timed, write_json)
 
-from colintern.errors import UserError, run_cli  # noqa: E402
-from colintern.tiny import internvl35_1b_config  # noqa: E402  (the real shapes, shared with tests/test_realsize.py)
+from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.errors import UserError  # noqa: E402
+from colintern.internvl import internvl35_1b_config  # noqa: E402  (the real shapes, shared with tests/test_realsize.py)
 
-log = logging.getLogger("bench.encode")
+log = logging.getLogger("colintern.bench.encode")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MFU_TARGET = 0.40  # issue 7: >= 40 % of the GPU's measured bf16 matmul rate
+MFU_TARGET = 0.40  # target: >= 40 % of the GPU's measured bf16 matmul rate
 
 
 def random_internvl35_1b(tokenizer_dir: str, device: torch.device, dtype: torch.dtype, attn: str, seed: int):
@@ -70,7 +71,7 @@ def random_internvl35_1b(tokenizer_dir: str, device: torch.device, dtype: torch.
     finally:
         torch.set_default_dtype(previous)
     text = config.text_config
-    loaded = LoadedBackbone(model=backbone, tokenizer=tokenizer, kind="internvl", layout="native",
+    loaded = LoadedBackbone(model=backbone, tokenizer=tokenizer, family="internvl", layout="native",
                             hidden_size=text.hidden_size, tile_size=448, image_tokens_per_tile=256,
                             signature={"model_type": "internvl", "hidden_size": text.hidden_size})
     return ColIntern(loaded, config_for_backbone(loaded, "random-InternVL3_5-1B")).to(device)
@@ -80,7 +81,7 @@ def save_random_internvl35_1b(out_dir: str, device: torch.device, dtype: torch.d
                               seed: int = 0) -> str:
     """Write a model folder with InternVL3.5-1B's shapes and random weights (+ the tiny model's tokenizer), so
     scripts that take --model_id (train.py, mine.py) can run at the real size offline. Returns out_dir."""
-    from colintern.tiny import build_tokenizer
+    from colintern.toy_tokenizer import build_tokenizer
 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
@@ -105,7 +106,7 @@ def local_model(model_dir: str, device: torch.device, dtype: torch.dtype, attn: 
 
 def with_max_tiles(model, max_tiles: int) -> None:
     """Re-make the model's processor for another max_tiles (the only formatting setting this varies)."""
-    from colintern.processor import make_processor
+    from colintern.families import make_processor
 
     model.config = dataclasses.replace(model.config, max_tiles=max_tiles)
     model.processor = make_processor(model.tokenizer, model.config)
@@ -291,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.tiles) < 1 or min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0:
         raise UserError("--tiles, --batch_sizes and --repeats must be at least 1, --warmup at least 0")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok_dir, tmp = args.tokenizer_dir, None
     if args.model_dir is None and tok_dir is None:
-        from colintern.tiny import build_tiny_internvl
+        from colintern.internvl import build_tiny_internvl
 
         tmp = tempfile.TemporaryDirectory(prefix="bench_encode_")
         tok_dir = build_tiny_internvl(tmp.name, layout="native", seed=0)

@@ -39,9 +39,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import env, loadavg, matmul_tflops, print_table, timed, write_json  # noqa: E402
 
-from colintern.errors import UserError, run_cli  # noqa: E402
+from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.errors import UserError  # noqa: E402
 
-log = logging.getLogger("bench.mining")
+log = logging.getLogger("colintern.bench.mining")
 
 COLPALI_TRAIN_ROWS = 118_695
 
@@ -83,7 +84,8 @@ def clustered_corpus(n_pages: int, n_queries: int, q_len: tuple[int, int], d_len
 
 def write_page_store(store_dir: Path, pages: list[torch.Tensor], pages_per_part: int = 1024):
     """The pages as a colintern.mining page store (fp16 token file + part.json per part); returns PageStore."""
-    from colintern.mining import PART_META, TOKENS_FILE, PageStore, StoreSpec, _part_dir, atomic_write_json
+    from colintern.files import atomic_write_json
+    from colintern.page_store import PART_META, TOKENS_FILE, PageStore, StoreSpec, _part_dir
 
     spec = StoreSpec(model_id="synthetic", ckpt_sha256=None, config={}, dtype="fp16", dataset="synthetic",
                      split="train", limit=None, dedupe="filename", keys_sha256="", n_pages=len(pages),
@@ -260,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--sizes, --repeats and --faiss_queries must be at least 1, --faiss_pages at least 0")
     if not 1 <= args.q_len[0] <= args.q_len[1] or not 1 <= args.d_len[0] <= args.d_len[1]:
         raise UserError("--q_len and --d_len need 1 <= MIN <= MAX")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load_before = loadavg()

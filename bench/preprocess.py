@@ -32,9 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import env, loadavg, print_table, write_json  # noqa: E402
 
-from colintern.errors import UserError, run_cli  # noqa: E402
+from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.errors import UserError  # noqa: E402
 
-log = logging.getLogger("bench.preprocess")
+log = logging.getLogger("colintern.bench.preprocess")
 
 
 def render_pdf(path: str, dpi: float, max_pages: int) -> list:
@@ -57,7 +58,7 @@ def render_pdf(path: str, dpi: float, max_pages: int) -> list:
 def processors(max_tiles: int, tokenizer: Any):
     """(ColIntern's InternVLProcessor, the transformers GotOcr2ImageProcessorPil it holds, with the same settings)."""
     from colintern.config import ColInternConfig
-    from colintern.processor import InternVLProcessor
+    from colintern.internvl import InternVLProcessor
 
     ours = InternVLProcessor(tokenizer, ColInternConfig(max_tiles=max_tiles))
     return ours, ours.image_processor
@@ -114,12 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if min(args.max_tiles) < 1 or args.dpi <= 0:
         raise UserError("--max_tiles values and --dpi must be positive")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from colintern.tiny import build_tokenizer
+    from colintern.toy_tokenizer import build_tokenizer
 
     pages = render_pdf(args.pdf, args.dpi, args.pages)
     sizes = Counter(p.size for p in pages)

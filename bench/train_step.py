@@ -37,9 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import REPO, env, loadavg, peak_memory_gib, print_table, write_json  # noqa: E402
 
-from colintern.errors import UserError, run_cli  # noqa: E402
+from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.errors import UserError  # noqa: E402
 
-log = logging.getLogger("bench.train_step")
+log = logging.getLogger("colintern.bench.train_step")
 
 MODES = ("lora_gc", "lora", "heads", "gradcache")
 RANDOM_1B = "random:internvl3_5-1b"
@@ -70,7 +71,7 @@ def train_argv(mode: str, batch: int, args: argparse.Namespace, data_dir: str, o
     argv = ["--model_id", args.model_id, "--train_hub", os.path.join(data_dir, "train"), "--out_dir", out_dir,
             "--batch_size", str(micro), "--grad_accum", str(accum), "--epochs", str(epochs),
             "--max_steps", str(steps), "--save_every", "0", "--num_workers", str(args.num_workers),
-            "--device_map", args.device, "--dtype", args.dtype, "--seed", "0", "--lr", "1e-4"]
+            "--device", args.device, "--dtype", args.dtype, "--seed", "0", "--lr", "1e-4"]
     if args.max_tiles:
         argv += ["--max_tiles", str(args.max_tiles)]
     if mode in ("lora_gc", "lora", "gradcache"):
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--page_size", type=int, default=224, help="synthetic pages' short side in pixels "
                    "(default: 224, i.e. 4-6 tiles of the tiny model's 112 px; use 896 for 448-px models)")
     p.add_argument("--max_tiles", type=int, default=None, help="train.py --max_tiles (default: train.py's)")
-    p.add_argument("--device", default="auto", help="train.py --device_map: cpu, cuda or auto (default: auto)")
+    p.add_argument("--device", default="auto", help="train.py --device: cpu, cuda or auto (default: auto)")
     p.add_argument("--dtype", default="auto", help="train.py --dtype (default: auto = bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--use_flash_attn", action="store_true", help="train.py --use_flash_attn")
     p.add_argument("--num_workers", type=int, default=2, help="train.py --num_workers (default: 2, train.py's)")
@@ -189,15 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.batch_sizes) < 1 or args.steps < 1 or args.warmup_steps < 0 or args.gc_micro < 1:
         raise UserError("--batch_sizes, --steps and --gc_micro must be at least 1, --warmup_steps at least 0")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     load_before = loadavg()
     tmp = tempfile.TemporaryDirectory(prefix="bench_train_")
     try:
         if args.model_id is None:
-            from colintern.tiny import build_tiny_internvl
+            from colintern.internvl import build_tiny_internvl
 
             args.model_id = build_tiny_internvl(os.path.join(tmp.name, "tiny"), layout="native", seed=0)
             model_label = "tiny InternVL3.5-architecture model (colintern.tiny)"

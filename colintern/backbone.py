@@ -1,9 +1,9 @@
-"""Backbone loading: one code path for hub ids and local directories (SPEC §2).
+"""Backbone families and the generic loading they share (docs/CONTRACT.md §2).
 
-- transformers-native InternVL (`model_type == "internvl"`) loads as `InternVLModel` (no LM head).
-- Original InternVL checkpoints (`model_type == "internvl_chat"`, e.g. OpenGVLab/InternVL3_5-1B-Instruct) are
-  converted in-process: config translation, weight renaming, fused vision qkv split. No remote code runs.
-- Qwen3-VL (`model_type == "qwen3_vl"`) is loaded by `colintern.qwen3vl`.
+A backbone family (InternVL in `colintern/internvl.py`, Qwen3-VL in `colintern/qwen3vl.py`) implements the small
+`BackboneFamily` interface below: load a model folder, build the page/query processor, name the modules LoRA adapts,
+build a tiny random model for tests, and say whether its LM is causal. `colintern/families.py` maps each
+`config.json` `model_type` to its family; nothing else in the package asks which backbone it is running.
 
 Files are located with `transformers.utils.cached_file`, which resolves a local directory and a hub id the
 same way (and works offline for a local directory or a cached hub id).
@@ -11,41 +11,21 @@ same way (and works offline for a local directory or a cached hub id).
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from colintern.errors import UserError
 
-log = logging.getLogger("colintern")
+if TYPE_CHECKING:
+    from colintern.config import ColInternConfig
+    from colintern.processor import PageProcessor
 
-# Keys of the original configs that have no meaning in the transformers classes.
-_DROP_CONFIG_KEYS = {
-    "_name_or_path", "_attn_implementation_autoset", "auto_map", "use_bfloat16", "use_flash_attn",
-    "architectures", "transformers_version", "drop_path_rate", "initializer_factor", "attn_implementation",
-    "torch_dtype", "dtype", "_attn_implementation",
-}
-
-# Original InternViT / projector names -> transformers-native names (applied in order).
-_VISION_RENAMES = [
-    (r"^vision_model\.", "vision_tower."),
-    (r"\.layers\.", ".layer."),
-    (r"embeddings\.class_embedding$", "embeddings.cls_token"),
-    (r"embeddings\.position_embedding$", "embeddings.position_embeddings"),
-    (r"embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
-    (r"\.ls(\d)$", r".lambda_\1"),
-    (r"\.attn\.proj\.", ".attention.projection_layer."),
-    (r"\.attn\.", ".attention."),
-    (r"\.norm1\.", ".layernorm_before."),
-    (r"\.norm2\.", ".layernorm_after."),
-]
-_PROJECTOR_RENAMES = {"mlp1.0.": "multi_modal_projector.layer_norm.", "mlp1.1.": "multi_modal_projector.linear_1.",
-                      "mlp1.3.": "multi_modal_projector.linear_2."}
+# The language model's linear layers that LoRA adapts (Qwen2/Qwen3 names; both families' LMs use them).
+LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -54,13 +34,56 @@ class LoadedBackbone:
 
     model: nn.Module            # InternVLModel (or Qwen3VLModel): forward(...).last_hidden_state
     tokenizer: Any
-    kind: str                   # "internvl" | "qwen3_vl"
+    family: str                 # the family's name, also stored as ColInternConfig.backbone: "internvl" | "qwen3_vl"
     layout: str                 # "native" | "remote"
     hidden_size: int
     signature: dict[str, Any]   # architecture facts a checkpoint must match
     tile_size: int = 0
     image_tokens_per_tile: int = 0
-    config_defaults: dict[str, Any] = field(default_factory=dict)  # backbone-specific ColInternConfig defaults
+    config_defaults: dict[str, Any] = field(default_factory=dict)  # family-specific ColInternConfig defaults
+
+
+class BackboneFamily:
+    """What ColIntern needs to know about one family of vision-language backbones.
+
+    A new family subclasses this in its own module, implements the methods, and gets one line in
+    `colintern.families.FAMILIES`; docs/DESIGN.md walks through it.
+    """
+
+    name: str = ""                         # ColInternConfig.backbone, LoadedBackbone.family, --backbone of tiny
+    model_types: tuple[str, ...] = ()      # config.json model_type values this family loads
+    causal: bool = True                    # a causal LM: tokens before the image cannot see the page
+    tiny_options: tuple[str, ...] = ()     # keyword options build_tiny accepts besides out_dir and seed
+    vision_lora_targets: list[str] | str | None = None  # peft targets in the vision tower; None: the LM's
+
+    def load(self, model_id: str, raw_config: dict[str, Any], dtype: torch.dtype,
+             attn_implementation: str) -> LoadedBackbone:
+        """Load `model_id` (hub id or local directory, config.json already read as `raw_config`)."""
+        raise NotImplementedError
+
+    def make_processor(self, tokenizer: Any, config: "ColInternConfig") -> "PageProcessor":
+        """The processor that turns pages and queries into this family's model inputs."""
+        raise NotImplementedError
+
+    def language_model(self, backbone: nn.Module) -> nn.Module:
+        return backbone.language_model
+
+    def vision_tower(self, backbone: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def lora_modules(self, backbone: nn.Module, include_vision: bool,
+                     lm_targets: list[str]) -> list[tuple[nn.Module, list[str] | str]]:
+        """(module, peft target_modules) pairs that LoRA adapts: the language model's `lm_targets`, and with
+        `include_vision` the vision tower's attention projections."""
+        pairs: list[tuple[nn.Module, list[str] | str]] = [(self.language_model(backbone), lm_targets)]
+        if include_vision:
+            vision = lm_targets if self.vision_lora_targets is None else self.vision_lora_targets
+            pairs.append((self.vision_tower(backbone), vision))
+        return pairs
+
+    def build_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> str:
+        """Write a tiny random model of this family's architecture to out_dir (tests, the demo); returns out_dir."""
+        raise NotImplementedError
 
 
 def resolve_file(model_id: str, filename: str, required: bool = True) -> str | None:
@@ -103,27 +126,6 @@ def read_model_config(model_id: str) -> dict[str, Any]:
         raise UserError(f"{path}: unreadable config.json ({err})") from None
 
 
-def load_backbone(model_id: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                  device: str | torch.device = "cpu") -> LoadedBackbone:
-    """Load the backbone named by `model_id` (hub id or local directory), whatever its layout."""
-    raw = read_model_config(model_id)
-    model_type = raw.get("model_type")
-    if model_type == "internvl":
-        loaded = _load_internvl_native(model_id, raw, dtype, attn_implementation)
-    elif model_type == "internvl_chat":
-        loaded = _load_internvl_remote(model_id, raw, dtype, attn_implementation)
-    elif model_type == "qwen3_vl":
-        from colintern import qwen3vl
-
-        loaded = qwen3vl.load_qwen3vl(model_id, raw, dtype, attn_implementation)
-    else:
-        raise UserError(f"model {model_id!r} has model_type {model_type!r}; ColIntern supports 'internvl' "
-                        "(transformers InternVL), 'internvl_chat' (original InternVL) and 'qwen3_vl'")
-    loaded.model.to(device)
-    loaded.model.eval()
-    return loaded
-
-
 def load_tokenizer(model_id: str):
     from transformers import AutoTokenizer
 
@@ -132,99 +134,6 @@ def load_tokenizer(model_id: str):
     except Exception as err:  # noqa: BLE001
         raise UserError(f"cannot load the tokenizer of {model_id!r}: {type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
-
-
-def _internvl_facts(model: nn.Module, tokenizer: Any, layout: str) -> LoadedBackbone:
-    config = model.config
-    vision, text = config.vision_config, config.text_config
-    tile = int(vision.image_size[0])
-    patch = int(vision.patch_size[0])
-    tokens_per_tile = int((tile // patch) ** 2 * config.downsample_ratio ** 2)
-    signature = {
-        "model_type": "internvl", "text_model_type": text.model_type, "hidden_size": text.hidden_size,
-        "num_hidden_layers": text.num_hidden_layers, "vocab_size": text.vocab_size,
-        "vision_hidden_size": vision.hidden_size, "vision_layers": vision.num_hidden_layers,
-    }
-    return LoadedBackbone(model=model, tokenizer=tokenizer, kind="internvl", layout=layout,
-                          hidden_size=int(text.hidden_size), signature=signature, tile_size=tile,
-                          image_tokens_per_tile=tokens_per_tile)
-
-
-def _load_internvl_native(model_id: str, raw: dict, dtype: torch.dtype, attn: str) -> LoadedBackbone:
-    from transformers import InternVLModel
-
-    tokenizer = load_tokenizer(model_id)
-    try:
-        model = InternVLModel.from_pretrained(model_id, dtype=dtype, attn_implementation=attn)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load InternVL weights from {model_id!r}: {str(err).splitlines()[0]}") from None
-    return _internvl_facts(model, tokenizer, "native")
-
-
-def convert_internvl_chat_config(raw: dict, image_token_id: int):
-    """Translate an original `internvl_chat` config.json into a transformers `InternVLConfig`."""
-    from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig
-
-    if raw.get("ps_version", "v2") != "v2":
-        raise UserError(f"InternVL pixel-shuffle version {raw.get('ps_version')!r} is not supported (only 'v2')")
-    vision = {k: v for k, v in raw["vision_config"].items() if k not in _DROP_CONFIG_KEYS}
-    vision.pop("model_type", None)
-    renames = {"qkv_bias": "attention_bias", "qk_normalization": "use_qk_norm", "dropout": "hidden_dropout_prob"}
-    for old, new in renames.items():
-        if old in vision:
-            vision[new] = vision.pop(old)
-    if "attention_probs_dropout_prob" in vision:
-        vision["attention_dropout"] = vision.pop("attention_probs_dropout_prob")
-    if raw.get("force_image_size"):
-        vision["image_size"] = raw["force_image_size"]
-    known_vision = set(InternVLVisionConfig().to_dict())
-    vision = {k: v for k, v in vision.items() if k in known_vision}
-    vision["use_absolute_position_embeddings"] = True
-    vision["use_mean_pooling"] = True  # the chat model has no final vision layernorm
-
-    llm = {k: v for k, v in raw["llm_config"].items() if k not in _DROP_CONFIG_KEYS}
-    llm_type = llm.pop("model_type")
-    text_config = AutoConfig.for_model(llm_type, **llm)
-    image_size = vision.get("image_size", 448)
-    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
-    patch = vision.get("patch_size", 14)
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    ratio = float(raw.get("downsample_ratio", 0.5))
-    return InternVLConfig(
-        vision_config=InternVLVisionConfig(**vision).to_dict(), text_config=text_config.to_dict(),
-        image_token_id=image_token_id, downsample_ratio=ratio,
-        image_seq_length=int((image_size // patch) ** 2 * ratio ** 2),
-        vision_feature_layer=int(raw.get("select_layer", -1)), projector_hidden_act="gelu",
-        tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
-    )
-
-
-def convert_internvl_chat_state_dict(state: dict[str, torch.Tensor], vision_hidden: int) -> dict[str, torch.Tensor]:
-    """Rename original InternVL weights to `InternVLModel` names; split fused qkv; drop the LM head."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.startswith("vision_model."):
-            new = key
-            for pattern, repl in _VISION_RENAMES:
-                new = re.sub(pattern, repl, new)
-            if ".attention.qkv." in new:
-                q, k, v = value.split(vision_hidden, dim=0)  # (3H, H) -> 3 x (H, H); bias (3H,) likewise
-                for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                    out[new.replace(".attention.qkv.", f".attention.{name}.")] = part.contiguous()
-                continue
-            out[new] = value
-        elif key.startswith("mlp1."):
-            prefix = next((p for p in _PROJECTOR_RENAMES if key.startswith(p)), None)
-            if prefix is None:
-                raise UserError(f"unexpected projector weight {key!r} in an InternVL checkpoint")
-            out[_PROJECTOR_RENAMES[prefix] + key[len(prefix):]] = value
-        elif key.startswith("language_model.model."):
-            out["language_model." + key[len("language_model.model."):]] = value
-        elif key.startswith(("language_model.lm_head.", "language_model.output.")):
-            continue  # retrieval needs hidden states, not logits
-        else:
-            raise UserError(f"unexpected weight {key!r} in an InternVL checkpoint; unsupported variant")
-    return out
 
 
 def read_state_dict(model_id: str) -> dict[str, torch.Tensor]:
@@ -246,25 +155,3 @@ def read_state_dict(model_id: str) -> dict[str, torch.Tensor]:
     if binary is not None:
         return torch.load(binary, map_location="cpu", weights_only=True)
     raise UserError(f"model {model_id!r}: no model.safetensors(.index.json) or pytorch_model.bin found")
-
-
-def _load_internvl_remote(model_id: str, raw: dict, dtype: torch.dtype, attn: str) -> LoadedBackbone:
-    from transformers import InternVLModel
-
-    tokenizer = load_tokenizer(model_id)
-    image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
-        raise UserError(f"{model_id}: the tokenizer has no <IMG_CONTEXT> token; not an InternVL chat checkpoint?")
-    config = convert_internvl_chat_config(raw, image_token_id)
-    config._attn_implementation = attn
-    state = convert_internvl_chat_state_dict(read_state_dict(model_id), config.vision_config.hidden_size)
-    model = InternVLModel(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied input/output embeddings are not stored twice; nothing else may be missing.
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise UserError(f"{model_id}: converted InternVL weights do not fit (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    model.to(dtype)
-    log.info("converted original InternVL checkpoint %s in-process (no remote code)", model_id)
-    return _internvl_facts(model, tokenizer, "remote")

@@ -1,4 +1,4 @@
-"""ColIntern checkpoints (SPEC §6): one `torch.save` file of tensors and plain values, written atomically.
+"""ColIntern checkpoints (docs/CONTRACT.md §6): one `torch.save` file of tensors and plain values, written atomically.
 
 Layout of the saved dict:
     format_version: int
@@ -13,37 +13,20 @@ Always read back with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
 
 from colintern.config import ColInternConfig
 from colintern.errors import UserError
+from colintern.files import atomic_write
 
 FORMAT_VERSION = 1
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """Write to a temp file in the same directory, fsync, then rename: the old file survives any failure."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """torch.save through colintern.files.atomic_write: the old file survives any failure."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str, *, config: ColInternConfig, head: dict[str, torch.Tensor],

@@ -1,4 +1,4 @@
-"""ColInternConfig: every choice that changes what an embedding means (SPEC §3).
+"""ColInternConfig: every choice that changes what an embedding means (docs/CONTRACT.md §3).
 
 It is saved in every checkpoint and every script reads it back from there, so a change of a code default
 never silently changes what an old checkpoint means. Only plain Python values live here (it goes into

@@ -1,4 +1,4 @@
-"""Data layer (SPEC §7): page datasets, image decoding, pseudo-paths, triples files, BEIR evaluation dirs.
+"""Data layer (docs/CONTRACT.md §7): page datasets, image decoding, pseudo-paths, triples files, BEIR evaluation dirs.
 
 Everything that reads user data lives here so that train.py, mine.py and eval.py report bad input the same way:
 a bad row is a `BadRowError(where, reason)` with `where` = "FILE line N" (JSONL, 1-based) or "NAME row N"
@@ -273,8 +273,9 @@ def load_page_dataset(name_or_path: str, split: str = "train", strict: bool = Fa
     return dataset
 
 
-def check_query(value: Any, where: str) -> str:
-    """The query text, stripped; BadRowError for a missing, non-string or empty query."""
+def clean_query(value: Any, where: str) -> str:
+    """A dataset row's query text, stripped; BadRowError for a missing, non-string or empty query (API input is
+    validated unchanged by processor.require_query_text)."""
     if value is None:
         raise BadRowError(where, "empty query: missing")
     if not isinstance(value, str):
@@ -309,7 +310,7 @@ def iter_page_rows(dataset: Any, name: str, report: SkipReport, decode: bool = T
             report.add(where, f"corrupt row: {type(err).__name__}: {err}")
             continue
         try:
-            query = check_query(row.get("query"), where)
+            query = clean_query(row.get("query"), where)
             image = decode_image(row.get("image"), where) if decode else None
             if not decode and row.get("image") is None:
                 raise BadRowError(where, "missing image: no image value")
@@ -433,7 +434,7 @@ def _parse_triple(text: str, where: str, line: int) -> Triple:
         raise BadRowError(where, f"malformed JSON: {err.msg} at column {err.colno}") from None
     if not isinstance(obj, dict):
         raise BadRowError(where, f"malformed JSON: expected an object, got {type(obj).__name__}")
-    query = check_query(obj.get("query"), where)
+    query = clean_query(obj.get("query"), where)
     pos = obj.get("pos")
     if not isinstance(pos, str) or not pos.strip():
         raise BadRowError(where, "missing pos: expected a non-empty path string")

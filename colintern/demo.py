@@ -1,4 +1,4 @@
-"""The embedded default, end to end (SPEC §9): what `make demo` runs.
+"""The embedded default, end to end (docs/CONTRACT.md §9): what `make demo` runs.
 
     python -m colintern.demo --out outputs/demo
 
@@ -38,7 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from colintern.errors import UserError, run_cli
+from colintern.cli import run_cli, setup_logging
+from colintern.errors import UserError
 
 log = logging.getLogger("colintern.demo")
 
@@ -95,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--min_gain", type=float, default=0.3,
                    help="exit with status 1 (after writing everything) when epoch 2's held-out nDCG@5 is not at "
                         "least this much above the untrained base's; a negative value never fails (default: 0.3)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details (default: progress and results)")
     args = p.parse_args(argv)
     for name in ("train_pages", "queries_per_page", "eval_pages", "batch_size", "lora_r", "lora_alpha", "max_tiles",
                  "k", "threads"):
@@ -206,8 +208,7 @@ def minutes(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging(args.verbose)
     t_start = time.perf_counter()
     out = Path(args.out)
     prepare_out(out)
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_common = ["--batch_size", str(args.batch_size), "--lr", str(args.lr), "--lora", "--lora_r", str(args.lora_r),
                     "--lora_alpha", str(args.lora_alpha), "--tau", str(args.tau), "--seed", str(args.seed),
-                    "--device_map", "cpu", "--num_workers", str(args.num_workers), "--save_every", "0"]
+                    "--device", "cpu", "--num_workers", str(args.num_workers), "--save_every", "0"]
     seconds: dict[str, float] = {}
     seconds["tiny model"] = run("build the tiny model", [py, "-m", "colintern.tiny", tiny, "--seed", str(args.seed)])
     seconds["synthetic corpus"] = run("write the synthetic corpus", [

@@ -70,20 +70,18 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def init_distributed(device_hint: str | None = None) -> DistInfo:
+def init_distributed(device_hint: str) -> DistInfo:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun and `accelerate launch`) and join the group.
 
-    device_hint: "cpu", "cuda", "cuda:N", "mps" or None (CUDA when available, else CPU). With more than
-    one rank on CUDA each process uses cuda:LOCAL_RANK and the nccl backend; otherwise gloo.
-    With WORLD_SIZE unset or 1 no process group is created and the device is the hint (or the default).
+    device_hint: "cpu", "cuda", "cuda:N" or "mps", already checked against this machine by
+    `colintern.device.resolve_device` (the one device policy). With more than one rank on CUDA each process uses
+    cuda:LOCAL_RANK and the nccl backend; otherwise gloo. With WORLD_SIZE unset or 1 no process group is created
+    and the device is the hint.
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", rank)
-    hint = (device_hint or ("cuda" if torch.cuda.is_available() else "cpu")).lower()
-    if torch.device(hint).type == "cuda" and not torch.cuda.is_available():
-        log.warning("device %s requested but CUDA is not available: using the CPU", hint)
-        hint = "cpu"
+    hint = device_hint.lower()
     if world_size <= 1:
         device = torch.device(hint)
         if device.type == "cuda" and device.index is not None:

@@ -1,7 +1,7 @@
 """Retrieval evaluation helpers (eval.py): mteb tasks from local BEIR dirs, hub task data that fails fast when it
 cannot be downloaded, unrounded retrieval metrics, and top-k run files.
 
-- `local_task(dir)`: a SPEC §7 BEIR-layout directory as an mteb retrieval task (name = the directory name,
+- `local_task(dir)`: a docs/CONTRACT.md §7 BEIR-layout directory as an mteb retrieval task (name = the directory name,
   text queries -> page images, main score ndcg_at_5), so local sets go through the same mteb evaluation as ViDoRe.
 - `use_local_copy(task, dir)`: point an installed mteb task (e.g. VidoreDocVQARetrieval) at a local copy of its
   hub dataset repo (the same configs/files as on the hub); the task's own loading code runs unchanged.
@@ -89,7 +89,7 @@ def local_task(path: str, name: str | None = None) -> Any:
                     len(queries), unjudged[0])
 
     class LocalBeirRetrieval(AbsTaskRetrieval):
-        """A local BEIR-layout directory (SPEC §7) as an mteb retrieval task."""
+        """A local BEIR-layout directory (docs/CONTRACT.md §7) as an mteb retrieval task."""
 
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
             self.dataset = {"default": {"test": {"corpus": corpus_ds, "queries": queries_ds,

@@ -1,4 +1,4 @@
-"""Contrastive late-interaction losses (SPEC section 5).
+"""Contrastive late-interaction losses (docs/CONTRACT.md §5).
 
 s(q, d) = (1/|q|) * sum over real query tokens i of max over real doc tokens j of <q_i, d_j>
 (the per-token *mean*, unlike the retrieval score in ``colintern.scoring`` which is the sum).

@@ -1,18 +1,11 @@
-"""Reusable pieces of mine.py: the on-disk page-embedding store, candidate generation and negative selection.
+"""Hard-negative search over a page store (colintern/page_store.py): candidates and negative selection.
 
-Pipeline (mine.py drives it):
-1. plan_pages: one page per distinct page key (image_filename or a content hash), in first-appearance order;
-   the representative row of a page is its first row whose image decodes.
-2. ensure_page_store: every unique page is encoded once, in parts of `pages_per_part` pages, into a flat fp16
-   (total_tokens, dim) file per part + token offsets. Parts are claimed with file locks, so concurrent shards
-   (torchrun ranks, or jobs sharing a filesystem) split the encoding and an interrupted run keeps every
-   finished part. Scoring streams the parts through memory maps: the corpus never has to fit in RAM or GPU.
-3. per query: the positive score, then candidates (exact: every page; faiss: first stage + exact re-rank),
-   then select_negatives (positives removed, false-negative filter, skip_top, top k).
+Per query (colintern/miner.py drives it): the positive score, then candidates (exact: every page; faiss: first
+stage + exact re-rank), then select_negatives (positives removed, false-negative filter, skip_top, top k).
 
 Scores are the exact late-interaction score of colintern.scoring.maxsim: the SUM over query tokens of the max
-over page tokens (ColBERT / ColPali / mteb). The SPEC §5 loss uses the mean over query tokens; the ranking of
-pages for one query and the ratio of fn_filter are the same under both.
+over page tokens (ColBERT / ColPali / mteb). The docs/CONTRACT.md §5 loss uses the mean over query tokens; the
+ranking of pages for one query and the ratio of fn_filter are the same under both.
 
 Why FAISS indexes page *token* vectors (the ColBERT / PLAID first stage) and not one vector per page: a mean-
 pooled page vector (the seed's miner) throws away the late interaction, so its neighbours are pages that look
@@ -25,451 +18,22 @@ an upper bound of the true max). The top `candidates` pages by that score are re
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
 import logging
 import math
-import os
-import shutil
-import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from colintern.data import BadRowError, decode_image, image_bytes
-from colintern.errors import UserError
+from colintern.data import BadRowError
+from colintern.files import atomic_write_bytes
+from colintern.page_store import PagePlan, PageStore
+from colintern.scoring import exact_fp32
 
 log = logging.getLogger("colintern.mining")
-
-STORE_VERSION = 1
-TOKENS_FILE = "tokens.f16"  # raw little-endian float16, (n_tokens, dim) row-major
-PART_META = "part.json"
-
-
-# ---------------------------------------------------------------- small file helpers
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write text to a temp file beside path, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes (identifies a checkpoint in fingerprints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fingerprint(obj: Any) -> str:
-    """Stable short hash of a JSON-able object."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def file_lock(path: str | Path, blocking: bool = True) -> Iterator[bool]:
-    """flock on path: yields True when held, False when not blocking and someone else holds it.
-
-    The kernel releases the lock when its holder dies, so a crashed shard never blocks the others.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def count_complete_lines(path: str | Path) -> tuple[int, int]:
-    """(number of newline-terminated lines, byte size of those lines) in a file; a torn last line is ignored."""
-    n, size = 0, 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            n += 1
-            size += len(line)
-    return n, size
-
-
-def byte_offset_of_line(path: str | Path, n_lines: int) -> int:
-    """Byte offset where line n_lines (0-based) starts, i.e. the size of the first n_lines lines."""
-    size = 0
-    with open(path, "rb") as f:
-        for i, line in enumerate(f):
-            if i >= n_lines:
-                break
-            size += len(line)
-    return size
-
-
-# ---------------------------------------------------------------- pages
-
-
-@dataclass
-class PagePlan:
-    """Rows grouped into pages: pages[u] = the dataset rows showing page u (first row first)."""
-
-    keys: list[str]                 # page key of every row
-    pages: list[list[int]]          # rows of each unique page, ascending
-    page_of_row: np.ndarray         # (n_rows,) int64: unique page index of each row
-    dedupe: str                     # "filename" | "hash"
-
-    @property
-    def n_pages(self) -> int:
-        return len(self.pages)
-
-
-def content_key(dataset: Any, index: int) -> str:
-    """sha1 of a row's encoded image bytes; "row:<i>" for a row without a readable image (its own page)."""
-    try:
-        return "sha1:" + hashlib.sha1(image_bytes(dataset[index]["image"], f"row {index}")).hexdigest()
-    except BadRowError:
-        return f"row:{index}"
-
-
-def plan_pages(dataset: Any, name: str, dedupe: str = "auto", show_progress: bool = True) -> PagePlan:
-    """Group rows into unique pages by image_filename (dedupe "filename") or by image content ("hash").
-
-    "auto" uses image_filename when the dataset has that column with a value in every row, else content hashes.
-    """
-    has_filename = "image_filename" in dataset.column_names
-    names = list(dataset["image_filename"]) if has_filename else []
-    filenames_ok = has_filename and all(isinstance(n, str) and n for n in names)
-    if dedupe == "auto":
-        dedupe = "filename" if filenames_ok else "hash"
-    if dedupe == "filename":
-        if not has_filename:
-            raise UserError(f"--dedupe filename: dataset {name} has no image_filename column; use --dedupe hash")
-        keys = [n if isinstance(n, str) and n else None for n in names]
-        missing = [i for i, k in enumerate(keys) if k is None]
-        if missing:
-            log.warning("%d rows of %s have no image_filename (first: row %d); those rows are keyed by content",
-                        len(missing), name, missing[0])
-        images = dataset.select_columns(["image"])
-        keys = [k if k is not None else content_key(images, i) for i, k in enumerate(keys)]
-    elif dedupe == "hash":
-        images = dataset.select_columns(["image"])
-        keys = [content_key(images, i) for i in tqdm(range(len(dataset)), desc="hash pages", unit="row",
-                                                     disable=not show_progress or len(dataset) < 2000,
-                                                     dynamic_ncols=True)]
-    else:
-        raise UserError(f"unknown --dedupe {dedupe!r}; use auto, filename or hash")
-    index_of: dict[str, int] = {}
-    pages: list[list[int]] = []
-    page_of_row = np.empty(len(keys), dtype=np.int64)
-    for row, key in enumerate(keys):
-        u = index_of.setdefault(key, len(pages))
-        if u == len(pages):
-            pages.append([])
-        pages[u].append(row)
-        page_of_row[row] = u
-    return PagePlan(keys=keys, pages=pages, page_of_row=page_of_row, dedupe=dedupe)
-
-
-# ---------------------------------------------------------------- the page-embedding store
-
-
-@dataclass
-class StoreSpec:
-    """What a page store holds; its fingerprint names the store directory (another model/data -> another dir)."""
-
-    model_id: str
-    ckpt_sha256: str | None
-    config: dict[str, Any]          # the ColIntern config (formatting): decides what an embedding means
-    dtype: str                      # backbone dtype: bf16 encodings differ from fp32 ones
-    dataset: str
-    split: str
-    limit: int | None
-    dedupe: str
-    keys_sha256: str                # the page plan (which rows form which page)
-    n_pages: int
-    pages_per_part: int
-    version: int = STORE_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @property
-    def id(self) -> str:
-        return fingerprint(self.to_dict())
-
-
-def keys_digest(plan: PagePlan) -> str:
-    h = hashlib.sha256()
-    for key in plan.keys:
-        h.update(key.encode("utf-8", "surrogatepass") + b"\0")
-    return h.hexdigest()
-
-
-def _part_dir(store_dir: Path, j: int) -> Path:
-    return store_dir / f"part-{j:05d}"
-
-
-def _part_done(store_dir: Path, j: int) -> bool:
-    return (_part_dir(store_dir, j) / PART_META).is_file()
-
-
-def encode_part(store_dir: Path, j: int, spec: StoreSpec, plan: PagePlan, dataset: Any, name: str,
-                encode: Callable[[list], list[torch.Tensor]], window: int, strict: bool,
-                on_pages: Callable[[int], None]) -> dict[str, Any]:
-    """Encode the pages of part j into store_dir/part-j (written to a temp dir, renamed when complete).
-
-    For each page the rows are tried in order until one image decodes (that row is the representative);
-    rows whose image fails are recorded as skipped. A page without any decodable image gets length 0.
-    """
-    first = j * spec.pages_per_part
-    last = min(first + spec.pages_per_part, spec.n_pages)
-    final = _part_dir(store_dir, j)
-    tmp = store_dir / f".part-{j:05d}.tmp-{socket.gethostname()}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    images = dataset.select_columns(["image"])
-    lengths = [0] * (last - first)
-    rep_rows = [-1] * (last - first)
-    sha1 = [""] * (last - first)  # content hash of the representative image: same bytes = same page
-    skipped: list[list[Any]] = []
-    start_time = time.time()
-    n_tokens = 0
-    dim = None
-    with open(tmp / TOKENS_FILE, "wb") as out:
-        for w0 in range(first, last, window):
-            w1 = min(w0 + window, last)
-            pils, owners = [], []
-            for u in range(w0, w1):
-                for row in plan.pages[u]:
-                    where = f"{name} row {row}"
-                    value = images[row]["image"]
-                    try:
-                        pils.append(decode_image(value, where))
-                    except BadRowError as err:
-                        if strict:
-                            raise
-                        skipped.append([row, err.reason])
-                        continue
-                    owners.append(u)
-                    rep_rows[u - first] = row
-                    sha1[u - first] = hashlib.sha1(image_bytes(value, where)).hexdigest()
-                    break
-            embs = encode(pils) if pils else []
-            for u, emb in zip(owners, embs):
-                arr = emb.to(torch.float16).numpy()  # (L, dim)
-                dim = arr.shape[1] if dim is None else dim
-                out.write(np.ascontiguousarray(arr).astype("<f2", copy=False).tobytes())
-                lengths[u - first] = arr.shape[0]
-                n_tokens += arr.shape[0]
-            on_pages(w1 - w0)
-        out.flush()
-        os.fsync(out.fileno())
-    meta = {"part": j, "first_page": first, "n_pages": last - first, "dim": dim, "n_tokens": n_tokens,
-            "lengths": lengths, "rep_rows": rep_rows, "sha1": sha1, "skipped": skipped,
-            "seconds": round(time.time() - start_time, 3), "pages_encoded": sum(1 for r in rep_rows if r >= 0),
-            "encoded_by": f"{socket.gethostname()}:{os.getpid()}"}
-    atomic_write_json(tmp / PART_META, meta)
-    if final.exists():  # cannot happen under the part lock, but never replace a finished part
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, final)
-    return meta
-
-
-def ensure_page_store(store_dir: str | Path, spec: StoreSpec, plan: PagePlan, dataset: Any, name: str,
-                      encode: Callable[[list], list[torch.Tensor]], window: int, strict: bool = False,
-                      shard_id: int = 0, num_shards: int = 1, show_progress: bool = True) -> dict[str, float]:
-    """Make sure every part of the store exists, encoding the missing ones. Returns this process's timing.
-
-    Work sharing: each process starts at its own offset in the part list and claims parts with a
-    non-blocking lock, so N shards on one filesystem encode disjoint parts; afterwards it waits for the parts
-    others hold (a blocking lock: returns when they finish or die) and encodes whatever is still missing.
-    """
-    store_dir = Path(store_dir)
-    store_dir.mkdir(parents=True, exist_ok=True)
-    manifest = store_dir / "manifest.json"
-    with file_lock(store_dir / "manifest.lock"):
-        if manifest.is_file():
-            saved = json.loads(manifest.read_text())
-            if saved != spec.to_dict():
-                raise UserError(f"page store {store_dir} holds other embeddings than this run needs; "
-                                f"delete it or pass another --emb_dir")
-        else:
-            atomic_write_json(manifest, spec.to_dict())
-    n_parts = max(1, math.ceil(spec.n_pages / spec.pages_per_part))
-    start = (shard_id * n_parts) // max(1, num_shards)
-    order = [(start + i) % n_parts for i in range(n_parts)]
-    done_pages = sum(min(spec.pages_per_part, spec.n_pages - j * spec.pages_per_part)
-                     for j in range(n_parts) if _part_done(store_dir, j))
-    stats = {"pages_encoded": 0, "encode_seconds": 0.0}
-    with tqdm(total=spec.n_pages, initial=done_pages, desc="encode pages", unit="page", dynamic_ncols=True,
-              disable=not show_progress) as bar:
-        def run(j: int) -> None:
-            t0 = time.time()
-            meta = encode_part(store_dir, j, spec, plan, dataset, name, encode, window, strict, bar.update)
-            stats["pages_encoded"] += meta["pages_encoded"]
-            stats["encode_seconds"] += time.time() - t0
-            bar.set_postfix(pages_per_s=f"{stats['pages_encoded'] / max(stats['encode_seconds'], 1e-9):.1f}")
-
-        held_elsewhere = []
-        for j in order:
-            if _part_done(store_dir, j):
-                continue
-            with file_lock(store_dir / f"part-{j:05d}.lock", blocking=False) as held:
-                if not held:
-                    held_elsewhere.append(j)
-                elif not _part_done(store_dir, j):
-                    run(j)
-        for j in held_elsewhere:
-            if not _part_done(store_dir, j):
-                log.info("waiting for part %d of %s (being encoded by another process)", j, store_dir)
-            with file_lock(store_dir / f"part-{j:05d}.lock"):
-                if not _part_done(store_dir, j):
-                    run(j)
-            bar.update(min(spec.pages_per_part, spec.n_pages - j * spec.pages_per_part))
-    return stats
-
-
-class PageStore:
-    """Read side of a page store: memory-mapped fp16 token arrays, one per part, and per-page offsets."""
-
-    def __init__(self, store_dir: str | Path, spec: StoreSpec):
-        self.dir = Path(store_dir)
-        self.spec = spec
-        n_parts = max(1, math.ceil(spec.n_pages / spec.pages_per_part))
-        self.parts: list[dict[str, Any]] = []
-        self.maps: list[np.ndarray | None] = []
-        lengths, reps, hashes = [], [], []
-        dim = None
-        for j in range(n_parts):
-            meta = json.loads((_part_dir(self.dir, j) / PART_META).read_text())
-            self.parts.append(meta)
-            lengths += meta["lengths"]
-            reps += meta["rep_rows"]
-            hashes += meta["sha1"]
-            if meta["dim"] is not None:
-                dim = meta["dim"] if dim is None else dim
-                if meta["dim"] != dim:
-                    raise UserError(f"page store {self.dir}: part {j} has dim {meta['dim']}, others {dim}")
-        self.dim = dim or 0
-        for j, meta in enumerate(self.parts):
-            path = _part_dir(self.dir, j) / TOKENS_FILE
-            if meta["n_tokens"] == 0:
-                self.maps.append(None)
-                continue
-            expected = meta["n_tokens"] * self.dim * 2
-            if path.stat().st_size != expected:
-                raise UserError(f"page store {self.dir}: {path} has {path.stat().st_size} bytes, expected "
-                                f"{expected}; delete the part directory to re-encode it")
-            # mode "c" (copy-on-write) gives writable arrays for torch.from_numpy without touching the file
-            self.maps.append(np.memmap(path, dtype="<f2", mode="c", shape=(meta["n_tokens"], self.dim)))
-        self.lengths = np.asarray(lengths, dtype=np.int64)          # (n_pages,)
-        self.rep_rows = np.asarray(reps, dtype=np.int64)            # (n_pages,) -1 = no decodable image
-        self.sha1 = hashes                                           # content hash per page ("" if none)
-        self.valid = self.lengths > 0                                # (n_pages,)
-        self.valid_ids = np.flatnonzero(self.valid)                  # ascending
-        self.part_of = np.arange(spec.n_pages) // spec.pages_per_part
-        local_starts = np.zeros(spec.n_pages, dtype=np.int64)        # token offset of a page inside its part
-        for j, meta in enumerate(self.parts):
-            first = meta["first_page"]
-            n = meta["n_pages"]
-            local_starts[first:first + n] = np.concatenate([[0], np.cumsum(meta["lengths"])[:-1]]) if n else []
-        self.local_starts = local_starts
-        self.starts = np.concatenate([[0], np.cumsum(self.lengths)])  # (n_pages+1,) global token offsets
-        self.n_tokens = int(self.starts[-1])
-
-    @property
-    def n_valid(self) -> int:
-        return int(self.valid.sum())
-
-    def skipped_rows(self) -> list[tuple[int, str]]:
-        return [(int(r), str(reason)) for meta in self.parts for r, reason in meta["skipped"]]
-
-    def page_array(self, u: int) -> np.ndarray:
-        """(L_u, dim) float16 view of page u in its memory map (no copy)."""
-        s = int(self.local_starts[u])
-        return self.maps[self.part_of[u]][s:s + int(self.lengths[u])]
-
-    def pages(self, ids: Sequence[int], device: Any = "cpu") -> list[torch.Tensor]:
-        """(L, dim) float32 tensors of the given pages on device."""
-        return [torch.from_numpy(np.asarray(self.page_array(int(u)), dtype=np.float32)).to(device) for u in ids]
-
-    def padded(self, ids: np.ndarray, device: Any = "cpu") -> torch.Tensor:
-        """(n, Lmax, dim) float32 tensor of the pages, each padded with copies of its own last token.
-
-        A copy of a real token never changes a max, so MaxSim over the padded block is exact without a mask.
-        """
-        lmax = int(self.lengths[ids].max())
-        buf = np.empty((len(ids), lmax, self.dim), dtype=np.float16)  # (n, Lmax, dim), converted on the device
-        for r, u in enumerate(ids):
-            a = self.page_array(int(u))
-            buf[r, :len(a)] = a
-            buf[r, len(a):] = a[-1]
-        return torch.from_numpy(buf).to(device).float()
-
-    def iter_parts(self, device: Any = "cpu") -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
-        """(valid page ids of a part, their (L, dim) float32 tensors on device), part after part.
-
-        One part is read (and moved to the device) as one contiguous block; the pages are views into it.
-        This is the streaming scan of the exact method: one part in memory at a time.
-        """
-        for j, meta in enumerate(self.parts):
-            ids = np.arange(meta["first_page"], meta["first_page"] + meta["n_pages"])
-            ids = ids[self.valid[ids]]
-            if not len(ids):
-                continue
-            block = torch.from_numpy(np.asarray(self.maps[j])).to(device=device, dtype=torch.float32)  # (T_j, dim)
-            yield ids, list(torch.split(block, self.lengths[ids].tolist()))
-
-    def iter_token_chunks(self, chunk: int = 1 << 18) -> Iterator[np.ndarray]:
-        """All page token vectors in global token order as float32 (n, dim) chunks (for the FAISS index)."""
-        for mm in self.maps:
-            if mm is None:
-                continue
-            for s in range(0, mm.shape[0], chunk):
-                yield np.ascontiguousarray(mm[s:s + chunk], dtype=np.float32)
-
-    def sample_tokens(self, n: int, seed: int = 0) -> np.ndarray:
-        """n token vectors drawn uniformly without replacement (float32), for training an IVF index."""
-        rng = np.random.default_rng(seed)
-        picks = np.sort(rng.choice(self.n_tokens, size=min(n, self.n_tokens), replace=False))
-        out = np.empty((len(picks), self.dim), dtype=np.float32)
-        part_token_starts = np.concatenate([[0], np.cumsum([m["n_tokens"] for m in self.parts])])
-        owner = np.searchsorted(part_token_starts, picks, side="right") - 1
-        for j in np.unique(owner):
-            sel = owner == j
-            out[sel] = self.maps[j][picks[sel] - part_token_starts[j]]
-        return out
-
-    def token_pages(self, token_ids: np.ndarray) -> np.ndarray:
-        """Global token ids -> page ids (-1 for FAISS's -1 "no result")."""
-        pages = np.searchsorted(self.starts, token_ids, side="right") - 1
-        return np.where(token_ids < 0, -1, pages)
 
 
 # ---------------------------------------------------------------- queries and positives
@@ -544,20 +108,6 @@ def unique_texts(pairs: Sequence[Pair]) -> tuple[list[str], np.ndarray]:
     return list(index), which
 
 
-@contextlib.contextmanager
-def exact_fp32(device: Any) -> Iterator[None]:
-    """No TF32 in CUDA matmuls while scoring (scores must be float32-exact, as in colintern.scoring)."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def rerank_chunk_tokens(device: Any) -> int:
     """Padded page tokens scored per GEMM in a re-rank.
 
@@ -584,7 +134,7 @@ def own_candidate_scores(q: torch.Tensor, ids: np.ndarray, store: PageStore, dev
     order = np.argsort(store.lengths[ids], kind="stable")  # (n,) shortest first
     lengths = store.lengths[ids][order]
     qd = q.to(device=device, dtype=torch.float32)  # (Lq, dim)
-    with exact_fp32(device):
+    with exact_fp32(torch.device(device)):
         start = 0
         while start < len(ids):
             # the block's Lmax is its last (longest) page: grow while n x Lmax fits the budget (at least 1 page)
@@ -720,9 +270,7 @@ def build_faiss_index(store: PageStore, factory: str, nprobe: int, use_gpu: bool
                 index.add(chunk)
                 bar.update(len(chunk))
         if cache_path is not None and factory != "Flat":
-            tmp = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}")
-            faiss.write_index(index, str(tmp))
-            os.replace(tmp, cache_path)
+            atomic_write_bytes(cache_path, faiss.serialize_index(index).tobytes())
     if "IVF" in factory:
         faiss.extract_index_ivf(index).nprobe = nprobe
         info["nprobe"] = nprobe

@@ -1,4 +1,4 @@
-"""ColIntern: a vision-language backbone + a linear head -> bags of L2-normalised token vectors (SPEC §4).
+"""ColIntern: a vision-language backbone + a linear head -> bags of L2-normalised token vectors (docs/CONTRACT.md §4).
 
     m = ColIntern.from_pretrained(model_id, ckpt=None, device="cpu", dtype=None)
     docs = m.encode_images(list_of_pil, batch_size=8)    # list of (L_i, dim) float32 CPU tensors
@@ -21,20 +21,16 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from colintern.backbone import LoadedBackbone, load_backbone
+from colintern.backbone import LM_LORA_TARGETS, LoadedBackbone
 from colintern.checkpoint import check_compatible, load_checkpoint
 from colintern.config import ColInternConfig
+from colintern.device import resolve_device
 from colintern.errors import UserError
-from colintern.processor import make_processor
+from colintern.families import get_family, load_backbone
 
 log = logging.getLogger("colintern")
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NORM_EPS = 1e-6
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_prep_workers(device: str | torch.device) -> int:
@@ -72,7 +68,7 @@ def resolve_attn_implementation(use_flash_attn: bool, device: str | torch.device
 
 def config_for_backbone(loaded: LoadedBackbone, model_id: str, **overrides: Any) -> ColInternConfig:
     """A fresh ColIntern config for a backbone (no checkpoint): facts from the backbone, formatting defaults."""
-    config = ColInternConfig(base_model=model_id, backbone=loaded.kind, source_layout=loaded.layout,
+    config = ColInternConfig(base_model=model_id, backbone=loaded.family, source_layout=loaded.layout,
                              signature=loaded.signature, hidden_size=loaded.hidden_size,
                              tile_size=loaded.tile_size or 448, image_tokens_per_tile=loaded.image_tokens_per_tile or 256)
     values = config.to_dict()
@@ -93,7 +89,8 @@ class ColIntern(nn.Module):
         self.tokenizer = loaded.tokenizer
         self.signature = loaded.signature
         self.config = config
-        self.processor = make_processor(loaded.tokenizer, config)
+        self.family = get_family(config.backbone)
+        self.processor = self.family.make_processor(loaded.tokenizer, config)
         self.head = nn.Linear(config.hidden_size, config.dim)  # fp32 whatever the backbone dtype
         generator = torch.Generator().manual_seed(config.head_seed)
         with torch.no_grad():
@@ -115,7 +112,7 @@ class ColIntern(nn.Module):
         With a checkpoint, its config decides the formatting; an explicit override of a field that changes
         what the checkpoint means is applied with a warning.
         """
-        device = device or default_device()
+        device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         attn = resolve_attn_implementation(use_flash_attn, device)
         payload = load_checkpoint(ckpt) if ckpt else None
@@ -143,12 +140,6 @@ class ColIntern(nn.Module):
             self.load_lora_state(lora["state"])
 
     # -- LoRA -----------------------------------------------------------------------------------------
-    def lora_targets(self, include_vision: bool) -> list[nn.Module]:
-        targets = [self.backbone.language_model]
-        if include_vision:
-            targets.append(self.backbone.vision_tower if hasattr(self.backbone, "vision_tower") else self.backbone.visual)
-        return targets
-
     def add_lora(self, r: int = 32, lora_alpha: int = 32, lora_dropout: float = 0.1,
                  target_modules: Sequence[str] | None = None, include_vision: bool = False) -> None:
         """Inject LoRA adapters into the language model's linear layers (the vision tower only if asked)."""
@@ -156,16 +147,10 @@ class ColIntern(nn.Module):
 
         if self.lora_config is not None:
             raise UserError("LoRA adapters are already attached to this model")
-        targets = list(target_modules or LORA_TARGETS)
-        lora = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
-        for module in self.lora_targets(include_vision):
-            if module is getattr(self.backbone, "visual", None):  # Qwen3-VL vision blocks: fused qkv + proj
-                from colintern.qwen3vl import VISION_LORA_TARGETS
-
-                inject_adapter_in_model(LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                   target_modules=VISION_LORA_TARGETS), module)
-                continue
-            inject_adapter_in_model(lora, module)
+        targets = list(target_modules or LM_LORA_TARGETS)
+        for module, module_targets in self.family.lora_modules(self.backbone, include_vision, targets):
+            inject_adapter_in_model(LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                               target_modules=module_targets), module)
         self.lora_config = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
                             "target_modules": targets, "include_vision": include_vision}
         device = next(self.head.parameters()).device
@@ -190,7 +175,7 @@ class ColIntern(nn.Module):
                 params[name].copy_(value)
 
     def checkpoint_parts(self) -> dict[str, Any]:
-        """What a checkpoint stores about the model itself (SPEC §6)."""
+        """What a checkpoint stores about the model itself (docs/CONTRACT.md §6)."""
         lora = None if self.lora_config is None else {"config": dict(self.lora_config), "state": self.lora_state()}
         return {"config": self.config, "head": self.head.state_dict(), "lora": lora}
 
@@ -205,16 +190,20 @@ class ColIntern(nn.Module):
         out = self.backbone(**model_inputs, use_cache=False)
         return out.last_hidden_state
 
-    def project(self, hidden: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L, H) hidden states -> (B, L, dim) unit vectors in float32, zero where keep_mask is False."""
+    def embed(self, hidden: torch.Tensor, keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one place hidden states become embeddings: (B, L, H) hidden states and the (B, L) mask of the tokens
+        to keep -> ((B, L, dim) float32 unit vectors, zero where not kept; the (B, L) bool mask of real vectors).
+
+        Encoding, training (with or without the hidden-state cache) and the memory probe all call this, so a new
+        output form (e.g. a pooled single vector, shapes (B, 1, dim) and (B, 1)) is one change here."""
+        keep = keep_mask.to(hidden.device).bool()
         emb = self.head(hidden.float())  # (B, L, dim)
         emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        return emb * keep_mask.to(emb.device).unsqueeze(-1)
+        return emb * keep.unsqueeze(-1), keep
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Processed batch -> (embeddings (B, L, dim) float32, keep_mask (B, L) bool)."""
-        keep = inputs["keep_mask"].to(self.device)
-        return self.project(self.hidden_states(inputs), keep), keep
+        return self.embed(self.hidden_states(inputs), inputs["keep_mask"].to(self.device))
 
     # -- encoding --------------------------------------------------------------------------------------
     def _prepared(self, items: Sequence[Any], batches: list[list[int]], process,

@@ -1,4 +1,4 @@
-"""Qwen3-VL backbone (the "ColQwen3" recipe) behind the same interface as InternVL (SPEC §2, §3).
+"""Qwen3-VL backbone (the "ColQwen3" recipe) behind the same interface as InternVL (docs/CONTRACT.md §2, §3).
 
 - `load_qwen3vl`: transformers' `Qwen3VLModel` (vision tower `.visual` + text model `.language_model`, no LM
   head) from a hub id or a local directory, the same code path for both; nothing remote is executed.
@@ -9,6 +9,7 @@
   as InternVL. Right padding; M-RoPE position ids are computed inside the model from input_ids,
   image_grid_thw, mm_token_type_ids and attention_mask, so padding never moves a real token.
 - `build_tiny_qwen3vl`: a tiny random Qwen3-VL for tests (`python -m colintern.tiny OUT --backbone qwen3_vl`).
+- `Qwen3VLFamily`: the family object registered in `colintern/families.py`.
 """
 from __future__ import annotations
 
@@ -21,10 +22,14 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from colintern.backbone import LoadedBackbone, load_tokenizer, resolve_file
+import numpy as np
+from torch import nn
+
+from colintern.backbone import BackboneFamily, LoadedBackbone, load_tokenizer, resolve_file
 from colintern.config import ColInternConfig
 from colintern.errors import UserError
-from colintern.processor import InternVLProcessor, check_page_image, page_keep_mask
+from colintern.processor import PageProcessor, check_page_image, grid_boxes, page_keep_mask
+from colintern.toy_tokenizer import build_tokenizer
 
 log = logging.getLogger("colintern")
 
@@ -111,13 +116,13 @@ def load_qwen3vl(model_id: str, raw_config: dict, dtype: torch.dtype = torch.flo
         "min_visual_tokens": max(1, math.ceil(int(min_pixels) / factor ** 2)),
         "query_prefix": "Query: ", "augmentation_token": "<|endoftext|>", "n_augmentation": 10,
     }
-    return LoadedBackbone(model=model, tokenizer=tokenizer, kind="qwen3_vl", layout="native",
+    return LoadedBackbone(model=model, tokenizer=tokenizer, family="qwen3_vl", layout="native",
                           hidden_size=signature["hidden_size"], signature=signature, config_defaults=defaults)
 
 
 # -- processor ----------------------------------------------------------------------------------------
-class Qwen3VLProcessor(InternVLProcessor):
-    """Processor for Qwen3-VL backbones: dynamic resolution capped at `max_visual_tokens`; queries as InternVL."""
+class Qwen3VLProcessor(PageProcessor):
+    """Processor for Qwen3-VL backbones: dynamic resolution capped at `max_visual_tokens`."""
 
     def __init__(self, tokenizer: Any, config: ColInternConfig):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -129,8 +134,7 @@ class Qwen3VLProcessor(InternVLProcessor):
         if not 1 <= config.min_visual_tokens <= config.max_visual_tokens:
             raise UserError(f"need 1 <= min_visual_tokens ({config.min_visual_tokens}) <= max_visual_tokens "
                             f"({config.max_visual_tokens})")
-        self.tokenizer = tokenizer
-        self.config = config
+        super().__init__(tokenizer, config)
         self.patch_size = int(sig["patch_size"])
         self.merge_size = int(sig["spatial_merge_size"])
         self.factor = self.patch_size * self.merge_size  # px per side of one visual token
@@ -141,10 +145,6 @@ class Qwen3VLProcessor(InternVLProcessor):
             temporal_patch_size=int(sig["temporal_patch_size"]), merge_size=self.merge_size,
             image_mean=config.image_mean, image_std=config.image_std, do_convert_rgb=True,
         )
-        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
-        tokenizer.padding_side = config.padding_side
-        if tokenizer.pad_token is None:
-            raise UserError("the tokenizer has no pad token; set one in its tokenizer_config.json")
 
     # -- sizes ---------------------------------------------------------------------------------------
     def resized_size(self, image: Image.Image) -> tuple[int, int]:
@@ -162,10 +162,6 @@ class Qwen3VLProcessor(InternVLProcessor):
                 w -= self.factor
         return h, w
 
-    def num_tiles(self, image: Image.Image) -> int:
-        """Qwen3-VL does not tile: a page is one image."""
-        return 1
-
     def page_cost(self, image: Image.Image) -> int:
         """Visual tokens of the page after the patch merge (<= max_visual_tokens)."""
         h, w = self.resized_size(image)
@@ -177,6 +173,12 @@ class Qwen3VLProcessor(InternVLProcessor):
         n = self.config.max_visual_tokens
         a = max((k for k in range(1, math.isqrt(n) + 1) if n // k <= 50 * k), key=lambda k: (k * (n // k), k))
         return Image.new("RGB", (self.factor * a, self.factor * (n // a)), (255, 255, 255))
+
+    def image_token_boxes(self, image: Image.Image) -> np.ndarray:
+        """The page is resized whole (no crop) to h x w px; its merged visual tokens form a row-major
+        (h / factor) x (w / factor) grid over the page."""
+        h, w = self.resized_size(image)
+        return grid_boxes(0.0, 0.0, 1.0, 1.0, w // self.factor, h // self.factor)
 
     # -- pages -----------------------------------------------------------------------------------------
     def process_images(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
@@ -236,8 +238,6 @@ def build_tiny_qwen3vl(out_dir: str, seed: int = 0) -> str:
     """Write a tiny random (seeded) Qwen3-VL to out_dir, loadable with `--model_id out_dir`; returns out_dir."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    from colintern.tiny import build_tokenizer
-
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
     ids = {"image": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
@@ -257,3 +257,27 @@ def build_tiny_qwen3vl(out_dir: str, seed: int = 0) -> str:
     log.info("wrote tiny Qwen3-VL-architecture model (%.2fM parameters) to %s",
              sum(p.numel() for p in model.parameters()) / 1e6, out_dir)
     return out_dir
+
+
+# -- the family ---------------------------------------------------------------------------------------
+class Qwen3VLFamily(BackboneFamily):
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    causal = True
+    vision_lora_targets = VISION_LORA_TARGETS  # fused qkv + output projection of the vision blocks
+
+    def load(self, model_id: str, raw_config: dict[str, Any], dtype: torch.dtype,
+             attn_implementation: str) -> LoadedBackbone:
+        return load_qwen3vl(model_id, raw_config, dtype, attn_implementation)
+
+    def make_processor(self, tokenizer: Any, config: ColInternConfig) -> Qwen3VLProcessor:
+        return Qwen3VLProcessor(tokenizer, config)
+
+    def vision_tower(self, backbone: nn.Module) -> nn.Module:
+        return backbone.visual
+
+    def build_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> str:
+        return build_tiny_qwen3vl(out_dir, seed=seed)
+
+
+FAMILY = Qwen3VLFamily()

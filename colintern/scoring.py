@@ -73,8 +73,8 @@ def _as_token_list(items: Any, name: str) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _exact_fp32(device: torch.device) -> Iterator[None]:
-    """Disable TF32 matmuls on CUDA for the duration (restored afterwards)."""
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """Disable TF32 matmuls on CUDA for the duration (restored afterwards): the one guard every exact score uses."""
     if device.type != "cuda":
         yield
         return
@@ -196,7 +196,7 @@ def _iter_scores(
     sim_buf = None
     for idx in buckets:
         # settings are scoped to each bucket, never held across a yield
-        with torch.no_grad(), _exact_fp32(dev):
+        with torch.no_grad(), exact_fp32(dev):
             bucket = _pack_bucket(docs_l, idx, dev)
             scores, sim_buf = _score_bucket(qt, bucket, query_chunk, sim_buf)
         yield idx, scores

@@ -1,4 +1,4 @@
-"""Deterministic synthetic page corpus for the embedded default (SPEC §9).
+"""Deterministic synthetic page corpus for the embedded default (docs/CONTRACT.md §9).
 
 Each page is a PIL drawing with a few LARGE, salient attributes -- a background colour, one big shape in a
 second colour and one big word or number -- so that a tiny vision-language model can learn to retrieve it on a
@@ -11,7 +11,7 @@ Writes (all deterministic for a given seed: byte-identical PNGs, identical rows,
     OUT/train/                  datasets.save_to_disk, vidore/colpali_train_set columns, several rows per page
     OUT/train_parquet/train-00000-of-00001.parquet           the same rows as one parquet file
     OUT/hub/colintern-synthetic/{README.md,data/train-00000-of-00001.parquet}   a hub-like repository folder
-    OUT/eval/{corpus,queries,qrels}.jsonl + OUT/eval/images/  held-out BEIR-layout set (SPEC §7)
+    OUT/eval/{corpus,queries,qrels}.jsonl + OUT/eval/images/  held-out BEIR-layout set (docs/CONTRACT.md §7)
     OUT/synthetic_manifest.json  arguments and every page's attributes (what tests and humans check against)
 
 The eval pages are attribute combinations never used in train, drawn from the same vocabulary.
@@ -32,7 +32,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from colintern.errors import UserError, run_cli
+from colintern.cli import run_cli, setup_logging
+from colintern.errors import UserError
 
 log = logging.getLogger("colintern.synthetic")
 
@@ -464,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries_per_page", type=int, default=3, help="train queries (rows) per page")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--page_size", type=int, default=224, help="width of portrait pages in pixels")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (default: progress and results)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     generate(args.out, args.n_train_pages, args.n_eval_pages, args.queries_per_page, args.seed, args.page_size)
     return 0
 

@@ -1,7 +1,7 @@
 """Reusable pieces of train.py: training examples, the epoch plan, the micro-batch loader, the frozen-backbone
 hidden-state cache, the step loss, the logs and the resume bookkeeping.
 
-Data flow of one optimizer step (SPEC §5, §7):
+Data flow of one optimizer step (docs/CONTRACT.md §5, §7):
     examples (query, positive page, hard negatives)  --epoch_plan-->  global micro-batches of W*B examples
     rank r takes rows r*B .. r*B+B-1 of each micro-batch; MicroBatches (a torch Dataset, so DataLoader workers
     can decode and process images in parallel) turns them into processed queries + the batch's distinct pages;
@@ -12,7 +12,6 @@ repeats exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from colintern.data import (BadRowError, ImageResolver, SkipReport, check_query, decode_image, load_page_dataset,
+from colintern.data import (BadRowError, ImageResolver, SkipReport, clean_query, decode_image, load_page_dataset,
                             page_keys, read_triples_jsonl)
 from colintern.errors import UserError
+from colintern.files import atomic_write_text, file_digest, sha1_of_parts
 
 log = logging.getLogger("colintern.train")
 
@@ -69,14 +69,6 @@ class TrainData:
     kind: str                      # "hub" (in-batch) or "jsonl" (in-batch + hard negatives)
 
 
-def _sha1(*parts: Any) -> str:
-    h = hashlib.sha1()
-    for part in parts:
-        h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def load_hub_examples(name: str, split: str, report: SkipReport) -> TrainData:
     """Rows of a page dataset (hub id, local repository folder, save_to_disk dir, parquet) as examples.
 
@@ -90,7 +82,7 @@ def load_hub_examples(name: str, split: str, report: SkipReport) -> TrainData:
     for i, (query, key) in enumerate(zip(queries, keys)):
         where = f"{name} row {i}"
         try:
-            text = check_query(query, where)
+            text = clean_query(query, where)
         except BadRowError as err:
             report.add_error(err)
             continue
@@ -98,12 +90,12 @@ def load_hub_examples(name: str, split: str, report: SkipReport) -> TrainData:
     if not examples:
         raise UserError(f"{name}: no usable rows ({report.summary()})")
     identity = {"kind": "hub", "split": split, "rows": len(dataset),
-                "content": _sha1([e.query for e in examples], [e.pos.key for e in examples])}
+                "content": sha1_of_parts([e.query for e in examples], [e.pos.key for e in examples])}
     return TrainData(examples, {(name, split): dataset}, identity, "hub")
 
 
 def load_jsonl_examples(path: str, root: str | None, report: SkipReport) -> TrainData:
-    """Triples (SPEC §7) as examples; pseudo-paths become dataset rows, other paths local files under root.
+    """Triples (docs/CONTRACT.md §7) as examples; pseudo-paths become dataset rows, other paths local files under root.
 
     Checked now: JSON, query, that local files exist and that pseudo-path rows are in range. A bad positive
     skips the line; a bad negative drops only that negative (both reported).
@@ -142,8 +134,7 @@ def load_jsonl_examples(path: str, root: str | None, report: SkipReport) -> Trai
         examples.append(Example(t.query, pos, tuple(negs), where))
     if not examples:
         raise UserError(f"{path}: no usable triples ({report.summary()})")
-    with open(path, "rb") as f:
-        digest = hashlib.sha1(f.read()).hexdigest()
+    digest = file_digest(path, "sha1")  # stored in checkpoints: the algorithm must not change
     identity = {"kind": "jsonl", "lines": len(triples), "content": digest}
     datasets = {k: resolver.dataset(*k) for k in key_cache}
     return TrainData(examples, datasets, identity, "jsonl")
@@ -486,7 +477,7 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Logs: training_loss.txt and metrics.jsonl (SPEC §8)
+# Logs: training_loss.txt and metrics.jsonl (docs/CONTRACT.md §8)
 
 
 LOSS_TXT = "training_loss.txt"
@@ -524,9 +515,7 @@ def prepare_logs(out_dir: str, resume_step: int | None) -> None:
                 continue  # a half-written last line of a killed run
             if step is None or step <= resume_step:
                 kept.append(line)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def append_line(out_dir: str, name: str, line: str) -> None:
@@ -567,7 +556,7 @@ class Fingerprint:
 
     @property
     def value(self) -> str:
-        return _sha1(self.phase_id, self.args)
+        return sha1_of_parts(self.phase_id, self.args)
 
 
 def diff_args(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -583,14 +572,14 @@ class Embedder:
     """Turns a MicroBatches item into (query emb, mask) and a page table (U+1 rows, the last one empty).
 
     train_backbone=True (LoRA): hidden states with grad. False (heads only): the backbone is frozen, its hidden
-    states come from `cache` when present, else are computed without grad and cached; only `project` (the head)
+    states come from `cache` when present, else are computed without grad and cached; only `embed` (the head)
     runs with grad. A value taken from the cache is bit-identical to the one computed, so caching changes speed,
     not results.
     """
 
-    def __init__(self, model: Any, project, train_backbone: bool, cache: HiddenCache | None):
+    def __init__(self, model: Any, embed, train_backbone: bool, cache: HiddenCache | None):
         self.model = model
-        self.project = project
+        self.embed = embed  # model.embed, or its torch.compile'd version
         self.train_backbone = train_backbone
         self.cache = cache if cache is not None else HiddenCache(0)
         self.hidden_size = model.config.hidden_size
@@ -634,11 +623,11 @@ class Embedder:
         inputs = batch["queries"]
         if self.train_backbone:
             keep = inputs["keep_mask"].to(self.model.device)
-            return self.project(self.model.hidden_states(inputs), keep), keep
+            return self.embed(self.model.hidden_states(inputs), keep)
         keys = ["q:" + t for t in batch["query_texts"]]
         rows = self._frozen(keys, inputs, list(range(len(keys))), set())
         hidden, mask = pad_rows(rows, self.hidden_size, self._dtype(), self.model.device)
-        return self.project(hidden, mask), mask
+        return self.embed(hidden, mask)
 
     def pages(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Page table (U+1, L, D) float32 for the batch's distinct pages + one empty row, and its mask."""
@@ -653,7 +642,7 @@ class Embedder:
                 return empty, torch.zeros(n_u + 1, 1, dtype=torch.bool, device=self.model.device)
             start = time.perf_counter()
             keep = batch["pages"]["keep_mask"].to(self.model.device)  # (n, L)
-            emb = self.project(self.model.hidden_states(batch["pages"]), keep)  # (n, L, D)
+            emb, keep = self.embed(self.model.hidden_states(batch["pages"]), keep)  # (n, L, D), (n, L)
             self.page_forward_s += time.perf_counter() - start
             self.items_computed += len(loaded)
             where = torch.full((n_u + 1,), len(loaded), dtype=torch.long)
@@ -664,22 +653,11 @@ class Embedder:
             return table, mask
         rows = self._frozen(keys, batch["pages"], batch["loaded"], bad) + [None]
         hidden, mask = pad_rows(rows, self.hidden_size, self._dtype(), self.model.device)
-        return self.project(hidden, mask), mask
+        return self.embed(hidden, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # auto-batch: the largest micro-batch whose forward+backward fits in a share of GPU memory
-
-
-def worst_case_page(processor: Any, config: Any):
-    """A blank page with the most visual tokens the config allows: the processor's own worst case when it has one
-    (Qwen3-VL: max_visual_tokens), else max_tiles tiles in a row (+ the thumbnail) for InternVL."""
-    from PIL import Image
-
-    if hasattr(processor, "worst_case_page"):
-        return processor.worst_case_page()
-    size = config.tile_size
-    return Image.new("RGB", (size * config.max_tiles, size), (255, 255, 255))
 
 
 def probe_batch_size(embed_step, params: list[torch.nn.Parameter], *, max_batch: int,

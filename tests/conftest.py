@@ -11,7 +11,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 @pytest.fixture
@@ -29,7 +28,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """The tiny InternVL3.5-architecture model in the transformers-native layout."""
-    from colintern.tiny import build_tiny_internvl
+    from colintern.internvl import build_tiny_internvl
 
     return build_tiny_internvl(str(tmp_path_factory.mktemp("tiny_native")), layout="native", seed=0)
 
@@ -37,9 +36,26 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_remote_dir(tmp_path_factory) -> str:
     """The same tiny model written as an original internvl_chat checkpoint."""
-    from colintern.tiny import build_tiny_internvl
+    from colintern.internvl import build_tiny_internvl
 
     return build_tiny_internvl(str(tmp_path_factory.mktemp("tiny_remote")), layout="remote", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> str:
+    """A tiny Qwen3-VL, built through the CLI entry point (`python -m colintern.tiny OUT --backbone qwen3_vl`)."""
+    from colintern.tiny import main
+
+    out = str(tmp_path_factory.mktemp("tiny_qwen3vl"))
+    assert main([out, "--backbone", "qwen3_vl", "--seed", "0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session", params=["internvl", "qwen3_vl"])
+def tiny_backbone(request) -> tuple[str, str]:
+    """(family name, tiny model folder) for each backbone family: the contract tests run once per family."""
+    folder = {"internvl": "tiny_model_dir", "qwen3_vl": "tiny_qwen_dir"}[request.param]
+    return request.param, request.getfixturevalue(folder)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,27 @@
 """Small builders shared by the tests (imported as `from helpers import ...`; pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def load_script(name: str, module_name: str | None = None) -> ModuleType:
+    """Import a script by its path without .py ("train", "bench/scoring") as a module, with the repository on
+    sys.path (the scripts import their siblings, e.g. eval.py imports mteb_model)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    spec = importlib.util.spec_from_file_location(module_name or f"{name.replace('/', '_')}_script", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def noisy_page(width: int, height: int, colour: tuple[int, int, int], seed: int = 0) -> Image.Image:
@@ -11,3 +30,9 @@ def noisy_page(width: int, height: int, colour: tuple[int, int, int], seed: int 
     noise = (torch.rand(height, width, 3, generator=g) * 60).to(torch.uint8)
     base = torch.tensor(colour, dtype=torch.uint8).expand(height, width, 3)
     return Image.fromarray((base.int() * 3 // 4 + noise.int()).clamp(0, 255).to(torch.uint8).numpy())
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest absolute difference between two lists of same-shaped tensors (the shapes must match)."""
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max((x - y).abs().max().item() for x, y in zip(a, b))

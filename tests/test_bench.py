@@ -3,7 +3,6 @@ formula against torch's FLOP counter, the mining extrapolation arithmetic, and C
 preprocessing (the bottleneck fix the encoding benchmark led to) giving identical embeddings."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -17,16 +16,14 @@ from PIL import Image
 
 from colintern.errors import UserError
 from helpers import noisy_page
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 
 def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"bench/{name}", f"bench_{name}")
 
 
 encode = load_bench("encode")

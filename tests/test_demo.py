@@ -6,7 +6,6 @@ prints, not that training learns (tests/test_train.py does; the full-size bar is
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import re
 import shlex
@@ -19,7 +18,9 @@ import pytest
 from PIL import Image
 
 from colintern import demo
-from colintern.errors import UserError, run_cli
+from colintern.cli import run_cli
+from colintern.errors import UserError
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 REDUCED = ["--train_pages", "24", "--queries_per_page", "2", "--eval_pages", "8", "--batch_size", "8"]
@@ -27,12 +28,6 @@ STEPS_PER_EPOCH = 24 * 2 // 8  # both epochs: 48 rows (epoch 2: one mined line p
 RUNS = ("base", "epoch1", "epoch2")
 METRICS = ("ndcg_at_5", "ndcg_at_10", "recall_at_5")
 
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"demo_test_{name}", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +190,7 @@ def test_printed_commands_are_real_and_copyable(demo_run):
                        "plot_vidore_metrics.py"]
     e1 = train.parse_args(commands[2][2:])
     assert e1.train_hub == str(out / "synthetic" / "train") and e1.lora and e1.epochs == 1 and e1.max_tiles == 2
-    assert e1.out_dir == str(out / "train") and e1.batch_size == 8 and e1.device_map == "cpu"
+    assert e1.out_dir == str(out / "train") and e1.batch_size == 8 and e1.device == "cpu"
     m = mine.parse_args(commands[3][2:])
     assert m.ckpt == str(out / "train" / "colintern_heads_epoch1.pt") and m.method == "exact" and m.k == 20
     assert m.hub_name == e1.train_hub and m.out_jsonl == str(out / "mine" / "mined_triples.jsonl")

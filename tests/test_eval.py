@@ -6,7 +6,6 @@ files and the qrels with a few lines of float64 code (and pytrec_eval), scores f
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -17,17 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 ev = load_script("eval")
@@ -55,7 +49,7 @@ def write_jsonl(path: Path, rows) -> None:
 
 
 def make_beir(root: Path) -> Path:
-    """A SPEC §7 BEIR-layout set: corpus.jsonl with relative image paths, queries.jsonl, qrels.jsonl."""
+    """A docs/CONTRACT.md §7 BEIR-layout set: corpus.jsonl with relative image paths, queries.jsonl, qrels.jsonl."""
     (root / "images").mkdir(parents=True)
     for cid, size, color in PAGE_SPECS:
         (root / "images" / f"{cid}.png").write_bytes(png_bytes(size, color))

@@ -1,21 +1,29 @@
-"""Tests for colintern.losses: golden values (SPEC section 5), a naive reference, gradients, edge cases."""
+"""Tests for colintern.losses: golden values (tests/fixtures/loss_golden.json, docs/CONTRACT.md §5), a naive
+reference, gradients, edge cases."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from colintern import losses
 from colintern.losses import late_interaction_loss, late_interaction_scores
+from helpers import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 GOLDEN = json.loads((FIXTURES / "loss_golden.json").read_text())["cases"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The golden file is the project contract's, copied verbatim; its hash pins it against accidental edits.
+GOLDEN_SHA256 = "d7a0d80a3ccd383d38c7864fb41e97bdf6bc55926fa1b3f44ef2b4af027c91bd"
+
+
+def test_golden_fixture_is_the_contract_copy():
+    assert hashlib.sha256((FIXTURES / "loss_golden.json").read_bytes()).hexdigest() == GOLDEN_SHA256
 
 
 def _inputs(case: dict, dtype: torch.dtype) -> dict:

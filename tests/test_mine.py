@@ -7,7 +7,6 @@ a repeated (query, page) row.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -22,16 +21,11 @@ from colintern.checkpoint import save_checkpoint
 from colintern.config import ColInternConfig
 from colintern.data import ImageResolver, load_page_dataset, parse_pseudo_path, read_triples_jsonl
 from colintern.errors import UserError
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 N_SOURCE_ROWS = 36  # 12 synthetic pages x 3 queries
 
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 mine = load_script("mine")
@@ -281,10 +275,11 @@ def test_interrupted_and_resumed_run_writes_the_same_file(tiny_model_dir, ckpt, 
     args = ("--method", "faiss", "--k", 4, "--search_batch", 8, "--pages_per_part", 4, "--candidates", 6,
             "--token_k", 16)
     import colintern.mining as mining
+    import colintern.page_store as page_store
 
     out = work / "resume" / "mined.jsonl"
     emb = work / "resume_pages"
-    real_encode, real_search = mining.encode_part, mining.faiss_search
+    real_encode, real_search = page_store.encode_part, mining.faiss_search
     calls = {"encode": 0, "search": 0, "die_encode": 3, "die_search": None}
 
     def encode_part(*a, **kw):
@@ -299,7 +294,7 @@ def test_interrupted_and_resumed_run_writes_the_same_file(tiny_model_dir, ckpt, 
             raise KeyboardInterrupt
         return real_search(*a, **kw)
 
-    monkeypatch.setattr(mining, "encode_part", encode_part)  # dies in the 3rd of 4 page parts
+    monkeypatch.setattr(page_store, "encode_part", encode_part)  # dies in the 3rd of 4 page parts
     with pytest.raises(KeyboardInterrupt):
         run_mine(tiny_model_dir, ckpt, corpus, out, *args, emb_dir=emb)
     assert calls["encode"] == 3

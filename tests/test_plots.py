@@ -1,6 +1,5 @@
 """Tests for plot_training_loss.py and plot_vidore_metrics.py (fast, CPU only, no model)."""
 import csv
-import importlib.util
 import json
 import math
 import subprocess
@@ -9,15 +8,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 ptl = load_script("plot_training_loss")

@@ -1,12 +1,10 @@
-"""Qwen3-VL backbone (issue 8, the ColQwen3 recipe): tiny model, processor, batch independence, LoRA, training
+"""Qwen3-VL backbone (the ColQwen3 recipe): tiny model, processor, batch independence, LoRA, training
 signal, checkpoints, cross-backbone mismatch."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from PIL import Image
 from colintern import ColIntern, UserError
 from colintern.checkpoint import load_checkpoint, save_checkpoint
 from colintern.losses import late_interaction_loss
-from helpers import noisy_page
+from helpers import noisy_page, load_script, max_diff
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 64  # small cap so the tiny model runs fast; the default (768) is checked on a huge page
@@ -38,23 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen_dir(tmp_path_factory) -> str:
-    """Built through the CLI entry point (`python -m colintern.tiny OUT --backbone qwen3_vl`), in-process."""
-    from colintern.tiny import main
-
-    out = str(tmp_path_factory.mktemp("tiny_qwen3vl"))
-    assert main([out, "--backbone", "qwen3_vl", "--seed", "0"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def model(tiny_qwen_dir):
     return ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=MAX_TOKENS)
 
-
-def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    assert [x.shape for x in a] == [y.shape for y in b]
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 def test_tiny_model_folder_is_a_seeded_qwen3_vl(tiny_qwen_dir, tmp_path):
@@ -124,16 +108,6 @@ def test_embeddings_shapes_norms_and_finite(model):
     assert qs[0].shape == (n_text + 10, 128)
     assert all(torch.isfinite(q).all() for q in qs)
     torch.testing.assert_close(qs[1].norm(dim=-1), torch.ones(qs[1].shape[0]), atol=1e-5, rtol=0)
-
-
-def test_item_embedding_is_the_same_alone_and_in_a_mixed_batch(model):
-    """Right padding + M-RoPE positions from the attention mask: a page's embedding ignores its batch."""
-    batched = model.encode_images(PAGES, batch_size=6)
-    alone = [model.encode_images([p], batch_size=1)[0] for p in PAGES]
-    assert max_diff(batched, alone) < 1e-4
-    batched_q = model.encode_queries(QUERIES, batch_size=6)
-    alone_q = [model.encode_queries([q], batch_size=1)[0] for q in QUERIES]
-    assert max_diff(batched_q, alone_q) < 1e-4
 
 
 def test_visual_tokens_never_exceed_the_cap(tiny_qwen_dir, model):
@@ -250,14 +224,6 @@ def test_checkpoint_of_the_other_backbone_fails_clearly(tiny_qwen_dir, tiny_mode
 
 # ------------------------------------------------------------------------------------------ scripts, end to end
 
-
-def load_script(name: str):
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    spec = importlib.util.spec_from_file_location(f"{name}_script_qwen", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def ndcg(qrels: dict, run: dict, k: int) -> float:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from colintern.backbone import LoadedBackbone, load_tokenizer
 from colintern.model import ColIntern, config_for_backbone
-from colintern.tiny import internvl35_1b_config
+from colintern.internvl import internvl35_1b_config
 
 
 def test_internvl35_1b_shapes_bf16(tiny_model_dir):
@@ -27,7 +27,7 @@ def test_internvl35_1b_shapes_bf16(tiny_model_dir):
     n_params = sum(p.numel() for p in backbone.parameters())
     assert 0.7e9 < n_params < 1.1e9, n_params  # InternVL3.5-1B without its LM head
     assert backbone.vision_tower.encoder.layer[0].attention.q_proj.bias is not None
-    loaded = LoadedBackbone(model=backbone, tokenizer=tokenizer, kind="internvl", layout="native", hidden_size=1024,
+    loaded = LoadedBackbone(model=backbone, tokenizer=tokenizer, family="internvl", layout="native", hidden_size=1024,
                             signature={"model_type": "internvl", "hidden_size": 1024}, tile_size=448,
                             image_tokens_per_tile=256)
     model = ColIntern(loaded, config_for_backbone(loaded, "random-InternVL3_5-1B"))

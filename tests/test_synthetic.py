@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from colintern.errors import UserError, run_cli
+from colintern.cli import run_cli
+from colintern.errors import UserError
 from colintern.synthetic import COLOURS, SHAPES, TEMPLATES, TRAIN_COLUMNS, WORDS, generate, main
 
 

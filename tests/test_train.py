@@ -3,7 +3,6 @@ batch, 2 processes = 1 process, phases, hard negatives, bad rows, faults and eve
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -17,18 +16,13 @@ import pytest
 import torch
 
 from colintern.checkpoint import load_checkpoint
-from colintern.errors import run_cli
+from colintern.cli import run_cli
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 LINE_RE = re.compile(r"^step (\d+) \| epoch (\d+) \| loss (\d+\.\d{6}) \| lr (\d\.\d{3}e[+-]\d{2}) \| "
                      r"grad_norm (\d+\.\d{4}) \| pairs/s (\d+\.\d)$")
 
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train = load_script("train")
@@ -373,7 +367,7 @@ def test_two_processes_match_one_process_on_the_combined_batch(tiny_model_dir, s
 
 
 def test_step_loss_excludes_duplicate_pages_and_drops_queries_without_a_page():
-    """step_loss against a float64 reference of SPEC §5 written out by hand."""
+    """step_loss against a float64 reference of docs/CONTRACT.md §5 written out by hand."""
     from colintern.losses import late_interaction_loss
     from colintern.training import step_loss
 

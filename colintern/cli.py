@@ -1,0 +1,59 @@
+"""The conventions every script shares: one error format, one log format, one way to run main().
+
+- `run_cli(main, argv)`: a `UserError` (bad input the user must fix) becomes exactly one line `error: ...` on stderr
+  and exit status 2, never a traceback; Ctrl-C exits 130 with one warning; argparse's exits become statuses.
+- `setup_logging(verbose)`: the same timestamped format for every script, on the `colintern` logger hierarchy
+  (every script logs as `colintern.<script>`); `-v` shows details.
+
+No torch here: the plot scripts import this module and start quickly.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from colintern.errors import UserError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (so captured and redirected stderr both work)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(verbose: bool = False, *, quiet: bool = False, default: int = logging.INFO) -> None:
+    """Send the `colintern` loggers to stderr in one format: `default` level (INFO for jobs, WARNING for the plot
+    scripts), DEBUG with verbose (INFO for scripts whose default is WARNING), WARNING when quiet (e.g. ranks > 0)."""
+    level = logging.WARNING if quiet else (max(logging.DEBUG, default - 10) if verbose else default)
+    logger = logging.getLogger("colintern")
+    logger.handlers[:] = [h for h in logger.handlers if not isinstance(h, _StderrHandler)]
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt=LOG_DATEFMT))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a script's main(argv) and return its exit status: a UserError becomes one 'error: ...' line on stderr
+    and status 2; argparse's exits (--help: 0, a usage error: 2, its message already printed) become statuses."""
+    try:
+        return main(argv) or 0
+    except SystemExit as exit_:
+        return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+    except UserError as err:
+        message = str(err).replace("\n", " ")  # always exactly one line
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("colintern").warning("interrupted")
+        return 130

@@ -1,0 +1,581 @@
+"""The training loop: one phase of ColIntern training, started fresh or resumed exactly (train.py is its command line).
+
+A run is one *phase* (in-batch negatives from a page dataset, or hard negatives from a triples file). Its state is
+a `TrainingState` (typed, stored in every checkpoint as a plain dict): where the phase started, how far it got,
+and the optimizer, scheduler and RNG states. A checkpoint of the same phase (same data, same arguments: the
+`Fingerprint`) continues exactly; a checkpoint of another phase starts a new one from its weights.
+
+    Trainer(args, dist)          data, model, phase (new or resumed), optimizer, logs, hidden-state cache
+    Trainer.run()                epochs -> optimizer steps -> (log line, checkpoint, fault hooks); returns a summary
+
+The pieces the loop uses (examples, epoch plan, micro-batch loader, cache, step loss, logs, RNG) are in
+`colintern/training.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, fields, replace
+from functools import partial
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from colintern.checkpoint import load_checkpoint, save_checkpoint
+from colintern.data import SkipReport
+from colintern.distributed import (DistInfo, all_gather_object, all_reduce_gradients, all_reduce_mean,
+                                   broadcast_object, gather_padded)
+from colintern.errors import UserError
+from colintern.gradcache import gradcache_backward
+from colintern.losses import late_interaction_loss
+from colintern.training import (LOSS_TXT, METRICS_JSONL, Embedder, FailOnSave, Fingerprint, HiddenCache, MicroBatches,
+                                Plan, append_line, diff_args, fault, format_loss_line, load_hub_examples,
+                                load_jsonl_examples, lr_factor, make_loader, make_plan, prepare_logs,
+                                probe_batch_size, rng_state, seed_everything, set_rng_state, step_loss)
+
+log = logging.getLogger("colintern.train")
+
+# Arguments that change what training computes: a checkpoint continues the same phase only if they match.
+PHASE_ARGS = ("batch_size", "grad_accum", "epochs", "lr", "seed", "loss", "tau", "warmup_ratio", "weight_decay",
+              "max_grad_norm", "max_steps", "fn_filter", "lora", "lora_r", "lora_alpha", "lora_dropout",
+              "lora_vision", "optimizer", "grad_cache", "auto_batch", "auto_max_batch", "auto_target_frac", "dtype")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Typed training state (the checkpoint's "training" section, docs/CONTRACT.md §6)
+
+
+@dataclass
+class Phase:
+    """What a phase is: its identity (data + arguments), where it started and how it is cut into steps."""
+
+    id: str                 # identity of the data (kind + content hash)
+    fingerprint: str        # hash of the data identity and PHASE_ARGS: a resume must match it
+    args: dict[str, Any]    # the PHASE_ARGS values (to say which ones differ)
+    index: int              # 1 for the first phase of a model, 2 for the next, ...
+    kind: str               # "hub" (in-batch negatives) or "jsonl" (in-batch + hard negatives)
+    start_step: int         # global optimizer step the phase started at
+    start_epoch: int
+    steps: int              # optimizer steps of the whole phase
+    steps_per_epoch: int
+    batch_size: int         # micro-batch per process (auto_batch may have chosen it)
+    world_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Phase":
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+@dataclass
+class TrainingState:
+    """How far a phase got. Counters move during the run; the state dicts are filled when a checkpoint is written
+    or read."""
+
+    phase: Phase
+    step: int                # global optimizer steps done (across phases)
+    phase_step: int          # steps done in this phase
+    epoch: int               # current epoch number (global, 1-based)
+    epoch_position: int      # steps done in the current epoch
+    phase_done: bool = False
+    skipped: int = 0         # bad rows reported so far
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    rng: list[dict[str, Any]] | None = None  # one RNG state per rank
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: state dicts are not copied
+        values["phase"] = self.phase.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingState":
+        known = {f.name for f in fields(cls)} - {"phase"}
+        return cls(phase=Phase.from_dict(values["phase"]), **{k: v for k, v in values.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                   device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer asked for; bitsandbytes' 8-bit AdamW falls back to torch AdamW when it cannot run here."""
+    if name != "adamw":
+        try:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+            if name == "paged_adamw_8bit" and device.type != "cuda":
+                log.info("--optimizer paged_adamw_8bit: paging needs CUDA; using non-paged 8-bit AdamW on %s",
+                         device.type)
+                cls = bnb.optim.AdamW8bit
+            probe = torch.nn.Parameter(torch.zeros(4096, device=device))  # one step proves the kernels run here
+            probe.grad = torch.ones_like(probe)
+            cls([probe], lr=1e-3).step()
+            return cls(params, lr=lr, weight_decay=weight_decay), name
+        except Exception as err:  # noqa: BLE001 - ImportError, missing CUDA kernels, ...
+            log.warning("--optimizer %s needs a working bitsandbytes on %s (%s: %s); falling back to torch "
+                        "AdamW (32-bit states)", name, device.type, type(err).__name__, str(err).splitlines()[0]
+                        if str(err) else "")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
+
+
+def compile_embed(model, backend: str, device: torch.device):
+    """torch.compile the embedding head; a failure (e.g. no C++ compiler) warns and keeps the eager head."""
+    try:
+        compiled = torch.compile(model.embed, backend=backend, dynamic=True)
+        hidden = torch.zeros(2, 3, model.config.hidden_size, dtype=next(model.backbone.parameters()).dtype,
+                             device=device)
+        keep = torch.ones(2, 3, dtype=torch.bool, device=device)
+        compiled(hidden, keep)[0].sum().backward()  # compile forward and backward now, not mid-step
+        model.head.zero_grad(set_to_none=True)
+        log.info("compiled the projection head (torch.compile backend %s)", backend)
+        return compiled
+    except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
+        model.head.zero_grad(set_to_none=True)
+        log.warning("--compile_heads: torch.compile failed (%s: %s); using the eager head", type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "")
+        return model.embed
+
+
+def auto_batch(args: argparse.Namespace, model, embed, params, num_negs: int, train_backbone: bool,
+               device: torch.device) -> int:
+    """The micro-batch size: probed on CUDA (worst-case pages, the same on every rank), else --batch_size."""
+    if device.type != "cuda":
+        log.info("--auto_batch probes GPU memory and needs CUDA; on %s it keeps --batch_size %d", device.type,
+                 args.batch_size)
+        return args.batch_size
+    page = model.processor.worst_case_page()
+    query = " ".join(["which page shows the revenue table of the annual report"] * 6)
+
+    def embed_step(b: int) -> None:
+        q_in = model.processor.process_queries([query] * b)
+        p_in = model.processor.process_images([page] * (b * (1 + num_negs)))
+        with torch.set_grad_enabled(train_backbone):
+            hq, hp = model.hidden_states(q_in), model.hidden_states(p_in)
+        q, q_keep = embed(hq, q_in["keep_mask"])  # (b, Lq, D)
+        d, p_keep = embed(hp, p_in["keep_mask"])  # (b(1+K), Lp, D)
+        neg = d[b:].view(b, num_negs, *d.shape[1:]) if num_negs else None
+        neg_mask = p_keep[b:].view(b, num_negs, -1) if num_negs else None
+        loss = late_interaction_loss(q, q_keep, d[:b], p_keep[:b], neg, neg_mask, kind=args.loss,
+                                     temperature=args.tau)
+        loss.backward()
+
+    state_bytes = sum(p.numel() for p in params) * (8 if args.optimizer == "adamw" else 2)
+    chosen, notes = probe_batch_size(embed_step, params, max_batch=args.auto_max_batch,
+                                     target_frac=args.auto_target_frac, device=device, extra_bytes=state_bytes)
+    chosen = min(all_gather_object(chosen))
+    torch.cuda.reset_peak_memory_stats(device)  # the summary's peak memory is training's, not the probes'
+    log.info("auto_batch: micro-batch %d (%s)", chosen, "; ".join(notes))
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """One phase of training on this process (rank) of a data-parallel run."""
+
+    def __init__(self, args: argparse.Namespace, dist: DistInfo):
+        self.args = args
+        self.rank, self.world, self.device, self.is_main = dist.rank, dist.world_size, dist.device, dist.is_main
+        self.t_run = time.perf_counter()
+        os.makedirs(args.out_dir, exist_ok=True)
+        if self.device.type == "cpu":
+            # Bit-exact resume: the CPU backward of advanced indexing (the loss's best-token gather, the page
+            # table) otherwise accumulates in parallel, in an order that changes from run to run.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self._load_data()
+        self.payload = load_checkpoint(args.resume_ckpt) if args.resume_ckpt else None
+        self._build_model()
+        self.state, self.same_phase = self._start_or_resume()
+        self._make_optimizer()
+        self._prepare_logs()
+        self._prepare_embedder()
+        self.last_ckpt = args.resume_ckpt
+        self.last_metrics: dict[str, Any] = dict(self.payload.get("metrics", {})) if self.payload else {}
+        self.window = self._restored_window()  # losses since the last training_loss.txt line
+        self.seen_skips: set[tuple[str, str]] = set()
+        self.run_steps = self.run_pairs = 0
+        self.epoch_seconds: dict[int, float] = {}
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        args = self.args
+        self.report = SkipReport(strict=args.strict, logger=log)
+        if args.train_hub:
+            self.data = load_hub_examples(args.train_hub, args.split, self.report)
+        else:
+            self.data = load_jsonl_examples(args.train_jsonl, args.root, self.report)
+        self.examples = self.data.examples
+        self.num_negs = args.num_negs if self.data.kind == "jsonl" else 0
+        log.info("%d training examples (%s%s)", len(self.examples), "in-batch negatives" if self.data.kind == "hub"
+                 else "in-batch + hard negatives", f", {self.num_negs} per query" if self.num_negs else "")
+
+    def _build_model(self) -> None:
+        """The model (from --resume_ckpt's weights when given), which parameters train, and the embed function."""
+        from colintern.model import ColIntern
+
+        args, payload = self.args, self.payload
+        if payload is not None and args.dim is not None and payload["config"].get("dim") != args.dim:
+            raise UserError(f"--dim {args.dim} differs from {args.resume_ckpt}'s dim "
+                            f"{payload['config'].get('dim')}; drop --dim to continue from this checkpoint")
+        seed_everything(args.seed)  # identical on every rank: the LoRA initialisation must be the same everywhere
+        model = ColIntern.from_pretrained(args.model_id, ckpt=args.resume_ckpt, device=str(self.device),
+                                          dtype=args.dtype, use_flash_attn=args.use_flash_attn,
+                                          max_tiles=args.max_tiles, max_visual_tokens=args.max_visual_tokens,
+                                          dim=None if payload is not None else args.dim)
+        if args.lora and model.lora_config is None:
+            model.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout, include_vision=args.lora_vision)
+        elif args.lora:
+            saved = model.lora_config
+            if (saved["r"], saved["lora_alpha"], saved["lora_dropout"]) != (args.lora_r, args.lora_alpha,
+                                                                             args.lora_dropout):
+                log.warning("continuing the checkpoint's LoRA adapters (r=%s, alpha=%s, dropout=%s); --lora_r/"
+                            "--lora_alpha/--lora_dropout apply only to new adapters", saved["r"],
+                            saved["lora_alpha"], saved["lora_dropout"])
+        elif model.lora_config is not None:
+            log.info("%s has LoRA adapters: they stay frozen (heads-only mode); pass --lora to keep training them",
+                     args.resume_ckpt)
+        self.train_backbone = args.lora
+        for name, param in model.backbone.named_parameters():
+            param.requires_grad_(self.train_backbone and "lora_" in name)
+        model.head.requires_grad_(True)
+        model.train(self.train_backbone)  # LoRA dropout on; the frozen backbone runs in eval mode
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        log.info("mode: %s; %.3fM trainable parameters", "LoRA + head" if self.train_backbone else
+                 "head only (frozen backbone, cached hidden states)", sum(p.numel() for p in self.params) / 1e6)
+        log.info("device %s, backbone %s, %d torch thread(s)", self.device,
+                 str(model.backbone.dtype).replace("torch.", ""), torch.get_num_threads())
+        if args.gradient_checkpointing:
+            if self.train_backbone:
+                model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                log.warning("--gradient_checkpointing has no effect in heads-only mode (no backbone gradients)")
+        self.model = model
+        self.embed = compile_embed(model, args.compile_backend, self.device) if args.compile_heads else model.embed
+        seed_everything(args.seed + self.rank)  # dropout differs between ranks, as in any data-parallel run
+
+    def _fingerprint(self) -> Fingerprint:
+        args, data = self.args, self.data
+        phase_args = {k: getattr(args, k) for k in PHASE_ARGS}
+        phase_args.update(num_negs=self.num_negs, world_size=self.world,
+                          split=args.split if data.kind == "hub" else None,
+                          model={k: v for k, v in self.model.config.to_dict().items() if k != "base_model"})
+        return Fingerprint(json.dumps([data.kind, data.identity], sort_keys=True), phase_args)
+
+    def _start_or_resume(self) -> tuple[TrainingState, bool]:
+        """Continue the checkpoint's phase (same data and arguments), or start a new phase (from its weights)."""
+        args = self.args
+        fingerprint = self._fingerprint()
+        saved = self.payload.get("training") if self.payload is not None else None
+        same_phase = bool(saved) and saved["phase"]["id"] == fingerprint.phase_id and not saved["phase_done"] \
+            and not args.new_phase
+        if same_phase and saved["phase"]["fingerprint"] != fingerprint.value:
+            diffs = diff_args(saved["phase"]["args"], fingerprint.args)
+            raise UserError(f"{args.resume_ckpt} is a checkpoint of this phase (same data) trained with other "
+                            f"arguments ({'; '.join(diffs[:4]) or 'model config'}); pass the same arguments to "
+                            "continue it exactly, or add --new_phase to start a new phase from its weights")
+        if same_phase:
+            state = TrainingState.from_dict(saved)
+            log.info("resuming phase %d from %s: step %d (epoch %d, step %d of the epoch)", state.phase.index,
+                     args.resume_ckpt, state.step, state.epoch, state.epoch_position)
+        else:
+            step = saved["step"] if saved else 0
+            epoch = saved["epoch"] + 1 if saved else 1
+            index = saved["phase"]["index"] + 1 if saved else 1
+            if self.payload is not None:
+                log.info("new phase %d from the weights of %s: fresh optimizer and schedule, starting at epoch %d, "
+                         "step %d", index, args.resume_ckpt, epoch, step)
+            batch_size = args.batch_size
+            if args.auto_batch:
+                batch_size = auto_batch(args, self.model, self.embed, self.params, self.num_negs,
+                                        self.train_backbone, self.device)
+            phase = Phase(id=fingerprint.phase_id, fingerprint=fingerprint.value, args=fingerprint.args,
+                          index=index, kind=self.data.kind, start_step=step, start_epoch=epoch, steps=0,
+                          steps_per_epoch=0, batch_size=batch_size, world_size=self.world)
+            state = TrainingState(phase, step=step, phase_step=0, epoch=epoch, epoch_position=0)
+        self._size_phase(state)
+        return state, same_phase
+
+    def _size_phase(self, state: TrainingState) -> None:
+        """Steps per epoch and in the phase, from the data size, the batch layout and --epochs / --max_steps."""
+        args, phase = self.args, state.phase
+        plan = make_plan(len(self.examples), args.seed, state.epoch, phase.batch_size, self.world, args.grad_accum)
+        if plan.steps == 0:
+            need = phase.batch_size * args.grad_accum * self.world
+            raise UserError(f"{len(self.examples)} training examples are fewer than one optimizer step needs "
+                            f"(batch_size {phase.batch_size} x grad_accum {args.grad_accum} x {self.world} processes "
+                            f"= {need}); lower --batch_size or --grad_accum")
+        phase.steps_per_epoch = plan.steps
+        phase.steps = plan.steps * args.epochs
+        if args.max_steps:
+            phase.steps = min(phase.steps, args.max_steps)
+
+    def _make_optimizer(self) -> None:
+        args, state, phase = self.args, self.state, self.state.phase
+        warmup = math.ceil(args.warmup_ratio * phase.steps)
+        self.optimizer, opt_name = make_optimizer(args.optimizer, self.params, args.lr, args.weight_decay,
+                                                  self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           partial(lr_factor, total=phase.steps, warmup=warmup))
+        if self.same_phase:
+            self.optimizer.load_state_dict(state.optimizer)
+            self.scheduler.load_state_dict(state.scheduler)
+            state.optimizer = state.scheduler = None  # loaded; save() takes fresh ones
+        last_epoch = phase.start_epoch + math.ceil(phase.steps / phase.steps_per_epoch) - 1
+        per_step = phase.batch_size * args.grad_accum * self.world
+        dropped = len(self.examples) - phase.steps_per_epoch * per_step
+        log.info("phase %d: %d epoch(s) x %d steps (%d pairs per step = %d per micro-batch x %d accumulation x %d "
+                 "processes%s), %d steps in all, warm-up %d; %s", phase.index, last_epoch - phase.start_epoch + 1,
+                 phase.steps_per_epoch, per_step, phase.batch_size, args.grad_accum, self.world,
+                 f"; {dropped} examples per epoch do not fill a step" if dropped else "", phase.steps, warmup,
+                 opt_name)
+
+    def _prepare_logs(self) -> None:
+        args, state = self.args, self.state
+        if not self.is_main:
+            return
+        prepare_logs(args.out_dir, state.step if self.payload is not None else None)
+        if self.payload is not None:
+            what = "resumed" if self.same_phase else f"phase {state.phase.index}"
+            append_line(args.out_dir, LOSS_TXT, f"# {what} from {args.resume_ckpt} at step {state.step}, epoch "
+                        f"{state.epoch}: {args.train_hub or args.train_jsonl}")
+
+    def _restored_window(self) -> list[float]:
+        """The losses logged since the last training_loss.txt line, so a resumed run averages the same steps."""
+        if not (self.is_main and self.payload is not None):
+            return []
+        step = self.state.step
+        with open(os.path.join(self.args.out_dir, METRICS_JSONL), encoding="utf-8") as f:
+            done = [json.loads(line) for line in f if line.strip()]
+        return [r["loss"] for r in done if r["step"] > step - step % self.args.log_every]
+
+    def _prepare_embedder(self) -> None:
+        """Heads-only: the hidden-state cache, rebuilt up to the resume point so that results stay exact."""
+        args, state = self.args, self.state
+        self.cache = None
+        if not self.train_backbone:
+            self.cache = HiddenCache(int(args.cache_mem_gb * 1e9), int(args.cache_disk_gb * 1e9),
+                                     os.path.join(args.out_dir, f".hidden_cache_rank{self.rank}.bin"))
+        self.embedder = Embedder(self.model, self.embed, self.train_backbone, self.cache)
+        self.skip_at_epoch_start: frozenset[str] | None = None
+        start_epoch, epoch, position = state.phase.start_epoch, state.epoch, state.epoch_position
+        if self.same_phase and self.cache is not None and args.cache_mem_gb + args.cache_disk_gb > 0 and (
+                epoch > start_epoch or position > 0):
+            log.info("rebuilding the hidden-state cache up to the resume point (%d epoch(s) + %d steps of "
+                     "forward passes)", epoch - start_epoch, position)
+            with torch.no_grad():
+                for e in range(start_epoch, epoch + 1):
+                    skip = self.cache.keys()
+                    if e == epoch:
+                        self.skip_at_epoch_start = skip
+                    upto = state.phase.steps_per_epoch if e < epoch else position
+                    _, loader = self.epoch_batches(e, 0, upto * args.grad_accum, skip)
+                    for batch in loader:
+                        self.embedder.queries(batch)
+                        self.embedder.pages(batch)
+        if self.same_phase:
+            set_rng_state(state.rng[self.rank])
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int, first: int, last: int, skip: frozenset[str]) -> tuple[Plan, Any]:
+        """Plan of an epoch and a loader of this rank's micro-batches first..last-1."""
+        plan = make_plan(len(self.examples), self.args.seed, epoch, self.state.phase.batch_size, self.world,
+                         self.args.grad_accum)
+        rows = [plan.rank_rows(j, self.rank) for j in range(first, last)]
+        dataset = MicroBatches(self.examples, rows, self.model.processor, self.num_negs, self.data.datasets, skip)
+        return plan, make_loader(dataset, self.args.num_workers, self.args.prefetch_factor,
+                                 self.device.type == "cuda")
+
+    def run(self) -> str:
+        """Train to the end of the phase; returns the summary line."""
+        state = self.state
+        bar = tqdm(total=state.phase.steps, initial=state.phase_step, desc=f"phase {state.phase.index}",
+                   unit="step", disable=not self.is_main, dynamic_ncols=True)
+        t_train = time.perf_counter()
+        try:
+            first_epoch = state.epoch
+            while state.phase_step < state.phase.steps:
+                if state.epoch_position >= state.phase.steps_per_epoch:  # resumed from an epoch-end checkpoint
+                    state.epoch, state.epoch_position = state.epoch + 1, 0
+                skip = self.cache.keys() if self.cache is not None else frozenset()
+                if state.epoch == first_epoch and self.skip_at_epoch_start is not None:
+                    skip = self.skip_at_epoch_start
+                self._run_epoch(skip, bar)
+        finally:
+            bar.close()
+            if self.cache is not None:
+                self.cache.close()
+        return self._summary(time.perf_counter() - t_train)
+
+    def _run_epoch(self, skip: frozenset[str], bar) -> None:
+        """The optimizer steps of the current epoch, from its position to its end or the end of the phase."""
+        state, accum = self.state, self.args.grad_accum
+        end = min(state.phase.steps_per_epoch, state.epoch_position + state.phase.steps - state.phase_step)
+        plan, loader = self.epoch_batches(state.epoch, state.epoch_position * accum, end * accum, skip)
+        batches_left = iter(loader)
+        t_epoch, computed_before = time.perf_counter(), self.embedder.items_computed
+        full_epoch = state.epoch_position == 0
+        for pos in range(state.epoch_position, end):
+            self._optimizer_step(plan, pos, [next(batches_left) for _ in range(accum)])
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.last_metrics['loss']:.4f}", lr=f"{self.last_metrics['lr']:.2e}",
+                            pairs_s=f"{self.last_metrics['pairs_per_s']:.1f}", epoch=state.epoch)
+            self._after_step()
+        if full_epoch and state.epoch_position == state.phase.steps_per_epoch:
+            self._note_epoch_time(state.epoch, time.perf_counter() - t_epoch,
+                                  self.embedder.items_computed - computed_before)
+
+    def _optimizer_step(self, plan: Plan, pos: int, batches: list[dict]) -> None:
+        """Step `pos` of the epoch (micro-batches pos * grad_accum ...): forward, backward, gradient averaging and
+        clipping, the update; then metrics.jsonl and the loss line."""
+        args, state = self.args, self.state
+        t0 = time.perf_counter()
+        micro = [pos * args.grad_accum + m for m in range(args.grad_accum)]
+        for batch in batches:
+            self._note_skips(batch)
+        loss = all_reduce_mean(self._forward_backward(plan, micro, batches))
+        all_reduce_gradients(self.params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm or float("inf")))
+        if fault("nan", state.step + 1):
+            loss = float("nan")
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise UserError(f"training diverged: loss {loss}, grad_norm {grad_norm} at step {state.step + 1} "
+                            f"(epoch {state.epoch}); stopped without saving. Last good checkpoint: "
+                            f"{self.last_ckpt or '(none written yet)'}. Lower --lr, raise --tau or check the data")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step, state.phase_step, state.epoch_position = state.step + 1, state.phase_step + 1, pos + 1
+        seconds = time.perf_counter() - t0
+        pairs = state.phase.batch_size * args.grad_accum * self.world
+        self.run_steps, self.run_pairs = self.run_steps + 1, self.run_pairs + pairs
+        self.last_metrics = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
+                             "grad_norm": grad_norm, "pairs_per_s": pairs / seconds, "seconds": seconds}
+        self.window.append(loss)
+        if self.is_main:
+            append_line(args.out_dir, METRICS_JSONL, json.dumps(self.last_metrics))
+            if state.step % args.log_every == 0:
+                line = format_loss_line(state.step, state.epoch, sum(self.window) / len(self.window), lr, grad_norm,
+                                        pairs / seconds)
+                append_line(args.out_dir, LOSS_TXT, line)
+                self.window = []
+
+    def _forward_backward(self, plan: Plan, micro: list[int], batches: list[dict]) -> float:
+        """Forward + backward of one optimizer step; returns this rank's loss."""
+        args = self.args
+        loss_kwargs = {"kind": args.loss, "temperature": args.tau, "fn_filter": args.fn_filter}
+        kw = {"num_negs": self.num_negs, "rank": self.rank, "gather": gather_padded, "loss_fn": late_interaction_loss,
+              "loss_kwargs": loss_kwargs}
+        if args.grad_cache:
+            keys = [self.examples[i].pos.key for r in range(self.world) for j in micro for i in plan.rank_rows(j, r)]
+            closures = []
+            for batch in batches:
+                closures += [partial(self.embedder.queries, batch), partial(self.embedder.pages, batch)]
+            return float(gradcache_backward(closures, lambda parts: step_loss(parts, batches, all_keys=keys, **kw)))
+        total = 0.0
+        for j, batch in zip(micro, batches):
+            keys = [self.examples[i].pos.key for i in plan.micro[j]]
+            loss = step_loss([self.embedder.queries(batch), self.embedder.pages(batch)], [batch], all_keys=keys,
+                             **kw)
+            (loss / args.grad_accum).backward()
+            total += float(loss.detach()) / args.grad_accum
+        return total
+
+    def _note_skips(self, batch: dict) -> None:
+        """Report the pages of a micro-batch that could not be decoded, once per (source row, reason)."""
+        seen, report = self.seen_skips, self.report
+        for b, p in enumerate(batch["pos_row"].tolist()):
+            if p in batch["bad"] and (batch["where"][b], batch["bad"][p][1]) not in seen:
+                seen.add((batch["where"][b], batch["bad"][p][1]))
+                report.add(batch["where"][b], f"{batch['bad'][p][1]} (pos {batch['pos_label'][b]})"
+                           if self.data.kind == "jsonl" else batch["bad"][p][1])
+            for n in batch["neg_row"][b].tolist():
+                if n in batch["bad"] and (batch["where"][b], batch["bad"][n][1]) not in seen:
+                    seen.add((batch["where"][b], batch["bad"][n][1]))
+                    report.add(batch["where"][b], f"{batch['bad'][n][1]} (negative {batch['bad'][n][0]})")
+
+    def _after_step(self) -> None:
+        """Checkpoints (every --save_every steps, at a phase end inside an epoch, at each epoch end), fault hooks."""
+        args, state = self.args, self.state
+        epoch_done = state.epoch_position == state.phase.steps_per_epoch
+        done = state.phase_step == state.phase.steps
+        if (args.save_every and state.step % args.save_every == 0) or (done and not epoch_done):
+            self.save(os.path.join(args.out_dir, f"colintern_heads_step{state.step}.pt"), done)
+        if epoch_done:
+            self.save(os.path.join(args.out_dir, f"colintern_heads_epoch{state.epoch}.pt"), done)
+        fault("kill", state.step)
+        if fault("raise", state.step):
+            raise RuntimeError(f"injected failure after step {state.step}")
+
+    def _note_epoch_time(self, epoch: int, seconds: float, computed: int) -> None:
+        """After a second full epoch with the hidden-state cache: how much faster it was than the first."""
+        self.epoch_seconds[epoch] = seconds
+        base = min(self.epoch_seconds)  # the first full epoch of this run: the one that filled the cache
+        cache = self.cache
+        if not (self.is_main and cache is not None and epoch > base):
+            return
+        msg = (f"epoch {epoch}: {seconds:.1f} s vs {self.epoch_seconds[base]:.1f} s for epoch {base}: "
+               f"{self.epoch_seconds[base] / max(seconds, 1e-9):.1f}x faster with the hidden-state cache "
+               f"({len(cache)} items cached, {cache.mem_used / 1e9:.2f} GB memory + {cache.disk_used / 1e9:.2f} GB "
+               f"disk; {computed} items still went through the backbone)")
+        log.info(msg)
+        append_line(self.args.out_dir, LOSS_TXT, "# " + msg)
+
+    # -- checkpoints and the summary ---------------------------------------------------------------------
+    def save(self, path: str, done: bool) -> None:
+        """Write a checkpoint on rank 0 (atomic); a failure stops the run with the previous file intact."""
+        args = self.args
+        rngs = all_gather_object(rng_state())
+        if args.resume_ckpt and os.path.realpath(path) == os.path.realpath(args.resume_ckpt):
+            log.warning("not overwriting %s, the checkpoint this run resumed from", path)
+            return
+        error = None
+        if self.is_main:
+            parts = self.model.checkpoint_parts()
+            state = replace(self.state, phase_done=done, skipped=self.report.count, rng=rngs,
+                            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+            training = state.to_dict()
+            if fault("save_error", state.step):
+                training["fault"] = FailOnSave()  # fails in the middle of writing the temp file
+            try:
+                save_checkpoint(path, config=parts["config"], head=parts["head"], lora=parts["lora"],
+                                training=training, metrics=self.last_metrics)
+            except OSError as err:
+                error = f"{type(err).__name__}: {err}"
+        error = broadcast_object(error)
+        if error:
+            raise UserError(f"could not write checkpoint {path} ({error}); the previous checkpoint "
+                            f"{self.last_ckpt or '(none)'} is intact")
+        self.last_ckpt = path
+        log.info("saved %s", path)
+
+    def _summary(self, seconds: float) -> str:
+        """The closing line (also the last line of training_loss.txt), with the first skipped rows logged."""
+        state = self.state
+        if self.device.type == "cuda":
+            peak = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB GPU"
+        else:
+            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+        summary = (f"done: phase {state.phase.index}, {self.run_steps} steps in this run (global step {state.step}, "
+                   f"epoch {state.epoch}) in {seconds:.1f} s, {self.run_pairs / max(seconds, 1e-9):.1f} pairs/s, "
+                   f"peak memory {peak}, {self.report.summary()}; last checkpoint {self.last_ckpt} "
+                   f"(total {time.perf_counter() - self.t_run:.1f} s)")
+        if self.is_main:
+            log.info(summary)
+            for item in self.report.items[:20]:
+                log.info("  skipped %s: %s", item.where, item.reason)
+            append_line(self.args.out_dir, LOSS_TXT, "# " + summary)
+        return summary
