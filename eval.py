@@ -57,7 +57,9 @@ TABLE_METRICS = [("ndcg_at_5", "nDCG@5"), ("ndcg_at_10", "nDCG@10"), ("recall_at
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Output layout and details: see the top of eval.py.")
+                                epilog="Outputs: OUT_DIR/RUN_NAME/summary.json (per-task nDCG, MAP, recall, precision and hit rate at k, and their average), mteb's "
+                                "result files beside it, and with --save_run runs/TASK.json (top-100 pages per "
+                                "query); docs/CONTRACT.md §8.")
     p.add_argument("--model_id", default=None,
                    help="backbone: hub id or local directory (default: the base model named in --ckpt's config; "
                         "required without --ckpt)")
@@ -73,8 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--list_benchmarks", action="store_true",
                    help="print the benchmark names the installed mteb knows, one per line, and exit")
     p.add_argument("--local_dataset", nargs="+", default=[], metavar="DIR",
-                   help="local BEIR-layout evaluation set(s) (docs/CONTRACT.md §7: corpus, queries, qrels as .jsonl or "
-                        ".parquet); each becomes an mteb task named after its directory (default: none)")
+                   help="local BEIR-layout evaluation set(s): a folder with corpus, queries and qrels as .jsonl or "
+                        ".parquet; corpus rows {corpus-id, image (bytes or a path relative to the folder)}, queries "
+                        "{query-id, query}, qrels {query-id, corpus-id, score} (docs/CONTRACT.md §7). Each becomes "
+                        "an mteb task named after its folder (default: none)")
     p.add_argument("--task_data", nargs="+", default=[], metavar="TASK=DIR",
                    help="read an mteb task's dataset from a local copy of its hub repo (same configs and files), "
                         "e.g. VidoreDocVQARetrieval=/data/docvqa_test_subsampled_beir (default: from the hub)")

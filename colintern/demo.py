@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", "1", "--max_tiles", str(args.max_tiles), *train_common])
     seconds["mine"] = run("mine hard negatives with the epoch-1 checkpoint", [
         py, script("mine.py"), "--model_id", tiny, "--ckpt", epoch1, "--hub_name", f"{syn}/train", "--split",
-        "train", "--out_jsonl", mined, "--k", str(args.k), "--method", args.mine_method, "--no_gpu"])
+        "train", "--out_jsonl", mined, "--k", str(args.k), "--method", args.mine_method, "--device", "cpu"])
     seconds["train epoch 2"] = run("train epoch 2 on the mined triples (from the epoch-1 weights)", [
         py, script("train.py"), "--model_id", tiny, "--train_jsonl", mined, "--resume_ckpt", epoch1,
         "--out_dir", train_dir, "--num_negs", str(args.num_negs), *train_common])
