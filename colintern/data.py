@@ -23,7 +23,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from colintern.errors import UserError
-from colintern.processor import page_size_problem, to_rgb  # one rule for the API and the batch jobs
+from colintern.processor import PageModeError, page_size_problem, to_rgb  # one rule for the API and the batch jobs
 
 log = logging.getLogger("colintern.data")
 
@@ -143,7 +143,10 @@ def decode_image(value: Any, where: str) -> Image.Image:
         raise BadRowError(where, "missing image: no image value")
     if isinstance(value, Image.Image):
         _check_size(value.width, value.height, where)
-        return to_rgb(value)
+        try:
+            return to_rgb(value)
+        except PageModeError as err:
+            raise BadRowError(where, str(err)) from None
     data = _read_source(value, where)
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -152,6 +155,8 @@ def decode_image(value: Any, where: str) -> Image.Image:
             return to_rgb(image)
     except BadRowError:
         raise
+    except PageModeError as err:
+        raise BadRowError(where, str(err)) from None
     except Image.DecompressionBombError as err:
         raise BadRowError(where, f"image too large: {err}") from None
     except Image.UnidentifiedImageError:
@@ -207,6 +212,20 @@ def _local_cache_dir(folder: Path) -> str:
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "colintern_local" / stamp.hexdigest()[:16])
 
 
+def _check_metadata_utf8(folder: Path) -> None:
+    """An image folder's metadata.jsonl/.csv must be UTF-8: datasets would fail deep inside its builder (a long
+    traceback) on the first bad byte; name the file and line instead. (Its rows cannot be skipped one by one:
+    the builder reads the whole file.)"""
+    for meta in sorted(folder.rglob("metadata.jsonl")) + sorted(folder.rglob("metadata.csv")):
+        with open(meta, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise UserError(f"{meta} line {number}: not valid UTF-8: byte 0x{raw[err.start]:02x} at byte "
+                                    f"{err.start + 1} of the line; save the file as UTF-8") from None
+
+
 def load_page_dataset(name_or_path: str, split: str = "train", strict: bool = False) -> Any:
     """Load a page dataset (query + image columns) from a hub id, a local folder, save_to_disk output or parquet.
 
@@ -237,6 +256,7 @@ def load_page_dataset(name_or_path: str, split: str = "train", strict: bool = Fa
                 loaded = loaded[split]
             dataset = loaded
         elif path.is_dir():
+            _check_metadata_utf8(path)
             dataset = datasets.load_dataset(str(path), split=split, cache_dir=_local_cache_dir(path))
         elif not _looks_like_path(name_or_path):
             dataset = datasets.load_dataset(name_or_path, split=split)
@@ -412,6 +432,36 @@ class ImageResolver:
         return decode_image(self.dataset(name, split)[index]["image"], where=path)
 
 
+# ---------------------------------------------------------------- JSON lines
+
+
+def jsonl_objects(path: str | Path, label: str | None = None) -> Iterator[tuple[str, int, Any]]:
+    """(where, line number, JSON object or BadRowError) for every non-blank line of a JSONL file, 1-based.
+
+    Each line is decoded on its own, strictly: bytes that are not UTF-8 make that line a bad line ("not valid
+    UTF-8"), never a traceback and never U+FFFD replacement characters in the data."""
+    label = str(path) if label is None else label
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{label} line {number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, number, BadRowError(where, f"not valid UTF-8: byte 0x{raw[err.start]:02x} at byte "
+                                                        f"{err.start + 1} of the line")
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield where, number, BadRowError(where, f"malformed JSON: {err.msg} at column {err.colno}")
+                continue
+            if not isinstance(obj, dict):
+                obj = BadRowError(where, f"malformed JSON: expected an object, got {type(obj).__name__}")
+            yield where, number, obj
+
+
 # ---------------------------------------------------------------- triples
 
 
@@ -426,14 +476,8 @@ class Triple:
     extra: dict[str, Any] = field(default_factory=dict)  # other keys, e.g. mine.py's "scores"
 
 
-def _parse_triple(text: str, where: str, line: int) -> Triple:
-    """Validate one JSONL line as a triple."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BadRowError(where, f"malformed JSON: {err.msg} at column {err.colno}") from None
-    if not isinstance(obj, dict):
-        raise BadRowError(where, f"malformed JSON: expected an object, got {type(obj).__name__}")
+def _parse_triple(obj: dict[str, Any], where: str, line: int) -> Triple:
+    """Validate one JSONL object as a triple."""
     query = clean_query(obj.get("query"), where)
     pos = obj.get("pos")
     if not isinstance(pos, str) or not pos.strip():
@@ -458,17 +502,15 @@ def read_triples_jsonl(path: str, strict: bool = False,
     report = report if report is not None else SkipReport(strict=strict)
     first_skip = report.count
     triples: list[Triple] = []
-    with file.open("r", encoding="utf-8", errors="replace") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                triples.append(_parse_triple(text, where, number))
-            except BadRowError as err:
-                if strict:
-                    raise
-                report.add_error(err)
+    for where, number, obj in jsonl_objects(file, str(path)):
+        try:
+            if isinstance(obj, BadRowError):
+                raise obj
+            triples.append(_parse_triple(obj, where, number))
+        except BadRowError as err:
+            if strict:
+                raise
+            report.add_error(err)
     skipped = report.items[first_skip:]
     if not triples:
         detail = f"; first problem: {skipped[0].where}: {skipped[0].reason}" if skipped else ""
@@ -498,18 +540,10 @@ def _beir_rows(files: list[Path], root: Path) -> Iterator[tuple[str, dict]]:
     for file in files:
         label = str(file.relative_to(root))
         if file.suffix == ".jsonl":
-            with file.open("r", encoding="utf-8") as f:
-                for number, text in enumerate(f, start=1):
-                    if not text.strip():
-                        continue
-                    where = f"{label} line {number}"
-                    try:
-                        row = json.loads(text)
-                    except json.JSONDecodeError as err:
-                        raise UserError(f"{where}: malformed JSON: {err.msg} at column {err.colno}") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"{where}: malformed JSON: expected an object")
-                    yield where, row
+            for where, _, row in jsonl_objects(file, label):
+                if isinstance(row, BadRowError):
+                    raise UserError(str(row))  # an evaluation set is used whole: a bad line stops the run
+                yield where, row
         else:
             import pyarrow.parquet as pq
 

@@ -29,14 +29,61 @@ def page_size_problem(width: int, height: int) -> str | None:
     return None
 
 
+class PageModeError(ValueError):
+    """A page whose pixels cannot be converted to 8-bit RGB faithfully (the reason says why)."""
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey pages -> 8-bit grey with the same content.
+
+    PIL's own conversion clips (a 16-bit page becomes nearly all white), so the values are rescaled: 16-bit
+    samples by 1/257 (65535 -> 255); 32-bit integers as 8-bit when they lie in 0..255, as 16-bit in 0..65535;
+    floats as 8-bit in 0..255 or as fractions in 0..1. Other ranges have no faithful reading: PageModeError."""
+    values = np.asarray(image, dtype=np.float64)  # (H, W)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not np.isfinite(values).all():
+        raise PageModeError(f"unsupported pixel values: {image.mode} image with NaN or infinite samples")
+    if image.mode.startswith("I;16"):
+        scale = 1 / 257
+    elif image.mode == "I" and low >= 0 and high <= 255:
+        scale = 1.0
+    elif image.mode == "I" and low >= 0 and high <= 65535:
+        scale = 1 / 257
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scale = 255.0
+    elif image.mode == "F" and low >= 0 and high <= 255:
+        scale = 1.0
+    else:
+        raise PageModeError(f"unsupported pixel values: {image.mode} image with samples from {low:g} to {high:g} "
+                            "(expected 0..255 or 0..65535, or 0..1 for floats); convert it to 8-bit first")
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))  # (H, W) -> L
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy; transparent areas become white (as on a printed page) rather than black."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    """An 8-bit RGB copy with the same content, whatever the PIL mode: transparent areas become white (as on a
+    printed page) rather than black, and 16-bit, 32-bit and float pages are rescaled, not clipped.
+    PageModeError for a page that cannot be converted faithfully."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_depth_to_l(image).convert("RGB")
+    if mode == "RGBa":  # premultiplied alpha: PIL converts it to straight alpha
+        image, mode = image.convert("RGBA"), "RGBA"
+    elif mode == "La":  # premultiplied grey + alpha, which PIL cannot convert: divide by alpha here
+        grey_alpha = np.asarray(image).astype(np.float64)  # (H, W, 2)
+        alpha = grey_alpha[..., 1]
+        grey = np.where(alpha > 0, grey_alpha[..., 0] * 255 / np.maximum(alpha, 1), 0)
+        straight = np.dstack([np.clip(np.rint(grey), 0, 255), alpha]).astype(np.uint8)  # (H, W, 2)
+        image = Image.fromarray(straight)  # LA
+        mode = "LA"
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         page = Image.new("RGB", rgba.size, (255, 255, 255))
         page.paste(rgba, mask=rgba.getchannel("A"))
         return page
-    return image.convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise PageModeError(f"unsupported pixel format: cannot convert a {mode} image to RGB ({err})") from None
 
 
 def check_page_image(image: Any, where: str) -> Image.Image:
@@ -46,7 +93,12 @@ def check_page_image(image: Any, where: str) -> Image.Image:
     problem = page_size_problem(*image.size)
     if problem:
         raise UserError(f"{where}: {problem}; crop or split it into pages, or drop it")
-    return image if image.mode == "RGB" else to_rgb(image)
+    if image.mode == "RGB":
+        return image
+    try:
+        return to_rgb(image)
+    except PageModeError as err:
+        raise UserError(f"{where}: {err}") from None
 
 
 def require_query_text(text: Any, where: str) -> str:

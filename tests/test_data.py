@@ -10,6 +10,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -343,6 +344,30 @@ def test_load_beir_dir_errors(synthetic_dir, tmp_path):
         load_beir_dir(str(bad_image))
 
 
+def test_non_utf8_bytes_are_a_bad_line_in_every_jsonl_reader(synthetic_dir, tmp_path):
+    """Latin-1 bytes in a line: a reported bad line naming file and line (skipped in triples, fatal under --strict
+    and in an evaluation set, which is used whole); never a traceback, never U+FFFD in the data."""
+    triples = tmp_path / "triples.jsonl"
+    triples.write_bytes(b'{"query": "ok", "pos": "a.png"}\n{"query": "caf\xe9", "pos": "b.png"}\n'
+                        b'{"query": "fine", "pos": "c.png"}\n')
+    report = SkipReport()
+    got, skipped = read_triples_jsonl(str(triples), report=report)
+    assert [t.query for t in got] == ["ok", "fine"]
+    assert [(s.where, s.reason) for s in skipped] == [
+        (f"{triples} line 2", "not valid UTF-8: byte 0xe9 at byte 15 of the line")]
+    assert report.counts() == {"not valid UTF-8": 1}
+    with pytest.raises(BadRowError, match=rf"^{triples} line 2: not valid UTF-8"):
+        read_triples_jsonl(str(triples), strict=True)
+
+    beir = _copy_eval(synthetic_dir, tmp_path / "utf8")
+    with open(beir / "queries.jsonl", "ab") as f:
+        f.write(b'{"query-id": "q_9998", "query": "r\xe9sum\xe9"}\n')
+    n_lines = len((beir / "queries.jsonl").read_bytes().splitlines())
+    with pytest.raises(UserError, match=rf"^queries.jsonl line {n_lines}: not valid UTF-8: byte 0xe9 at byte 35 "
+                                        r"of the line$"):
+        load_beir_dir(str(beir))
+
+
 def test_load_beir_dir_parquet_with_embedded_images(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -363,3 +388,90 @@ def test_load_beir_dir_parquet_with_embedded_images(tmp_path):
                    root / "qrels.parquet")
     with pytest.raises(UserError, match=r"qrels.parquet row 1: unknown corpus-id 'dX' \(not in corpus.parquet\)"):
         load_beir_dir(str(root))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every PIL mode keeps its content
+
+
+def _grey_reference() -> np.ndarray:
+    """(48, 64) uint8: every byte value (a gradient) plus a dark box, so a clipped or blank page cannot pass."""
+    grey = (np.arange(48 * 64).reshape(48, 64) % 256).astype(np.uint8)
+    grey[10:20, 30:50] = 7
+    return grey
+
+
+def _png_of(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "I;16B", "I", "I-8bit", "F", "F-unit", "P", "PA", "LA", "La", "1",
+                                  "CMYK", "YCbCr", "RGBA", "RGBa", "P-transparency", "png-16bit", "png-P"])
+def test_every_pil_mode_decodes_to_the_same_page(mode):
+    """The 8-bit grey reference, written in each mode, decodes to the same RGB page (exactly; YCbCr within its
+    rounding). A 16-bit PNG used to become an almost blank page (PIL clips I;16 to 255)."""
+    grey = _grey_reference()
+    ref = np.repeat(grey[:, :, None], 3, axis=2)  # (H, W, 3)
+    wide = grey.astype(np.uint16) * 257  # 16-bit samples of the same content
+    alpha = np.full_like(grey, 255)
+    images = {
+        "L": lambda: Image.fromarray(grey),
+        "I;16": lambda: Image.fromarray(wide),
+        "I;16B": lambda: Image.frombytes("I;16B", (64, 48), wide.astype(">u2").tobytes()),
+        "I": lambda: Image.fromarray(wide.astype(np.int32)),
+        "I-8bit": lambda: Image.fromarray(grey.astype(np.int32)),
+        "F": lambda: Image.fromarray(grey.astype(np.float32)),
+        "F-unit": lambda: Image.fromarray(grey.astype(np.float32) / 255),
+        "P": lambda: Image.fromarray(grey).convert("P", palette=Image.Palette.ADAPTIVE, colors=256),
+        "PA": lambda: Image.fromarray(grey).convert("P", palette=Image.Palette.ADAPTIVE).convert("PA"),
+        "LA": lambda: Image.merge("LA", [Image.fromarray(grey), Image.fromarray(alpha)]),
+        "La": lambda: Image.frombytes("La", (64, 48), np.dstack([grey, alpha]).tobytes()),
+        "1": lambda: Image.fromarray(grey).point(lambda v: 255 if v >= 128 else 0).convert("1"),
+        "CMYK": lambda: Image.fromarray(ref).convert("CMYK"),
+        "YCbCr": lambda: Image.fromarray(ref).convert("YCbCr"),
+        "RGBA": lambda: Image.fromarray(np.dstack([ref, alpha])),
+        "RGBa": lambda: Image.fromarray(np.dstack([ref, alpha])).convert("RGBa"),
+        "P-transparency": lambda: Image.fromarray(grey).convert("P", palette=Image.Palette.ADAPTIVE),
+        "png-16bit": lambda: _png_of(Image.fromarray(wide)),
+        "png-P": lambda: _png_of(Image.fromarray(grey).convert("P", palette=Image.Palette.ADAPTIVE, colors=256)),
+    }
+    value = images[mode]()
+    if mode == "1":
+        ref = np.repeat(np.where(grey >= 128, 255, 0).astype(np.uint8)[:, :, None], 3, axis=2)
+    got = np.asarray(decode_image(value, "row 0"))
+    assert got.dtype == np.uint8 and got.shape == ref.shape
+    tolerance = 2 if mode == "YCbCr" else 0
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= tolerance, mode
+
+
+def test_transparent_areas_become_white_and_unreadable_ranges_are_reported():
+    grey = _grey_reference()
+    alpha = np.full_like(grey, 255)
+    alpha[:, :8] = 0  # a transparent left margin
+    page = np.asarray(decode_image(Image.merge("LA", [Image.fromarray(grey), Image.fromarray(alpha)]), "row 1"))
+    assert (page[:, :8] == 255).all() and np.array_equal(page[:, 8:, 0], grey[:, 8:])
+    signed = Image.fromarray(grey.astype(np.int32) - 300)
+    with pytest.raises(BadRowError, match=r"^row 2: unsupported pixel values: I image with samples from -300 to -45 "):
+        decode_image(signed, "row 2")
+    with pytest.raises(BadRowError, match=r"^row 3: unsupported pixel values: F image with NaN"):
+        decode_image(Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32)), "row 3")
+
+
+def test_image_folder_with_non_utf8_metadata_is_one_line(tmp_path):
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 60), (10 * i, 20, 30)).save(folder / f"p{i}.png")
+    (folder / "metadata.jsonl").write_bytes(b'{"file_name": "p0.png", "query": "first page"}\n'
+                                            b'{"file_name": "p1.png", "query": "second page"}\n')
+    dataset = load_page_dataset(str(folder), "train")
+    assert sorted(dataset["query"]) == ["first page", "second page"]
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    (bad / "metadata.jsonl").write_bytes(b'{"file_name": "p0.png", "query": "first page"}\n'
+                                         b'{"file_name": "p1.png", "query": "\xe9t\xe9"}\n')
+    with pytest.raises(UserError, match=rf"^{bad / 'metadata.jsonl'} line 2: not valid UTF-8: byte 0xe9 at byte 35 "
+                                        r"of the line; save the file as UTF-8$"):
+        load_page_dataset(str(bad), "train")
