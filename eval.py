@@ -45,9 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402
 from colintern.errors import UserError  # noqa: E402
-from colintern.files import atomic_write_text  # noqa: E402
+from colintern.files import atomic_write_text, make_output_dir, note_path  # noqa: E402
 
 log = logging.getLogger("colintern.eval")
+OUT_FLAG = "--out_dir"  # named in one-line errors about the output location (full disk, ...)
 
 DEFAULT_BENCHMARK = "ViDoRe(v1)"
 RUN_TOP_K = 100
@@ -90,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "always fp32")
     p.add_argument("--device", default=None,
                    help="torch device for encoding and scoring (default: cuda when available, else cpu)")
+    p.add_argument("--allow_other_base", action="store_true",
+                   help="evaluate a --ckpt with a base model of the same architecture but other weights than the "
+                        "one it was trained on (default: refuse; the checkpoint records its base weights)")
     p.add_argument("--use_flash_attn", action="store_true",
                    help="use flash-attention 2 when installed (default: sdpa)")
     p.add_argument("--max_tiles", type=int, default=None,
@@ -246,7 +250,7 @@ def load_encoder(args: argparse.Namespace) -> Any:
     return ColInternMTEB(model_id, device=args.device, ckpt=args.ckpt,
                          dtype=None if args.dtype == "auto" else args.dtype, max_tiles=args.max_tiles,
                          batch_size=args.batch_size, query_batch_size=args.query_batch_size,
-                         use_flash_attn=args.use_flash_attn)
+                         use_flash_attn=args.use_flash_attn, allow_other_base=args.allow_other_base)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -257,6 +261,8 @@ def run_dir_for(args: argparse.Namespace) -> Path:
     run_name = args.run_name or (Path(args.ckpt).stem if args.ckpt else "base")
     if not run_name or "/" in run_name or os.sep in run_name or run_name in (".", ".."):
         raise UserError(f"--run_name {run_name!r}: must be a plain directory name")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise UserError(f"--out_dir {args.out_dir} is a file, not a folder; choose another --out_dir")
     run_dir = Path(args.out_dir) / run_name
     summary = run_dir / "summary.json"
     if summary.exists() and not args.overwrite:
@@ -275,7 +281,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
                 stale.unlink()
     elif run_dir.exists():
         log.info("%s exists without summary.json: resuming (finished tasks are not recomputed)", run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(run_dir, "--out_dir")
 
 
 def numeric_scores(scores: dict[str, Any]) -> dict[str, float]:
@@ -292,6 +298,19 @@ def mean_dicts(items: list[dict[str, float]]) -> dict[str, float]:
     return {k: math.fsum(d[k] for d in items) / len(items) for k in keys}
 
 
+def remove_torn_json(folder: Path) -> list[Path]:
+    """Delete the .json files under folder that do not parse (written by mteb when the disk filled), so that a rerun
+    recomputes those tasks instead of failing on them; returns what was deleted."""
+    torn = []
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            path.unlink(missing_ok=True)
+            torn.append(path)
+    return torn
+
+
 def evaluate(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, args: argparse.Namespace) -> dict:
     """Run mteb on the tasks, write runs and summary.json into run_dir; return the summary."""
     import mteb
@@ -301,15 +320,20 @@ def evaluate(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, a
     predictions = run_dir / ".predictions"
     shutil.rmtree(predictions, ignore_errors=True)
     start = time.perf_counter()
-    result = mteb.evaluate(
-        encoder, tasks,
-        encode_kwargs={"batch_size": args.batch_size, "show_progress_bar": True},
-        cache=mteb.ResultCache(run_dir),
-        overwrite_strategy="always" if args.overwrite else "only-missing",
-        prediction_folder=predictions,
-        co2_tracker=False,
-        show_progress_bar=True,
-    )
+    try:
+        result = mteb.evaluate(
+            encoder, tasks,
+            encode_kwargs={"batch_size": args.batch_size, "show_progress_bar": True},
+            cache=mteb.ResultCache(run_dir),
+            overwrite_strategy="always" if args.overwrite else "only-missing",
+            prediction_folder=predictions,
+            co2_tracker=False,
+            show_progress_bar=True,
+        )
+    except OSError as err:  # e.g. a full disk while mteb wrote its files: leave none of them torn
+        shutil.rmtree(predictions, ignore_errors=True)
+        torn = remove_torn_json(run_dir)
+        raise note_path(err, torn[0] if torn else run_dir)
     seconds = time.perf_counter() - start
     if result.exceptions:
         first = result.exceptions[0]
@@ -426,4 +450,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, out_flag=OUT_FLAG))

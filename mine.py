@@ -29,12 +29,15 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from colintern.cli import run_cli, setup_logging
 from colintern.errors import UserError
+from colintern.files import make_output_dir
 from colintern.miner import Miner, merge_shards, output_paths, try_merge
 
 log = logging.getLogger("colintern.mine")
+OUT_FLAG = "--out_jsonl"  # named in one-line errors about the output location (full disk, ...)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,6 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--no_gpu", action="store_true", help="the same as --device cpu")
     g.add_argument("--dtype", default=None,
                    help="backbone dtype: bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--allow_other_base", action="store_true",
+                   help="mine with a --ckpt on a base model of the same architecture but other weights than the "
+                        "one it was trained on (default: refuse; the checkpoint records its base weights)")
     g.add_argument("--use_flash_attn", action="store_true", help="flash-attention 2 when installed (GPU)")
     g = p.add_argument_group("sharding")
     g.add_argument("--num_shards", type=int, default=None,
@@ -147,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = merge_shards(args.out_jsonl, args.num_shards, args.keep_pages)
         print(f"merged {args.num_shards} shards: {meta['counts']['lines']} lines -> {args.out_jsonl}")
         return 0
+    if Path(args.out_jsonl).is_dir():
+        raise UserError(f"--out_jsonl {args.out_jsonl} is a folder; name a .jsonl file")
+    make_output_dir(Path(args.out_jsonl).parent, "--out_jsonl")  # before the model loads: fail fast
     paths = output_paths(args.out_jsonl, args.shard_id, args.num_shards)
     if args.resume and paths["final"].is_file() and not paths["partial"].is_file():
         print(f"{paths['final']} is already complete; nothing to resume")
@@ -163,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, out_flag=OUT_FLAG))

@@ -143,7 +143,7 @@ class ColInternMTEB(AbsEncoder):
     def __init__(self, model_name: str, revision: str | None = None, *, device: str | None = None,
                  ckpt: str | None = None, dtype: str | None = None, max_tiles: int | None = None,
                  batch_size: int = 8, query_batch_size: int = 32, use_flash_attn: bool = False,
-                 model: Any = None, show_progress: bool = True) -> None:
+                 model: Any = None, show_progress: bool = True, allow_other_base: bool = False) -> None:
         """Load model_name (hub id or local dir) + optional checkpoint, or wrap an already built `model`."""
         from colintern.model import resolve_dtype
 
@@ -156,7 +156,8 @@ class ColInternMTEB(AbsEncoder):
 
             log.info("loading %s%s on %s (%s)", model_name, f" + {ckpt}" if ckpt else "", self.device, self.dtype)
             model = ColIntern.from_pretrained(model_name, ckpt=ckpt, device=self.device, dtype=dtype,
-                                              use_flash_attn=use_flash_attn, max_tiles=max_tiles)
+                                              use_flash_attn=use_flash_attn, max_tiles=max_tiles,
+                                              allow_other_base=allow_other_base)
         self.model = model
         self.batch_size = batch_size
         self.query_batch_size = query_batch_size

@@ -159,11 +159,18 @@ def read_log(path: Path) -> dict:
     parse = parse_json_line if fmt == "jsonl" else parse_text_line
     by_step = {}  # step -> record; a repeated step keeps its last record
     n_records = 0
+    torn_last = bool(text) and not text.endswith("\n")  # a run still writing its last line
     for lineno, line in enumerate(lines, start=1):
         s = line.strip()
         if not s or s.startswith("#"):
             continue
-        record = parse(s, f"{path}:{lineno}")
+        try:
+            record = parse(s, f"{path}:{lineno}")
+        except UserError:
+            if not (torn_last and lineno == len(lines)):
+                raise
+            log.warning("%s:%d: incomplete last line (is the run still writing?); left out", path, lineno)
+            continue
         if record["step"] < 0:
             raise UserError(f"{path}:{lineno}: step must be >= 0, got {record['step']}")
         by_step[record["step"]] = record
@@ -338,7 +345,7 @@ def run_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0 after a plot or --help, 2 after a usage error or a UserError (one line, no traceback)."""
-    return run_cli(run_main, argv)
+    return run_cli(run_main, argv, out_flag="--output")
 
 
 if __name__ == "__main__":

@@ -391,7 +391,7 @@ def run_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0 after a plot or --help, 2 after a usage error or a UserError (one line, no traceback)."""
-    return run_cli(run_main, argv)
+    return run_cli(run_main, argv, out_flag="--outdir")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from colintern.errors import UserError  # noqa: E402
 from colintern.trainer import Trainer  # noqa: E402
 
 log = logging.getLogger("colintern.train")
+OUT_FLAG = "--out_dir"  # named in one-line errors about the output location (full disk, ...)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,6 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "without it is an error. Under torchrun each process uses cuda:LOCAL_RANK (default: auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="backbone dtype (default: bf16 on CUDA, fp32 on CPU); head and LoRA stay fp32")
+    g.add_argument("--allow_other_base", action="store_true",
+                   help="continue a --resume_ckpt on a base model of the same architecture but other weights than "
+                        "the one it was trained on (default: refuse; the checkpoint records its base weights)")
     g.add_argument("--use_flash_attn", action="store_true", help="flash-attention 2 (CUDA, flash-attn "
                    "installed); otherwise a warning and sdpa")
     g.add_argument("--compile_heads", action="store_true", help="torch.compile the projection head")
@@ -137,8 +141,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--out_dir", default="outputs/train", help="checkpoints and logs (default: outputs/train)")
     g.add_argument("--save_every", type=int, default=2500, help="write colintern_heads_step{N}.pt every N "
                    "optimizer steps (default: 2500; 0 = only at epoch ends)")
-    g.add_argument("--resume_ckpt", default=None, help="continue from a checkpoint: the same phase resumes "
-                   "exactly; another phase starts from its weights (see above)")
+    g.add_argument("--resume_ckpt", default=None, help="continue from a checkpoint (a path, or latest: the newest "
+                   "in --out_dir): the same phase resumes exactly; another phase starts from its weights (see above)")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out_dir (its checkpoints "
+                   "and logs are deleted); without it, a non-empty --out_dir needs --resume_ckpt")
     g.add_argument("--new_phase", action="store_true", help="with --resume_ckpt of this same phase: start a "
                    "new phase from its weights instead of continuing it")
     g.add_argument("-v", "--verbose", action="store_true", help="log details (default: progress and results)")
@@ -190,4 +196,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, out_flag=OUT_FLAG))

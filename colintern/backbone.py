@@ -41,6 +41,7 @@ class LoadedBackbone:
     tile_size: int = 0
     image_tokens_per_tile: int = 0
     config_defaults: dict[str, Any] = field(default_factory=dict)  # family-specific ColInternConfig defaults
+    weights: str = ""           # fingerprint of the weight files (weights_fingerprint), "" when unknown
 
 
 class BackboneFamily:
@@ -155,3 +156,50 @@ def read_state_dict(model_id: str) -> dict[str, torch.Tensor]:
     if binary is not None:
         return torch.load(binary, map_location="cpu", weights_only=True)
     raise UserError(f"model {model_id!r}: no model.safetensors(.index.json) or pytorch_model.bin found")
+
+
+FINGERPRINT_CHUNK = 1 << 16  # bytes read from each sampled tensor (start and middle of its data)
+
+
+def _safetensors_samples(path: str) -> list[bytes]:
+    """Bytes of a few tensors of one safetensors file: the first, middle and last tensor by name, 64 KiB from the
+    start and from the middle of each one's data. Reading them is cheap (a few seeks), and models of the same
+    architecture with different weights differ there."""
+    import struct
+
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        names = sorted(k for k in header if k != "__metadata__")
+        picked = [names[0], names[len(names) // 2], names[-1]] if names else []
+        out = []
+        for name in picked:
+            begin, end = header[name]["data_offsets"]
+            out.append(name.encode() + json.dumps(header[name]["shape"]).encode() + header[name]["dtype"].encode())
+            for start in (begin, begin + (end - begin) // 2):
+                f.seek(8 + header_len + start)
+                out.append(f.read(min(FINGERPRINT_CHUNK, end - start)))
+        return out
+
+
+def weights_fingerprint(model_id: str) -> str:
+    """16 hex digits identifying a model's weight files (not their architecture, which the signature covers):
+    a hub id and a local copy of it agree; another checkpoint of the same architecture differs. "" when the
+    weights are in no file format read here."""
+    import hashlib
+
+    index = resolve_file(model_id, "model.safetensors.index.json", required=False)
+    if index is not None:
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [resolve_file(model_id, shard) for shard in (shards[0], shards[-1])]
+    else:
+        single = resolve_file(model_id, "model.safetensors", required=False)
+        files = [single] if single is not None else []
+    if not files:
+        return ""
+    digest = hashlib.sha256()
+    for path in dict.fromkeys(files):  # the first and last shard (once when there is one)
+        for part in _safetensors_samples(path):
+            digest.update(part)
+    return digest.hexdigest()[:16]

@@ -12,7 +12,9 @@ Always read back with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -22,6 +24,8 @@ from colintern.errors import UserError
 from colintern.files import atomic_write
 
 FORMAT_VERSION = 1
+
+log = logging.getLogger("colintern")
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -49,6 +53,16 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own text suggests weights_only=False: never pass that advice on.
+        if "GLOBAL" not in str(err):  # not a code-running pickle: a damaged or foreign file
+            detail = [line for line in str(err).splitlines() if line.strip() and "weights_only" not in line.lower()
+                      and "weights only" not in line.lower() and "documentation" not in line]
+            raise UserError(f"{path}: not a readable ColIntern checkpoint (UnpicklingError: "
+                            f"{detail[-1].strip() if detail else 'not a torch.save file'})") from None
+        raise UserError(f"{path}: refusing to load: it holds Python objects other than tensors and plain values, "
+                        "which could run code when unpickled (ColIntern checkpoints never do); use a checkpoint "
+                        "written by train.py") from None
     except Exception as err:  # noqa: BLE001 - pickle/zip errors come in many types
         raise UserError(f"{path}: not a readable ColIntern checkpoint ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
@@ -60,8 +74,11 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return payload
 
 
-def check_compatible(payload: dict[str, Any], signature: dict[str, Any], path: str, dim: int | None = None) -> None:
-    """Fail clearly when a checkpoint was trained on another base model (architecture) or dim."""
+def check_compatible(payload: dict[str, Any], signature: dict[str, Any], path: str, dim: int | None = None,
+                     weights: str = "", allow_other_base: bool = False) -> bool:
+    """Fail clearly when a checkpoint was trained on another base model (architecture, or the same architecture
+    with other weights) or dim. With allow_other_base, other weights only warn. Returns whether the weights match
+    (True when either side has no fingerprint: checkpoints before fingerprints, weights in no known format)."""
     saved = payload["config"]
     saved_sig = saved.get("signature", {})
     diffs = [f"{k}: checkpoint {saved_sig.get(k)!r} vs model {signature.get(k)!r}"
@@ -71,3 +88,13 @@ def check_compatible(payload: dict[str, Any], signature: dict[str, Any], path: s
                         f"model being loaded ({'; '.join(diffs[:3])}); pass the matching --model_id")
     if dim is not None and saved.get("dim") != dim:
         raise UserError(f"{path} has dim {saved.get('dim')}, but dim {dim} was asked for")
+    saved_weights = saved.get("base_weights", "")
+    if not saved_weights or not weights or saved_weights == weights:
+        return True
+    message = (f"{path} was trained on base model {saved.get('base_model')!r} (weights {saved_weights}), and the "
+               f"model being loaded has the same architecture but other weights ({weights})")
+    if not allow_other_base:
+        raise UserError(f"{message}; pass the base model it was trained on, or --allow_other_base to use it anyway")
+    log.warning("%s; --allow_other_base: using it anyway, its embeddings will differ from those it was trained "
+                "to give", message)
+    return False

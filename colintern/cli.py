@@ -9,6 +9,7 @@ No torch here: the plot scripts import this module and start quickly.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from typing import Callable
@@ -43,9 +44,27 @@ def setup_logging(verbose: bool = False, *, quiet: bool = False, default: int = 
     logger.setLevel(level)
 
 
-def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a script's main(argv) and return its exit status: a UserError becomes one 'error: ...' line on stderr
-    and status 2; argparse's exits (--help: 0, a usage error: 2, its message already printed) become statuses."""
+# Faults of the output location the user can fix (a full disk, no permission, a file where a folder should be).
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                 errno.EEXIST}
+
+
+def output_error_message(err: OSError, out_flag: str) -> str:
+    """One line for an OSError of OUTPUT_ERRNOS: what happened, to which file, and what to do."""
+    where = err.filename or "an output file"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device while writing {where}; free space or choose another {out_flag}"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {where}: {err.strerror.lower()}; choose another {out_flag}"
+    return f"cannot write {where}: {err.strerror.lower()} (a file stands where a folder should, or the " \
+           f"reverse); choose another {out_flag}"
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
+            out_flag: str = "output location") -> int:
+    """Run a script's main(argv) and return its exit status: a UserError, or a fault of the output location
+    (full disk, no permission, a file in the way; `out_flag` is the flag to change), becomes one 'error: ...' line
+    on stderr and status 2; argparse's exits (--help: 0, a usage error: 2, its message printed) become statuses."""
     try:
         return main(argv) or 0
     except SystemExit as exit_:
@@ -53,6 +72,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except UserError as err:
         message = str(err).replace("\n", " ")  # always exactly one line
         print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as err:
+        if err.errno not in OUTPUT_ERRNOS:
+            raise  # not the user's to fix: a bug, with its traceback
+        print(f"error: {output_error_message(err, out_flag)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         logging.getLogger("colintern").warning("interrupted")

@@ -26,6 +26,7 @@ class ColInternConfig:
     backbone: str = "internvl"         # "internvl" | "qwen3_vl"
     source_layout: str = "native"      # "native" (transformers) | "remote" (original internvl_chat, converted)
     signature: dict[str, Any] = field(default_factory=dict)  # architecture facts that must match at load time
+    base_weights: str = ""             # fingerprint of the base weight files ("": not recorded, not checked)
     hidden_size: int = 0               # H of the language model
     dim: int = 128                     # output token dimension
     head_seed: int = 0                 # seed of the deterministic head initialisation

@@ -42,6 +42,7 @@ from colintern.cli import run_cli, setup_logging
 from colintern.errors import UserError
 
 log = logging.getLogger("colintern.demo")
+OUT_FLAG = "--out"  # named in one-line errors about the output location (full disk, ...)
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".colintern_demo"             # written first into --out: marks a directory this demo may replace
@@ -293,4 +294,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, out_flag=OUT_FLAG))

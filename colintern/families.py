@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from colintern import internvl, qwen3vl
-from colintern.backbone import BackboneFamily, LoadedBackbone, read_model_config
+from colintern.backbone import BackboneFamily, LoadedBackbone, read_model_config, weights_fingerprint
 from colintern.config import ColInternConfig
 from colintern.errors import UserError
 from colintern.processor import PageProcessor
@@ -33,6 +33,7 @@ def load_backbone(model_id: str, dtype: torch.dtype = torch.float32, attn_implem
         known = ", ".join(repr(t) for t in BY_MODEL_TYPE)
         raise UserError(f"model {model_id!r} has model_type {model_type!r}; ColIntern supports {known}")
     loaded = family.load(model_id, raw, dtype, attn_implementation)
+    loaded.weights = weights_fingerprint(model_id)
     loaded.model.to(device)
     loaded.model.eval()
     return loaded

@@ -14,6 +14,44 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+from colintern.errors import UserError
+
+
+def note_path(err: OSError, path: str | Path) -> OSError:
+    """Name the file an OSError happened on when it does not say (a failed write() does not): the one-line
+    message of `colintern.cli.run_cli` then says which file filled the disk."""
+    if err.filename is None:
+        err.filename = str(path)
+    return err
+
+
+def make_output_dir(path: str | Path, flag: str) -> Path:
+    """Create an output folder (and its parents); one line naming `flag` when a file is in the way or the place is
+    not writable."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{flag} {path}: part of the path is a file, not a folder; choose another {flag}") from None
+    except PermissionError:
+        raise UserError(f"{flag} {path}: permission denied; choose another {flag}") from None
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot create it ({err.strerror}); choose another {flag}") from None
+    return folder
+
+
+def os_error_behind(err: BaseException) -> OSError | None:
+    """The OSError an exception is, or was raised while handling (its __cause__/__context__ chain), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
 
 def fsync_dir(directory: str | Path) -> None:
     """Make a rename in `directory` durable."""
@@ -37,9 +75,13 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise
+        # torch.save's zip writer turns a full disk into RuntimeError("unexpected pos"): report the real fault.
+        os_error = os_error_behind(err) if isinstance(err, Exception) else None
+        if os_error is None:
+            raise
+        raise note_path(os_error, path) from None
     fsync_dir(path.parent)
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from colintern.device import resolve_device
 from colintern.errors import UserError
 from colintern.files import (atomic_write_json, byte_offset_of_line, count_complete_lines, file_lock, file_sha256,
-                             fingerprint)
+                             fingerprint, make_output_dir)
 
 log = logging.getLogger("colintern.mine")
 
@@ -33,6 +33,17 @@ SCORE_DOC = "sum over query tokens of the max over page tokens of the inner prod
 
 
 # ---------------------------------------------------------------- output paths and shards
+
+
+def sorted_histogram(histogram: dict[str, int]) -> dict[str, int]:
+    """{number of negatives (as a JSON key): lines} in increasing number."""
+    return {k: histogram[k] for k in sorted(histogram, key=int)}
+
+
+def format_histogram(histogram: dict[str, int]) -> str:
+    """'0: 25 lines, 3: 4 lines, 8: 134 lines'."""
+    return ", ".join(f"{n}: {lines} line{'s' if lines != 1 else ''}" for n, lines in histogram.items()) or "-"
+
 
 
 def output_paths(out: str, shard_id: int, num_shards: int) -> dict[str, Path]:
@@ -84,6 +95,9 @@ def merge_shards(out: str, num_shards: int, keep_pages: bool) -> dict[str, Any]:
             counts[key] = sum(m["counts"][key] for m in metas)
         else:
             counts[key] = value  # corpus-wide numbers are the same in every shard
+    histograms = [m["counts"].get("negatives_per_line", {}) for m in metas]
+    counts["negatives_per_line"] = sorted_histogram(
+        {n: sum(h.get(n, 0) for h in histograms) for h in histograms for n in h})
     meta["counts"] = counts
     if meta.get("faiss"):
         meta["faiss"] = dict(meta["faiss"], deepened_queries=sum(m["faiss"]["deepened_queries"] for m in metas))
@@ -155,7 +169,7 @@ class PartialOutput:
             log.info("resuming %s after %d of %d lines", partial, saved["lines"], n_total)
         elif resume:
             log.info("nothing to resume at %s: starting a new run", partial)
-        partial.parent.mkdir(parents=True, exist_ok=True)
+        make_output_dir(partial.parent, "--out_jsonl")
         keep_bytes = byte_offset_of_line(partial, self.state["lines"]) if self.resumed else 0
         with open(partial, "ab" if self.resumed else "wb") as f:
             f.truncate(keep_bytes)  # drop lines written after the last recorded batch (a crash mid-batch)
@@ -210,7 +224,8 @@ class Miner:
             log.warning("no --ckpt: mining with the base model %s and an UNTRAINED head; negatives will be close "
                         "to random. Pass --ckpt outputs/train/colintern_heads_epoch1.pt", args.model_id)
         self.model = ColIntern.from_pretrained(args.model_id, ckpt=args.ckpt, device=self.device, dtype=args.dtype,
-                                               use_flash_attn=args.use_flash_attn)
+                                               use_flash_attn=args.use_flash_attn,
+                                               allow_other_base=args.allow_other_base)
         self.ckpt_sha = file_sha256(args.ckpt) if args.ckpt else None
         self.dtype_name = str(next(self.model.backbone.parameters()).dtype).replace("torch.", "")
         dataset = load_page_dataset(args.hub_name, args.split, strict=False)
@@ -360,6 +375,8 @@ class Miner:
                                             ensure_ascii=False) + "\n")
                     state["fn_filtered"] += n_filtered
                     state["short_lines"] += int(len(negs) < args.k)
+                    histogram = state.setdefault("negatives_histogram", {})
+                    histogram[str(len(negs))] = histogram.get(str(len(negs)), 0) + 1
                 self.output.append(out, lines, b0, time.time() - t0)
                 bar.update(len(batch))
                 bar.set_postfix(queries_per_s=f"{state['lines'] / max(state['search_seconds'], 1e-9):.1f}")
@@ -397,6 +414,7 @@ class Miner:
         self.search()
         recall, t_recall = self.recall_check()
         meta = self.meta(recall, t_recall)
+        log.info("negatives per line: %s", format_histogram(meta["counts"]["negatives_per_line"]))
         self.output.finish(meta)
         if self.args.num_shards == 1 and not self.args.keep_pages:
             remove_store(self.store_dir)
@@ -421,7 +439,8 @@ class Miner:
                        "page_tokens": store.n_tokens, "queries": len(self.pairs), "lines": state["lines"],
                        "queries_total": len(self.pair_plan.pairs), "skipped_rows": self.report.count,
                        "skipped_by_reason": self.report.counts(), "duplicate_rows": self.pair_plan.duplicate_rows,
-                       "fn_filtered": state["fn_filtered"], "short_lines": state["short_lines"]},
+                       "fn_filtered": state["fn_filtered"], "short_lines": state["short_lines"],
+                       "negatives_per_line": sorted_histogram(state.get("negatives_histogram", {}))},
             "seconds": {"encode_pages": round(self.t_encode, 3), "search": round(state["search_seconds"], 3),
                         "recall_check": round(t_recall, 3), "total": round(time.time() - self.t_start, 3)},
             "pages_per_s": round(part_pages / part_secs, 3) if part_secs > 0 else None,
@@ -449,6 +468,7 @@ class Miner:
             f"{seconds['total']:.1f}",
             f"  fn_filter dropped {state['fn_filtered']} candidates; {state['short_lines']} lines have fewer than "
             f"{args.k} negatives",
+            f"  negatives per line: {format_histogram(counts['negatives_per_line'])}",
         ]
         if recall and recall["exact_negatives"]:
             lines.append(f"  candidate recall@{args.k} vs exact ({recall['queries']} queries): "

@@ -69,6 +69,7 @@ def resolve_attn_implementation(use_flash_attn: bool, device: str | torch.device
 def config_for_backbone(loaded: LoadedBackbone, model_id: str, **overrides: Any) -> ColInternConfig:
     """A fresh ColIntern config for a backbone (no checkpoint): facts from the backbone, formatting defaults."""
     config = ColInternConfig(base_model=model_id, backbone=loaded.family, source_layout=loaded.layout,
+                             base_weights=loaded.weights,
                              signature=loaded.signature, hidden_size=loaded.hidden_size,
                              tile_size=loaded.tile_size or 448, image_tokens_per_tile=loaded.image_tokens_per_tile or 256)
     values = config.to_dict()
@@ -106,7 +107,7 @@ class ColIntern(nn.Module):
     @classmethod
     def from_pretrained(cls, model_id: str, ckpt: str | None = None, device: str | None = "cpu",
                         dtype: str | torch.dtype | None = None, use_flash_attn: bool = False,
-                        **config_overrides: Any) -> "ColIntern":
+                        allow_other_base: bool = False, **config_overrides: Any) -> "ColIntern":
         """Load a backbone (hub id or local dir) and optionally a ColIntern checkpoint (head + LoRA + config).
 
         With a checkpoint, its config decides the formatting; an explicit override of a field that changes
@@ -120,8 +121,10 @@ class ColIntern(nn.Module):
         if payload is None:
             model = cls(loaded, config_for_backbone(loaded, model_id, **config_overrides))
         else:
-            check_compatible(payload, loaded.signature, ckpt)
+            check_compatible(payload, loaded.signature, ckpt, weights=loaded.weights,
+                             allow_other_base=allow_other_base)
             values = dict(payload["config"])
+            values["base_weights"] = loaded.weights or values.get("base_weights", "")  # the weights in use now
             for key, value in config_overrides.items():
                 if value is not None and values.get(key) != value:
                     log.warning("overriding checkpoint setting %s=%r with %r: embeddings will differ from "

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from colintern.data import BadRowError, decode_image, image_bytes
 from colintern.errors import UserError
-from colintern.files import atomic_write_json, file_lock, fingerprint
+from colintern.files import atomic_write_json, file_lock, fingerprint, note_path
 
 log = logging.getLogger("colintern.mining")
 
@@ -151,16 +151,36 @@ def encode_part(store_dir: Path, j: int, spec: StoreSpec, plan: PagePlan, datase
                 on_pages: Callable[[int], None]) -> dict[str, Any]:
     """Encode the pages of part j into store_dir/part-j (written to a temp dir, renamed when complete).
 
-    For each page the rows are tried in order until one image decodes (that row is the representative);
-    rows whose image fails are recorded as skipped. A page without any decodable image gets length 0.
+    Called under part j's lock. A temp dir left by a process that died is removed first; this one's is removed
+    on any failure (a full disk must not stay full), so only complete parts ever exist.
     """
+    final = _part_dir(store_dir, j)
+    for stale in store_dir.glob(f".part-{j:05d}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = store_dir / f".part-{j:05d}.tmp-{socket.gethostname()}-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    try:
+        meta = _write_part(tmp, j, spec, plan, dataset, name, encode, window, strict, on_pages)
+        if final.exists():  # cannot happen under the part lock, but never replace a finished part
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            note_path(err, tmp / TOKENS_FILE)
+        raise
+    return meta
+
+
+def _write_part(tmp: Path, j: int, spec: StoreSpec, plan: PagePlan, dataset: Any, name: str,
+                encode: Callable[[list], list[torch.Tensor]], window: int, strict: bool,
+                on_pages: Callable[[int], None]) -> dict[str, Any]:
+    """The token file and part.json of part j, in tmp. For each page the rows are tried in order until one image
+    decodes (that row is the representative); rows whose image fails are recorded as skipped. A page without
+    any decodable image gets length 0."""
     first = j * spec.pages_per_part
     last = min(first + spec.pages_per_part, spec.n_pages)
-    final = _part_dir(store_dir, j)
-    tmp = store_dir / f".part-{j:05d}.tmp-{socket.gethostname()}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     images = dataset.select_columns(["image"])
     lengths = [0] * (last - first)
     rep_rows = [-1] * (last - first)
@@ -203,10 +223,6 @@ def encode_part(store_dir: Path, j: int, spec: StoreSpec, plan: PagePlan, datase
             "seconds": round(time.time() - start_time, 3), "pages_encoded": sum(1 for r in rep_rows if r >= 0),
             "encoded_by": f"{socket.gethostname()}:{os.getpid()}"}
     atomic_write_json(tmp / PART_META, meta)
-    if final.exists():  # cannot happen under the part lock, but never replace a finished part
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, final)
     return meta
 
 

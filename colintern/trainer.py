@@ -21,6 +21,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from functools import partial
 from typing import Any
 
@@ -32,6 +33,8 @@ from colintern.data import SkipReport
 from colintern.distributed import (DistInfo, all_gather_object, all_reduce_gradients, all_reduce_mean,
                                    broadcast_object, gather_padded)
 from colintern.errors import UserError
+from colintern.cli import OUTPUT_ERRNOS, output_error_message
+from colintern.files import make_output_dir, note_path
 from colintern.gradcache import gradcache_backward
 from colintern.losses import late_interaction_loss
 from colintern.training import (LOSS_TXT, METRICS_JSONL, Embedder, FailOnSave, Fingerprint, HiddenCache, MicroBatches,
@@ -42,6 +45,7 @@ from colintern.training import (LOSS_TXT, METRICS_JSONL, Embedder, FailOnSave, F
 log = logging.getLogger("colintern.train")
 
 # Arguments that change what training computes: a checkpoint continues the same phase only if they match.
+OUT_FLAG = "--out_dir"
 PHASE_ARGS = ("batch_size", "grad_accum", "epochs", "lr", "seed", "loss", "tau", "warmup_ratio", "weight_decay",
               "max_grad_norm", "max_steps", "fn_filter", "lora", "lora_r", "lora_alpha", "lora_dropout",
               "lora_vision", "optimizer", "grad_cache", "auto_batch", "auto_max_batch", "auto_target_frac", "dtype")
@@ -179,6 +183,42 @@ def auto_batch(args: argparse.Namespace, model, embed, params, num_negs: int, tr
     return chosen
 
 
+CHECKPOINT_GLOB = "colintern_heads_*.pt"
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The files of a training run in out_dir: checkpoints and the two logs."""
+    return sorted(out_dir.glob(CHECKPOINT_GLOB)) + [p for p in (out_dir / LOSS_TXT, out_dir / METRICS_JSONL)
+                                                     if p.exists()]
+
+
+def latest_checkpoint(out_dir: Path) -> Path:
+    """The checkpoint written last in out_dir (checkpoints are renamed into place whole, so the newest is the last
+    good one)."""
+    found = sorted(out_dir.glob(CHECKPOINT_GLOB), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    if not found:
+        raise UserError(f"--resume_ckpt latest: no {CHECKPOINT_GLOB} in --out_dir {out_dir}")
+    return found[-1]
+
+
+def prepare_out_dir(args: argparse.Namespace) -> list[Path]:
+    """Create --out_dir and resolve --resume_ckpt latest, before any slow work. An earlier run there is refused
+    unless this is a resume (--resume_ckpt) or --overwrite; returns the files --overwrite will remove (only when
+    this run starts writing, so a run that fails before its first step leaves the earlier one intact)."""
+    out_dir = make_output_dir(args.out_dir, "--out_dir")
+    if args.resume_ckpt == "latest":
+        args.resume_ckpt = str(latest_checkpoint(out_dir))
+        log.info("--resume_ckpt latest: %s", args.resume_ckpt)
+    earlier = run_files(out_dir)
+    if not earlier or args.resume_ckpt:
+        return []
+    if not args.overwrite:
+        names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise UserError(f"--out_dir {args.out_dir} already holds a training run ({names}); pass --resume_ckpt "
+                        "(a file, or latest) to continue it, --overwrite to replace it, or choose another --out_dir")
+    return earlier
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -190,7 +230,7 @@ class Trainer:
         self.args = args
         self.rank, self.world, self.device, self.is_main = dist.rank, dist.world_size, dist.device, dist.is_main
         self.t_run = time.perf_counter()
-        os.makedirs(args.out_dir, exist_ok=True)
+        self.replaced = prepare_out_dir(args)
         if self.device.type == "cpu":
             # Bit-exact resume: the CPU backward of advanced indexing (the loss's best-token gather, the page
             # table) otherwise accumulates in parallel, in an order that changes from run to run.
@@ -221,6 +261,11 @@ class Trainer:
         self.num_negs = args.num_negs if self.data.kind == "jsonl" else 0
         log.info("%d training examples (%s%s)", len(self.examples), "in-batch negatives" if self.data.kind == "hub"
                  else "in-batch + hard negatives", f", {self.num_negs} per query" if self.num_negs else "")
+        short = sum(len(e.negs) < self.num_negs for e in self.examples)
+        if short:
+            log.warning("%d of %d examples have fewer than --num_negs %d hard negatives (%d have none): they are "
+                        "trained with the ones they have and the in-batch pages", short, len(self.examples),
+                        self.num_negs, sum(not e.negs for e in self.examples))
 
     def _build_model(self) -> None:
         """The model (from --resume_ckpt's weights when given), which parameters train, and the embed function."""
@@ -234,7 +279,8 @@ class Trainer:
         model = ColIntern.from_pretrained(args.model_id, ckpt=args.resume_ckpt, device=str(self.device),
                                           dtype=args.dtype, use_flash_attn=args.use_flash_attn,
                                           max_tiles=args.max_tiles, max_visual_tokens=args.max_visual_tokens,
-                                          dim=None if payload is not None else args.dim)
+                                          dim=None if payload is not None else args.dim,
+                                          allow_other_base=args.allow_other_base)
         if args.lora and model.lora_config is None:
             model.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout, include_vision=args.lora_vision)
         elif args.lora:
@@ -271,7 +317,8 @@ class Trainer:
         phase_args = {k: getattr(args, k) for k in PHASE_ARGS}
         phase_args.update(num_negs=self.num_negs, world_size=self.world,
                           split=args.split if data.kind == "hub" else None,
-                          model={k: v for k, v in self.model.config.to_dict().items() if k != "base_model"})
+                          model={k: v for k, v in self.model.config.to_dict().items()
+                                 if k not in ("base_model", "base_weights")})  # where the base is, not what
         return Fingerprint(json.dumps([data.kind, data.identity], sort_keys=True), phase_args)
 
     def _start_or_resume(self) -> tuple[TrainingState, bool]:
@@ -346,6 +393,10 @@ class Trainer:
         args, state = self.args, self.state
         if not self.is_main:
             return
+        if self.replaced:
+            log.warning("--overwrite: removing the earlier run in %s (%d files)", args.out_dir, len(self.replaced))
+            for path in self.replaced:
+                path.unlink(missing_ok=True)
         prepare_logs(args.out_dir, state.step if self.payload is not None else None)
         if self.payload is not None:
             what = "resumed" if self.same_phase else f"phase {state.phase.index}"
@@ -554,7 +605,8 @@ class Trainer:
                 save_checkpoint(path, config=parts["config"], head=parts["head"], lora=parts["lora"],
                                 training=training, metrics=self.last_metrics)
             except OSError as err:
-                error = f"{type(err).__name__}: {err}"
+                error = output_error_message(note_path(err, path), OUT_FLAG) if err.errno in OUTPUT_ERRNOS \
+                    else f"{type(err).__name__}: {err}"
         error = broadcast_object(error)
         if error:
             raise UserError(f"could not write checkpoint {path} ({error}); the previous checkpoint "

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from colintern.data import (BadRowError, ImageResolver, SkipReport, clean_query, decode_image, load_page_dataset,
                             page_keys, read_triples_jsonl)
 from colintern.errors import UserError
-from colintern.files import atomic_write_text, file_digest, sha1_of_parts
+from colintern.files import atomic_write_text, file_digest, note_path, sha1_of_parts
 
 log = logging.getLogger("colintern.train")
 
@@ -519,9 +519,13 @@ def prepare_logs(out_dir: str, resume_step: int | None) -> None:
 
 
 def append_line(out_dir: str, name: str, line: str) -> None:
-    with open(Path(out_dir) / name, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
+    path = Path(out_dir) / name
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+    except OSError as err:
+        raise note_path(err, path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -117,6 +117,8 @@ def test_no_positive_is_a_negative_and_scores_are_exact(exact_all, tiny_model_di
     assert meta["counts"]["skipped_by_reason"] == {"corrupt image": 1, "empty query": 1}
     assert len(lines) == 39 == meta["counts"]["lines"]
     assert meta["counts"]["pages"] == 14 and meta["counts"]["pages_valid"] == 13
+    per_line = [len(ln["negs"]) for ln in lines]  # the histogram of negatives per line, as the meta reports it
+    assert meta["counts"]["negatives_per_line"] == {str(n): per_line.count(n) for n in sorted(set(per_line))}
     assert [ln["query"] for ln in lines].count("a corrupt page") == 0
 
     triples, skipped = read_triples_jsonl(str(out))  # what train.py --train_jsonl reads

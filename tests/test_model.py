@@ -235,3 +235,64 @@ def test_imports_and_encodes_without_torchvision(tiny_model_dir):
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK (2, 2)" in proc.stdout
+
+
+def test_a_checkpoint_on_other_weights_of_the_same_architecture_is_refused(tiny_model_dir, tmp_path, caplog):
+    """The checkpoint records a fingerprint of its base weight files: a copy of the same model loads, a model of the
+    same architecture with other weights (another seed) is refused in one line unless allow_other_base."""
+    import shutil
+
+    from colintern.internvl import build_tiny_internvl
+
+    m = ColIntern.from_pretrained(tiny_model_dir, max_tiles=2)
+    assert len(m.config.base_weights) == 16
+    path = str(tmp_path / "ckpt.pt")
+    parts = m.checkpoint_parts()
+    save_checkpoint(path, config=parts["config"], head=parts["head"])
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    assert ColIntern.from_pretrained(str(copy), ckpt=path).config.base_weights == m.config.base_weights
+    other = build_tiny_internvl(str(tmp_path / "seed1"), seed=1)
+    with pytest.raises(UserError, match=rf"^{path} was trained on base model '{tiny_model_dir}' \(weights "
+                                        rf"{m.config.base_weights}\), and the model being loaded has the same "
+                                        r"architecture but other weights \([0-9a-f]{16}\); pass the base model it "
+                                        r"was trained on, or --allow_other_base to use it anyway$"):
+        ColIntern.from_pretrained(other, ckpt=path)
+    loaded = ColIntern.from_pretrained(other, ckpt=path, allow_other_base=True)
+    assert "--allow_other_base: using it anyway" in caplog.text
+    assert loaded.config.base_weights != m.config.base_weights  # now describes the weights in use
+
+
+class _Payload:
+    """Not a tensor or plain value: unpickling it would call os.system (it never runs: weights_only refuses)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_unsafe_pickles_are_refused_without_advising_weights_only_false(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "config": {}, "x": _Payload()}, path)
+    with pytest.raises(UserError) as err:
+        load_checkpoint(str(path))
+    message = str(err.value)
+    assert message == (f"{path}: refusing to load: it holds Python objects other than tensors and plain values, "
+                       "which could run code when unpickled (ColIntern checkpoints never do); use a checkpoint "
+                       "written by train.py")
+    assert "weights_only" not in message and not (tmp_path / "PWNED").exists()
+
+
+def test_checkpoints_are_written_with_the_umask_like_logs(tiny_model_dir, tmp_path):
+    m = ColIntern.from_pretrained(tiny_model_dir, max_tiles=2)
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(str(tmp_path / "a.pt"), config=m.config, head=m.head.state_dict())
+        os.umask(0o077)
+        save_checkpoint(str(tmp_path / "b.pt"), config=m.config, head=m.head.state_dict())
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.pt").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]  # no temp file left

@@ -296,3 +296,18 @@ def test_help_documents_every_flag(module, capsys):
     for flag in flags:
         assert flag in text
     assert "default" in text
+
+
+def test_loss_plot_skips_a_torn_last_line_with_a_warning(tmp_path, capsys):
+    """A run still writing metrics.jsonl: its unfinished last line (no newline yet) is left out with a warning;
+    the same broken line anywhere else is still an error."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    assert ptl.main(["--input", str(log), "--output", str(tmp_path / "a.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"{log}:3: incomplete last line (is the run still writing?); left out" in err
+    assert (tmp_path / "a.png").stat().st_size > 0
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 3, "lo\n{"step": 2, "loss": 0.4}\n')
+    assert ptl.main(["--input", str(log), "--output", str(tmp_path / "b.png")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {log}:2: invalid JSON") and not (tmp_path / "b.png").exists()

@@ -457,7 +457,7 @@ def test_train_jsonl_with_local_images_hard_negatives_and_bad_lines(tiny_model_d
         or "skipped 9 items: missing image x7, malformed JSON x1, empty query x1" in summary, summary
     rows_m = metrics(tmp_path / "out")
     assert len(rows_m) == 6 and all(math.isfinite(r["loss"]) for r in rows_m)  # 13 usable lines / 4 = 3 x 2 epochs
-    assert run_cli(train.main, [str(a) for a in argv + ["--strict"]]) == 2
+    assert run_cli(train.main, [str(a) for a in argv + ["--strict", "--overwrite"]]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and f"{tmp_path / 'triples.jsonl'} line 3: malformed JSON" in err[0]
 
@@ -482,7 +482,7 @@ def test_corrupt_dataset_images_are_reported_and_skipped_or_fatal_with_strict(ti
     summary = capsys.readouterr().out
     assert "skipped 1 item: corrupt image x1" in summary
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "out")) and len(metrics(tmp_path / "out")) == 3
-    assert run_cli(train.main, [str(a) for a in argv + ["--strict"]]) == 2
+    assert run_cli(train.main, [str(a) for a in argv + ["--strict", "--overwrite"]]) == 2
     assert error_lines(capsys) == [f"error: {path} row 4: corrupt image: not a recognised image format (160 bytes)"]
 
 
@@ -624,3 +624,19 @@ def test_auto_batch_search_picks_the_largest_fitting_batch_and_survives_oom(monk
     calls.clear()  # 3 GiB of optimizer state still to come: 8 pairs (9 + 3 GiB) fit, 9 do not
     b, notes = probe_batch_size(step, [], max_batch=32, target_frac=0.8, device=device, extra_bytes=3 * gib)
     assert b == 8 and "batch 16: out of memory" in notes
+
+
+def test_train_says_how_many_examples_lack_hard_negatives(tiny_model_dir, synthetic_small_dir, tmp_path, caplog):
+    """mine.py's false-negative filter can leave lines with fewer negatives than --num_negs: train.py says how many
+    (and how many have none) instead of a silent 'N per query'."""
+    from colintern.data import pseudo_path
+
+    dataset = os.path.join(synthetic_small_dir, "train")
+    lines = [json.dumps({"query": f"page {k}", "pos": pseudo_path(dataset, "train", 3 * k),
+                         "negs": [pseudo_path(dataset, "train", 3 * ((k + j) % 12)) for j in range(1, 1 + k % 3)]})
+             for k in range(12)]  # 0, 1, 2, 0, 1, 2, ... negatives
+    (tmp_path / "triples.jsonl").write_text("\n".join(lines) + "\n")
+    caplog.set_level(logging.INFO)
+    assert run("--model_id", tiny_model_dir, "--train_jsonl", tmp_path / "triples.jsonl", "--num_negs", 2,
+               "--batch_size", 4, "--max_steps", 1, "--num_workers", 0, "--out_dir", tmp_path / "out") == 0
+    assert "8 of 12 examples have fewer than --num_negs 2 hard negatives (4 have none)" in caplog.text
