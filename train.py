@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "must match the checkpoint when resuming")
     g.add_argument("--strict", action="store_true", help="stop at the first bad row instead of reporting and "
                    "skipping it")
+    g.add_argument("--no_page_check", action="store_true", help="skip decoding every page before training "
+                   "(about 20-30 ms per 150-dpi page per core, docs/BENCHMARKS.md); bad pages are then found only "
+                   "when a batch reaches them (default: check)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=4, help="pairs per micro-batch per process (default: 4)")

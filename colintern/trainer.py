@@ -38,7 +38,7 @@ from colintern.files import make_output_dir, note_path
 from colintern.gradcache import gradcache_backward
 from colintern.losses import late_interaction_loss
 from colintern.training import (LOSS_TXT, METRICS_JSONL, Embedder, FailOnSave, Fingerprint, HiddenCache, MicroBatches,
-                                Plan, append_line, diff_args, fault, format_loss_line, load_hub_examples,
+                                Plan, append_line, check_pages, diff_args, fault, format_loss_line, load_hub_examples,
                                 load_jsonl_examples, lr_factor, make_loader, make_plan, prepare_logs,
                                 probe_batch_size, rng_state, seed_everything, set_rng_state, step_loss)
 
@@ -245,7 +245,6 @@ class Trainer:
         self.last_ckpt = args.resume_ckpt
         self.last_metrics: dict[str, Any] = dict(self.payload.get("metrics", {})) if self.payload else {}
         self.window = self._restored_window()  # losses since the last training_loss.txt line
-        self.seen_skips: set[tuple[str, str]] = set()
         self.run_steps = self.run_pairs = 0
         self.epoch_seconds: dict[int, float] = {}
 
@@ -261,11 +260,37 @@ class Trainer:
         self.num_negs = args.num_negs if self.data.kind == "jsonl" else 0
         log.info("%d training examples (%s%s)", len(self.examples), "in-batch negatives" if self.data.kind == "hub"
                  else "in-batch + hard negatives", f", {self.num_negs} per query" if self.num_negs else "")
+        self.seen_skips: set[tuple[str, str]] = set()
+        if not args.no_page_check:
+            self._check_pages()
         short = sum(len(e.negs) < self.num_negs for e in self.examples)
         if short:
             log.warning("%d of %d examples have fewer than --num_negs %d hard negatives (%d have none): they are "
                         "trained with the ones they have and the in-batch pages", short, len(self.examples),
                         self.num_negs, sum(not e.negs for e in self.examples))
+
+    def _check_pages(self) -> None:
+        """Decode every page before the model loads: all bad pages are reported now (--strict stops here), each
+        under the example that uses it, exactly as a batch would report it (a batch then reports nothing twice)."""
+        start = time.perf_counter()
+        workers = min(16, os.cpu_count() or 1)
+        bad = check_pages(self.examples, self.data.datasets, self.num_negs, workers, show_progress=self.is_main)
+        for example in self.examples:
+            if example.pos.key in bad:
+                label, reason = bad[example.pos.key]
+                self._skip(example.where, reason, f"{reason} (pos {example.pos.label})")
+            for neg in example.negs[:self.num_negs]:
+                if neg.key in bad:
+                    label, reason = bad[neg.key]
+                    self._skip(example.where, reason, f"{reason} (negative {label})")
+        log.info("checked the pages of %d examples in %.1f s with %d threads: %d cannot be decoded",
+                 len(self.examples), time.perf_counter() - start, workers, len(bad))
+
+    def _skip(self, where: str, reason: str, detail: str) -> None:
+        """Report one example's bad page once (by example and reason); `detail` names the page in triples mode."""
+        if (where, reason) not in self.seen_skips:
+            self.seen_skips.add((where, reason))
+            self.report.add(where, detail if self.data.kind == "jsonl" else reason)
 
     def _build_model(self) -> None:
         """The model (from --resume_ckpt's weights when given), which parameters train, and the embed function."""
@@ -546,17 +571,14 @@ class Trainer:
         return total
 
     def _note_skips(self, batch: dict) -> None:
-        """Report the pages of a micro-batch that could not be decoded, once per (source row, reason)."""
-        seen, report = self.seen_skips, self.report
+        """Report the pages of a micro-batch that could not be decoded (normally all found by _check_pages)."""
+        bad = batch["bad"]
         for b, p in enumerate(batch["pos_row"].tolist()):
-            if p in batch["bad"] and (batch["where"][b], batch["bad"][p][1]) not in seen:
-                seen.add((batch["where"][b], batch["bad"][p][1]))
-                report.add(batch["where"][b], f"{batch['bad'][p][1]} (pos {batch['pos_label'][b]})"
-                           if self.data.kind == "jsonl" else batch["bad"][p][1])
+            if p in bad:
+                self._skip(batch["where"][b], bad[p][1], f"{bad[p][1]} (pos {batch['pos_label'][b]})")
             for n in batch["neg_row"][b].tolist():
-                if n in batch["bad"] and (batch["where"][b], batch["bad"][n][1]) not in seen:
-                    seen.add((batch["where"][b], batch["bad"][n][1]))
-                    report.add(batch["where"][b], f"{batch['bad'][n][1]} (negative {batch['bad'][n][0]})")
+                if n in bad:
+                    self._skip(batch["where"][b], bad[n][1], f"{bad[n][1]} (negative {bad[n][0]})")
 
     def _after_step(self) -> None:
         """Checkpoints (every --save_every steps, at a phase end inside an epoch, at each epoch end), fault hooks."""

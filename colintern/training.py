@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from colintern.data import (BadRowError, ImageResolver, SkipReport, clean_query, decode_image, load_page_dataset,
                             page_keys, read_triples_jsonl)
@@ -178,6 +180,45 @@ def make_plan(n: int, seed: int, epoch: int, batch_size: int, world_size: int, g
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Pages: decoding, and checking every page before training starts
+
+
+def load_page(ref: PageRef, datasets: dict[tuple[str, str], Any]):
+    """The RGB page behind a PageRef (BadRowError naming ref.label when it cannot be decoded)."""
+    if ref.path is not None:
+        return decode_image(ref.path, ref.label)
+    return decode_image(datasets[ref.dataset][ref.row]["image"], ref.label)
+
+
+def check_pages(examples: Sequence[Example], datasets: dict[tuple[str, str], Any], num_negs: int,
+                workers: int, show_progress: bool = True) -> dict[str, tuple[str, str]]:
+    """Decode every distinct page the examples train on (positives and their first num_negs negatives), in
+    `workers` threads (decoding releases the GIL): {page key: (label, reason)} of the pages that fail. Run before
+    training, so every bad page is reported up front, not when (or if) a batch reaches it."""
+    refs: dict[str, PageRef] = {}
+    for e in examples:
+        for ref in (e.pos, *e.negs[:num_negs]):
+            refs.setdefault(ref.key, ref)
+
+    def check(ref: PageRef) -> tuple[str, tuple[str, str]] | None:
+        try:
+            load_page(ref, datasets)
+        except BadRowError as err:
+            return ref.key, (err.where, err.reason)
+        return None
+
+    bad: dict[str, tuple[str, str]] = {}
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="colintern-check") as pool, \
+            tqdm(total=len(refs), desc="check pages", unit="page", disable=not show_progress,
+                 dynamic_ncols=True) as bar:
+        for result in pool.map(check, refs.values()):
+            if result is not None:
+                bad[result[0]] = result[1]
+            bar.update(1)
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Micro-batches (built in DataLoader workers)
 
 
@@ -208,11 +249,6 @@ class MicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _load(self, ref: PageRef):
-        if ref.path is not None:
-            return decode_image(ref.path, ref.label)
-        dataset = self.datasets[ref.dataset]
-        return decode_image(dataset[ref.row]["image"], ref.label)
 
     def __getitem__(self, j: int) -> dict[str, Any]:
         exs = [self.examples[i] for i in self.rows[j]]
@@ -238,7 +274,7 @@ class MicroBatches(torch.utils.data.Dataset):
             if "p:" + ref.key in self.skip_keys:
                 continue
             try:
-                images.append(self._load(ref))
+                images.append(load_page(ref, self.datasets))
                 loaded.append(u)
             except BadRowError as err:
                 bad[u] = (err.where, err.reason)

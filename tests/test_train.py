@@ -640,3 +640,30 @@ def test_train_says_how_many_examples_lack_hard_negatives(tiny_model_dir, synthe
     assert run("--model_id", tiny_model_dir, "--train_jsonl", tmp_path / "triples.jsonl", "--num_negs", 2,
                "--batch_size", 4, "--max_steps", 1, "--num_workers", 0, "--out_dir", tmp_path / "out") == 0
     assert "8 of 12 examples have fewer than --num_negs 2 hard negatives (4 have none)" in caplog.text
+
+
+def test_bad_pages_are_found_before_training_even_outside_every_step(tiny_model_dir, synthetic_small_dir, tmp_path,
+                                                                     capsys):
+    """Every page is decoded before the first step: a corrupt page no batch of the run reaches (one step of 2 out
+    of 15 examples) is still reported, and --strict stops before step 1 (no log, no checkpoint written)."""
+    import datasets
+
+    from colintern.data import load_page_dataset
+
+    src = load_page_dataset(os.path.join(synthetic_small_dir, "train")).select(range(15))
+    rows = {name: list(src[name]) for name in ("query", "image_filename", "image")}
+    for bad in (6, 13):
+        rows["image"][bad] = {"bytes": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "path": None}
+        rows["image_filename"][bad] = f"synthetic/corrupt{bad}.png"
+    features = datasets.Features({"query": datasets.Value("string"), "image_filename": datasets.Value("string"),
+                                  "image": datasets.Image()})
+    path = tmp_path / "bad"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    argv = ["--model_id", tiny_model_dir, "--train_hub", path, "--batch_size", 2, "--max_steps", 1,
+            "--num_workers", 0, "--out_dir", tmp_path / "out"]
+    assert run(*argv) == 0
+    assert "skipped 2 items: corrupt image x2" in capsys.readouterr().out
+    assert run_cli(train.main, [str(a) for a in argv + ["--strict", "--out_dir", tmp_path / "strict"]]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"error: {path} row 6: corrupt image")
+    assert list((tmp_path / "strict").iterdir()) == []
