@@ -49,6 +49,8 @@ from colintern.files import atomic_write_text, make_output_dir, note_path  # noq
 
 log = logging.getLogger("colintern.eval")
 OUT_FLAG = "--out_dir"  # named in one-line errors about the output location (full disk, ...)
+# mteb's task and encoding bars nest (cursor-movement codes): only on a terminal, never in a captured log.
+PROGRESS_BARS = sys.stderr.isatty()
 
 DEFAULT_BENCHMARK = "ViDoRe(v1)"
 RUN_TOP_K = 100
@@ -323,12 +325,12 @@ def evaluate(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, a
     try:
         result = mteb.evaluate(
             encoder, tasks,
-            encode_kwargs={"batch_size": args.batch_size, "show_progress_bar": True},
+            encode_kwargs={"batch_size": args.batch_size, "show_progress_bar": PROGRESS_BARS},
             cache=mteb.ResultCache(run_dir),
             overwrite_strategy="always" if args.overwrite else "only-missing",
             prediction_folder=predictions,
             co2_tracker=False,
-            show_progress_bar=True,
+            show_progress_bar=PROGRESS_BARS,
         )
     except OSError as err:  # e.g. a full disk while mteb wrote its files: leave none of them torn
         shutil.rmtree(predictions, ignore_errors=True)

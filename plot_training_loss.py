@@ -13,12 +13,16 @@ training_loss.txt  one line per log step, fields separated by "|", each field "k
                    "grad_norm", "pairs/s" and "seconds" are read when present; any other "| key value"
                    field is ignored. Blank lines and lines starting with "#" are skipped.
 metrics.jsonl      one JSON object per optimizer step with at least "step" and "loss"
-                   (train.py writes step, epoch, loss, lr, grad_norm, pairs_per_s, seconds).
+                   (train.py writes step, epoch, loss, lr, grad_norm, pairs_per_s, seconds, phase, and with
+                   --eval_local the eval_ndcg_at_5 / eval_ndcg_at_10 / eval_recall_at_5 of that step).
 
 A directory is accepted too: its metrics.jsonl, else its training_loss.txt.
 The x axis is the global step. Several inputs (e.g. the epoch-1 and epoch-2 phases, whose steps continue)
 are drawn on the same axes, one colour each. A step logged twice in one file (a resumed run appending to
-its log) keeps its last value. NaN/inf losses are left out of the curve, with a warning.
+its log) keeps its last value. NaN/inf losses are left out of the curve, with a warning. Where a new training
+phase starts (metrics.jsonl "phase", or a "# phase N from ..." note in training_loss.txt) a dotted line marks it
+and the moving average starts afresh. Evaluation during training (eval_* fields) is drawn in a panel below.
+An unfinished last line (a run still writing) is left out with a warning.
 
 Exit status: 0 on success, 2 on a user error (one line on stderr naming FILE:LINE and what to do).
 """
@@ -26,6 +30,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -55,7 +60,9 @@ TEXT_FIELDS = {
     "seconds": "seconds",
 }
 # metrics.jsonl keys read as numbers (besides "step"); others are ignored.
-JSON_NUMBERS = ("loss", "epoch", "lr", "grad_norm", "pairs_per_s", "seconds")
+EVAL_FIELDS = {"eval_ndcg_at_5": "nDCG@5", "eval_ndcg_at_10": "nDCG@10", "eval_recall_at_5": "recall@5"}
+JSON_NUMBERS = ("loss", "epoch", "lr", "grad_norm", "pairs_per_s", "seconds", "phase", *EVAL_FIELDS)
+PHASE_NOTE = re.compile(r"^#\s*phase (\d+) from ")  # train.py's note where a new phase starts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,8 +167,11 @@ def read_log(path: Path) -> dict:
     by_step = {}  # step -> record; a repeated step keeps its last record
     n_records = 0
     torn_last = bool(text) and not text.endswith("\n")  # a run still writing its last line
+    note_phase = None  # training_loss.txt: the phase named by the last "# phase N from" note
     for lineno, line in enumerate(lines, start=1):
         s = line.strip()
+        if PHASE_NOTE.match(s):
+            note_phase = float(PHASE_NOTE.match(s).group(1))
         if not s or s.startswith("#"):
             continue
         try:
@@ -173,6 +183,8 @@ def read_log(path: Path) -> dict:
             continue
         if record["step"] < 0:
             raise UserError(f"{path}:{lineno}: step must be >= 0, got {record['step']}")
+        if note_phase is not None:
+            record.setdefault("phase", note_phase)
         by_step[record["step"]] = record
         n_records += 1
     if not by_step:
@@ -183,7 +195,7 @@ def read_log(path: Path) -> dict:
                     path, n_records - len(by_step))
     steps = sorted(by_step)
     run = {"step": np.array(steps, dtype=float)}
-    for key in ("loss", "lr", "epoch"):
+    for key in ("loss", "lr", "epoch", "phase", *EVAL_FIELDS):
         run[key] = np.array([by_step[s].get(key, math.nan) for s in steps], dtype=float)
     bad = ~np.isfinite(run["loss"])
     if bad.any():
@@ -197,6 +209,20 @@ def read_log(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------
 # Smoothing
+
+
+def phase_starts(phase: np.ndarray) -> list[int]:
+    """Indices where a new phase starts (not the first point): where the phase number changes. NaN (not said)
+    counts as a value of its own: in a training_loss.txt the first phase has no "# phase" note."""
+    same = (phase[1:] == phase[:-1]) | (np.isnan(phase[1:]) & np.isnan(phase[:-1]))
+    return [i + 1 for i in np.flatnonzero(~same)]
+
+
+def smooth_by_phase(values: np.ndarray, phase: np.ndarray, n: int) -> np.ndarray:
+    """moving_average restarted at every phase start: a new phase's loss is not averaged with the last one's."""
+    bounds = [0, *phase_starts(phase), len(values)]
+    return np.concatenate([moving_average(values[a:b], n) for a, b in zip(bounds, bounds[1:])]) if len(values) \
+        else np.asarray(values, dtype=float)
 
 
 def moving_average(values, n: int) -> np.ndarray:
@@ -272,7 +298,11 @@ def run(args) -> Path:
     labels = args.labels if args.labels is not None else default_labels(paths)
     runs = [read_log(path) for path in paths]
 
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    with_eval = any(np.isfinite(r[key]).any() for r in runs for key in EVAL_FIELDS)
+    if with_eval:
+        fig, (ax, ax_eval) = plt.subplots(2, 1, figsize=(10, 8), sharex=True, height_ratios=[2, 1])
+    else:
+        fig, ax = plt.subplots(figsize=(10, 5.5))
     for i, (path, label, r) in enumerate(zip(paths, labels, runs)):
         color = f"C{i % 10}"
         steps, loss = r["step"], r["loss"]
@@ -283,11 +313,21 @@ def run(args) -> Path:
             n = len(steps)
         if n > 1:
             ax.plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
-            curve = moving_average(loss, n)
+            curve = smooth_by_phase(loss, r["phase"], n)
             ax.plot(steps, curve, color=color, linewidth=1.6, label=label, marker=marker)
         else:
             curve = loss
             ax.plot(steps, loss, color=color, linewidth=1.2, label=label, marker=marker)
+        for start in phase_starts(r["phase"]):
+            ax.axvline(steps[start] - 0.5, color=color, linestyle=":", linewidth=1.0)
+            ax.annotate(f"phase {int(r['phase'][start])}" if np.isfinite(r["phase"][start]) else "new phase", (steps[start], 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -12), textcoords="offset points", fontsize=8, color=color)
+        if with_eval:
+            for (key, name), style in zip(EVAL_FIELDS.items(), ("-", "--", ":")):
+                has = np.isfinite(r[key])
+                if has.any():
+                    ax_eval.plot(steps[has], r[key][has], color=color, linestyle=style, marker="o", markersize=3,
+                                 label=f"{label} {name}" if len(runs) > 1 else name)
         finite = curve[np.isfinite(curve)]
         if finite.size:
             log.info("%s: last %s loss %.6f at step %d", label, "smoothed" if n > 1 else "raw", finite[-1],
@@ -306,6 +346,13 @@ def run(args) -> Path:
     ax.set_xlabel("global step")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
+    if with_eval:
+        ax.set_xlabel("")
+        ax_eval.set_xlabel("global step")
+        ax_eval.set_ylabel("held-out retrieval")
+        ax_eval.set_title("Evaluation during training (--eval_local)", fontsize=10)
+        ax_eval.grid(True, alpha=0.3)
+        ax_eval.legend(loc="best", fontsize=8)
 
     handles, names = ax.get_legend_handles_labels()
     if args.lr:

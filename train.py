@@ -144,6 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--out_dir", default="outputs/train", help="checkpoints and logs (default: outputs/train)")
     g.add_argument("--save_every", type=int, default=2500, help="write colintern_heads_step{N}.pt every N "
                    "optimizer steps (default: 2500; 0 = only at epoch ends)")
+    g.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N step checkpoints "
+                   "(colintern_heads_step*.pt; epoch checkpoints are always kept); default: 0 = keep all")
     g.add_argument("--resume_ckpt", default=None, help="continue from a checkpoint (a path, or latest: the newest "
                    "in --out_dir): the same phase resumes exactly; another phase starts from its weights (see above)")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out_dir (its checkpoints "
@@ -151,6 +153,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--new_phase", action="store_true", help="with --resume_ckpt of this same phase: start a "
                    "new phase from its weights instead of continuing it")
     g.add_argument("-v", "--verbose", action="store_true", help="log details (default: progress and results)")
+    g.add_argument("--eval_local", default=None, metavar="DIR", help="evaluate during training on a local "
+                   "BEIR-layout set (docs/CONTRACT.md §7): nDCG@5/10 and recall@5 as eval_* fields of metrics.jsonl, "
+                   "plotted by plot_training_loss.py (default: none)")
+    g.add_argument("--eval_every", type=int, default=0, help="with --eval_local: evaluate every N optimizer steps, "
+                   "and always at each epoch end and at the end of the phase (default: 0 = only there)")
     g.add_argument("--log_every", type=int, default=1, help="write a training_loss.txt line (loss averaged "
                    "over the last N steps) every N steps (default: 1); metrics.jsonl gets every step")
     args = p.parse_args(argv)
@@ -163,7 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("batch_size", "grad_accum", "epochs", "log_every", "prefetch_factor", "auto_max_batch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("num_workers", "save_every", "max_steps", "num_negs", "cache_mem_gb", "cache_disk_gb",
+    for name in ("num_workers", "save_every", "save_total_limit", "eval_every", "max_steps", "num_negs",
+                 "cache_mem_gb", "cache_disk_gb",
                  "weight_decay", "max_grad_norm", "warmup_ratio"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")

@@ -18,6 +18,9 @@ from colintern.errors import UserError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
+# bitsandbytes warns on every CPU import that its 4-bit CPU kernels are missing (ColIntern never runs 4-bit on a
+# CPU); shown with -v only.
+QUIET_LIBRARIES = ("bitsandbytes",)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -42,6 +45,8 @@ def setup_logging(verbose: bool = False, *, quiet: bool = False, default: int = 
     handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt=LOG_DATEFMT))
     logger.addHandler(handler)
     logger.setLevel(level)
+    for name in QUIET_LIBRARIES:  # their warnings are about features ColIntern does not use
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 # Faults of the output location the user can fix (a full disk, no permission, a file where a folder should be).

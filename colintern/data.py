@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import struct
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from colintern.errors import UserError
-from colintern.processor import PageModeError, page_size_problem, to_rgb  # one rule for the API and the batch jobs
+from colintern.processor import PageModeError, page_size_note, page_size_problem, to_rgb  # one rule for the API and the batch jobs
 
 log = logging.getLogger("colintern.data")
 
@@ -134,6 +135,12 @@ def _check_size(width: int, height: int, where: str) -> None:
         raise BadRowError(where, problem)
 
 
+def _note_size(width: int, height: int, where: str) -> None:
+    note = page_size_note(width, height)
+    if note:
+        log.warning("%s: %s", where, note)
+
+
 def decode_image(value: Any, where: str) -> Image.Image:
     """Decode a page image to RGB; BadRowError(where, reason) for missing, corrupt, truncated, empty or extreme images.
 
@@ -143,16 +150,20 @@ def decode_image(value: Any, where: str) -> Image.Image:
         raise BadRowError(where, "missing image: no image value")
     if isinstance(value, Image.Image):
         _check_size(value.width, value.height, where)
+        _note_size(value.width, value.height, where)
         try:
             return to_rgb(value)
         except PageModeError as err:
             raise BadRowError(where, str(err)) from None
     data = _read_source(value, where)
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            _check_size(image.width, image.height, where)  # from the header: reject before decoding pixels
-            image.load()
-            return to_rgb(image)
+        with warnings.catch_warnings():  # PIL's DecompressionBombWarning: said once, in our words (_note_size)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                _check_size(image.width, image.height, where)  # from the header: reject before decoding pixels
+                _note_size(image.width, image.height, where)
+                image.load()
+                return to_rgb(image)
     except BadRowError:
         raise
     except PageModeError as err:

@@ -231,6 +231,33 @@ def retrieval_metrics(qrels: Mapping[str, Mapping[str, int]], results: Mapping[s
     return out
 
 
+class LocalEvaluator:
+    """Retrieval metrics of a model on a local BEIR-layout set, for evaluation during training (train.py
+    --eval_local): the pages are decoded once; each call encodes pages and queries with the model as it is now,
+    scores them with exact MaxSim and computes mteb's metrics (nDCG@5/10, recall@5) with pytrec_eval."""
+
+    METRICS = ("ndcg_at_5", "ndcg_at_10", "recall_at_5")
+
+    def __init__(self, path: str):
+        from colintern.data import decode_image, load_beir_dir
+
+        corpus, self.queries, self.qrels = load_beir_dir(path)
+        self.name = Path(path).name
+        self.page_ids = list(corpus)
+        self.pages = [decode_image(corpus[cid], f"{path}: corpus-id {cid!r}") for cid in self.page_ids]
+        self.query_ids = [q for q in self.queries if q in self.qrels]
+
+    def __call__(self, model: Any, batch_size: int = 8) -> dict[str, float]:
+        from colintern.scoring import maxsim
+
+        docs = model.encode_images(self.pages, batch_size=batch_size, show_progress=False)
+        qs = model.encode_queries([self.queries[q] for q in self.query_ids], show_progress=False)
+        scores = maxsim(qs, docs)  # (n_queries, n_pages) exact
+        results = {q: dict(zip(self.page_ids, row.tolist())) for q, row in zip(self.query_ids, scores)}
+        metrics = retrieval_metrics(self.qrels, top_run(results, k=100))
+        return {name: metrics[name] for name in self.METRICS}
+
+
 def top_run(results: Mapping[str, Mapping[str, float]], k: int = 100) -> dict[str, dict[str, float]]:
     """The top-k pages per query, best first, ties broken by id descending (pytrec_eval's order)."""
     run = {}

@@ -7,6 +7,7 @@ page path is in its module (`colintern/internvl.py`, `colintern/qwen3vl.py`).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,6 +16,8 @@ from PIL import Image
 
 from colintern.config import ColInternConfig
 from colintern.errors import UserError
+
+log = logging.getLogger("colintern")
 
 MAX_ASPECT_RATIO = 50.0  # wider or taller than 50:1 is not a page (e.g. a 20000x50 strip)
 
@@ -26,6 +29,19 @@ def page_size_problem(width: int, height: int) -> str | None:
     ratio = max(width / height, height / width)
     if ratio > MAX_ASPECT_RATIO:
         return f"extreme aspect ratio: {width}x{height} pixels ({ratio:.0f}:1, limit {MAX_ASPECT_RATIO:.0f}:1)"
+    return None
+
+
+MIN_PAGE_SIDE = 32  # a side below this has too few pixels to read: allowed, but worth a warning
+
+
+def page_size_note(width: int, height: int) -> str | None:
+    """What is odd, though allowed, about a width x height page (a warning, not an error), or None."""
+    if min(width, height) < MIN_PAGE_SIDE:
+        return f"tiny page ({width}x{height} pixels): it is upscaled to fill a tile and carries little to read"
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        return (f"very large page ({width}x{height} = {width * height / 1e6:.0f} Mpx): decoding it takes "
+                f"{width * height * 3 / 2**30:.1f} GiB; it is downscaled to the tile grid")
     return None
 
 
@@ -93,6 +109,9 @@ def check_page_image(image: Any, where: str) -> Image.Image:
     problem = page_size_problem(*image.size)
     if problem:
         raise UserError(f"{where}: {problem}; crop or split it into pages, or drop it")
+    note = page_size_note(*image.size)
+    if note:
+        log.warning("%s: %s", where, note)
     if image.mode == "RGB":
         return image
     try:

@@ -457,14 +457,17 @@ def generate(out_dir: str | Path, n_train_pages: int = 240, n_eval_pages: int = 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m colintern.synthetic", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="output directory (created; re-generated if written by this module before)")
-    parser.add_argument("--n_train_pages", type=int, default=240)
-    parser.add_argument("--n_eval_pages", type=int, default=60)
-    parser.add_argument("--queries_per_page", type=int, default=3, help="train queries (rows) per page")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--page_size", type=int, default=224, help="width of portrait pages in pixels")
+    parser.add_argument("--n_train_pages", type=int, default=240,
+                        help="distinct training pages, in the colpali_train_set schema (default: 240)")
+    parser.add_argument("--n_eval_pages", type=int, default=60,
+                        help="held-out pages of the BEIR-layout evaluation set under OUT/eval (default: 60)")
+    parser.add_argument("--queries_per_page", type=int, default=3,
+                        help="training queries (dataset rows) per page (default: 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of pages and queries (default: 0)")
+    parser.add_argument("--page_size", type=int, default=224, help="width of portrait pages in pixels (default: 224)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (default: progress and results)")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

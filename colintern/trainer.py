@@ -247,6 +247,11 @@ class Trainer:
         self.window = self._restored_window()  # losses since the last training_loss.txt line
         self.run_steps = self.run_pairs = 0
         self.epoch_seconds: dict[int, float] = {}
+        self.evaluator = None
+        if args.eval_local and self.is_main:
+            from colintern.evaluation import LocalEvaluator
+
+            self.evaluator = LocalEvaluator(args.eval_local)
 
     # -- set-up ------------------------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -539,8 +544,11 @@ class Trainer:
         pairs = state.phase.batch_size * args.grad_accum * self.world
         self.run_steps, self.run_pairs = self.run_steps + 1, self.run_pairs + pairs
         self.last_metrics = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
-                             "grad_norm": grad_norm, "pairs_per_s": pairs / seconds, "seconds": seconds}
+                             "grad_norm": grad_norm, "pairs_per_s": pairs / seconds, "seconds": seconds,
+                             "phase": state.phase.index}
         self.window.append(loss)
+        if self._eval_due():
+            self._evaluate()
         if self.is_main:
             append_line(args.out_dir, METRICS_JSONL, json.dumps(self.last_metrics))
             if state.step % args.log_every == 0:
@@ -548,6 +556,23 @@ class Trainer:
                                         pairs / seconds)
                 append_line(args.out_dir, LOSS_TXT, line)
                 self.window = []
+
+    def _eval_due(self) -> bool:
+        """--eval_local: every --eval_every steps, at each epoch end and at the end of the phase."""
+        state, every = self.state, self.args.eval_every
+        return self.evaluator is not None and (
+            (every > 0 and state.step % every == 0) or state.epoch_position == state.phase.steps_per_epoch
+            or state.phase_step == state.phase.steps)
+
+    def _evaluate(self) -> None:
+        """Retrieval metrics on the --eval_local set, added to this step's metrics.jsonl row (eval_*)."""
+        start = time.perf_counter()
+        scores = self.evaluator(self.model, batch_size=self.state.phase.batch_size)
+        self.last_metrics.update({f"eval_{name}": value for name, value in scores.items()})
+        text = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+        log.info("eval on %s at step %d: %s (%.1f s)", self.evaluator.name, self.state.step, text,
+                 time.perf_counter() - start)
+        append_line(self.args.out_dir, LOSS_TXT, f"# eval {self.evaluator.name} at step {self.state.step}: {text}")
 
     def _forward_backward(self, plan: Plan, micro: list[int], batches: list[dict]) -> float:
         """Forward + backward of one optimizer step; returns this rank's loss."""
@@ -635,6 +660,19 @@ class Trainer:
                             f"{self.last_ckpt or '(none)'} is intact")
         self.last_ckpt = path
         log.info("saved %s", path)
+        if self.is_main and args.save_total_limit:
+            self._prune_step_checkpoints(args.save_total_limit)
+
+    def _prune_step_checkpoints(self, keep: int) -> None:
+        """--save_total_limit: delete all but the newest `keep` step checkpoints (by step; epoch ones stay)."""
+        def step_of(path: Path) -> int:
+            tail = path.stem.rsplit("step", 1)[-1]
+            return int(tail) if tail.isdigit() else -1
+
+        steps = sorted(Path(self.args.out_dir).glob("colintern_heads_step*.pt"), key=step_of)
+        for old in steps[:-keep]:
+            old.unlink(missing_ok=True)
+            log.info("--save_total_limit %d: removed %s", keep, old)
 
     def _summary(self, seconds: float) -> str:
         """The closing line (also the last line of training_loss.txt), with the first skipped rows logged."""
@@ -647,8 +685,7 @@ class Trainer:
                    f"epoch {state.epoch}) in {seconds:.1f} s, {self.run_pairs / max(seconds, 1e-9):.1f} pairs/s, "
                    f"peak memory {peak}, {self.report.summary()}; last checkpoint {self.last_ckpt} "
                    f"(total {time.perf_counter() - self.t_run:.1f} s)")
-        if self.is_main:
-            log.info(summary)
+        if self.is_main:  # the summary itself is train.py's output (stdout); the log keeps the details
             for item in self.report.items[:20]:
                 log.info("  skipped %s: %s", item.where, item.reason)
             append_line(self.args.out_dir, LOSS_TXT, "# " + summary)

@@ -475,3 +475,23 @@ def test_image_folder_with_non_utf8_metadata_is_one_line(tmp_path):
     with pytest.raises(UserError, match=rf"^{bad / 'metadata.jsonl'} line 2: not valid UTF-8: byte 0xe9 at byte 35 "
                                         r"of the line; save the file as UTF-8$"):
         load_page_dataset(str(bad), "train")
+
+
+def test_odd_page_sizes_are_said_once_in_our_words(monkeypatch, caplog):
+    """A 1x1 page is allowed but named; PIL's raw DecompressionBombWarning (which lands inside progress bars)
+    becomes one log line with the size and the memory it takes."""
+    import logging
+    import warnings
+
+    caplog.set_level(logging.WARNING)
+    decode_image(Image.new("RGB", (1, 1)), "row 7")
+    assert "row 7: tiny page (1x1 pixels): it is upscaled to fill a tile and carries little to read" in caplog.text
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 40x40 page is now "very large"
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(buf, format="PNG")
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        page = decode_image(buf.getvalue(), "row 8")
+    assert page.size == (40, 40)
+    assert not [w for w in raised if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert "row 8: very large page (40x40 = 0 Mpx): decoding it takes 0.0 GiB" in caplog.text

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from helpers import load_script
@@ -311,3 +312,19 @@ def test_loss_plot_skips_a_torn_last_line_with_a_warning(tmp_path, capsys):
     assert ptl.main(["--input", str(log), "--output", str(tmp_path / "b.png")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {log}:2: invalid JSON") and not (tmp_path / "b.png").exists()
+
+
+def test_phase_boundaries_restart_the_moving_average():
+    phase = np.array([1, 1, 1, 2, 2, 2])
+    assert ptl.phase_starts(phase) == [3]
+    loss = np.array([4.0, 2.0, 0.0, 10.0, 6.0, 2.0])
+    np.testing.assert_allclose(ptl.smooth_by_phase(loss, phase, 2), [4.0, 3.0, 1.0, 10.0, 8.0, 4.0])
+    np.testing.assert_allclose(ptl.moving_average(loss, 2)[3], 5.0)  # without the restart: 0 and 10 mixed
+
+
+def test_text_log_phase_notes_mark_phases(tmp_path):
+    log = tmp_path / "training_loss.txt"
+    log.write_text("step 1 | loss 3.0\nstep 2 | loss 2.0\n# phase 2 from out/colintern_heads_epoch1.pt at step 2, "
+                   "epoch 2: mined.jsonl\nstep 3 | loss 5.0\n")
+    run = ptl.read_log(log)
+    assert run["phase"].tolist()[2] == 2.0 and ptl.phase_starts(run["phase"]) == [2]

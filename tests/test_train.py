@@ -667,3 +667,38 @@ def test_bad_pages_are_found_before_training_even_outside_every_step(tiny_model_
     (line,) = error_lines(capsys)
     assert line.startswith(f"error: {path} row 6: corrupt image")
     assert list((tmp_path / "strict").iterdir()) == []
+
+
+def test_save_total_limit_keeps_the_newest_step_checkpoints_and_every_epoch(tiny_model_dir, synthetic_small_dir,
+                                                                             tmp_path):
+    out = tmp_path / "out"
+    assert run("--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"),
+               "--batch_size", 40, "--epochs", 2, "--save_every", 1, "--save_total_limit", 2, "--num_workers", 0,
+               "--dim", 32, "--max_tiles", 2, "--out_dir", out) == 0  # 120 examples / 40 = 3 steps per epoch
+    assert sorted(p.name for p in out.glob("*.pt")) == ["colintern_heads_epoch1.pt", "colintern_heads_epoch2.pt",
+                                                        "colintern_heads_step5.pt", "colintern_heads_step6.pt"]
+
+
+def test_eval_during_training_writes_the_checkpoints_own_scores(tiny_model_dir, synthetic_small_dir, tmp_path):
+    """--eval_local DIR --eval_every N: eval_* fields in that step's metrics.jsonl row (and at the phase end),
+    equal to what the saved checkpoint scores on the same set; plot_training_loss.py draws them."""
+    from colintern import ColIntern
+    from colintern.evaluation import LocalEvaluator
+
+    out = tmp_path / "out"
+    eval_dir = os.path.join(synthetic_small_dir, "eval")
+    assert run("--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"),
+               "--batch_size", 20, "--max_steps", 5, "--save_every", 2, "--eval_local", eval_dir, "--eval_every", 2,
+               "--num_workers", 0, "--dim", 32, "--max_tiles", 2, "--out_dir", out) == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "eval_ndcg_at_5" in r] == [2, 4, 5]
+    assert all(r["phase"] == 1 for r in rows)
+    evaluator = LocalEvaluator(eval_dir)
+    for step in (4, 5):
+        model = ColIntern.from_pretrained(tiny_model_dir, ckpt=str(out / f"colintern_heads_step{step}.pt"))
+        want = evaluator(model)
+        row = next(r for r in rows if r["step"] == step)
+        assert all(abs(row[f"eval_{k}"] - v) < 1e-6 for k, v in want.items()), (row, want)
+    plot = load_script("plot_training_loss")
+    assert plot.main(["--input", str(out / "metrics.jsonl"), "--output", str(tmp_path / "loss.png")]) == 0
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
