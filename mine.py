@@ -3,6 +3,9 @@ r"""Mine hard negatives for ColIntern training (docs/CONTRACT.md §7, §8).
     python mine.py --model_id OpenGVLab/InternVL3_5-1B-Instruct --ckpt outputs/train/colintern_heads_epoch1.pt \
         --hub_name vidore/colpali_train_set --split train --out_jsonl outputs/mine/mined_triples.jsonl \
         --k 20 --doc_batch 16 --query_batch 64
+Local pages (the corpus of train.py --train_jsonl FILE --root DIR; --pages adds a folder of candidate pages):
+    python mine.py --model_id ... --ckpt ... --train_jsonl data/train.jsonl --root data --pages data/pages \
+        --out_jsonl outputs/mine/mined_triples.jsonl
 
 Every distinct page of the dataset (rows sharing image_filename, or the same image bytes, are one page) is
 encoded once with the checkpoint's head, LoRA and formatting, and written to disk as fp16 token vectors. Each
@@ -16,6 +19,7 @@ corpora up to 3M page tokens, where it is as fast as FAISS, and FAISS above that
 Output, one line per (query, page) pair, in dataset order:
     {"query": str, "pos": "<dataset>/<split>/doc_<i>.png", "negs": [...],
      "scores": {"pos": float, "negs": [float, ...]}}
+(with --train_jsonl, pages are named by their paths relative to --root, as the input file names them)
 plus `<name>.meta.json` (settings, counts, timings, candidate recall). Lines go to `<out>.partial` as they are
 produced; `--resume` continues an interrupted run; the final name appears only when the file is complete.
 
@@ -51,7 +55,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--hub_name", default=None,
                    help="page dataset: hub id, local repository folder, save_to_disk directory or parquet "
                         "file/glob, with the vidore/colpali_train_set columns (query, image, image_filename)")
-    g.add_argument("--split", default="train", help="dataset split (default: train)")
+    g.add_argument("--split", default="train", help="dataset split of --hub_name (default: train)")
+    g.add_argument("--train_jsonl", default=None,
+                   help="instead of --hub_name, local pages: a triples file ({query, pos, negs} lines, "
+                        "docs/CONTRACT.md §7) whose queries are mined against every distinct pos/neg page (and "
+                        "--pages); the output names pages as this file does, for train.py --train_jsonl --root")
+    g.add_argument("--root", default=None, help="folder the relative paths of --train_jsonl and --pages are "
+                   "relative to (default: the working directory)")
+    g.add_argument("--pages", default=None, metavar="DIR",
+                   help="with --train_jsonl: every image file under DIR is a candidate page too (default: none)")
     g.add_argument("--limit", type=int, default=None, help="use only the first N rows (default: all)")
     g.add_argument("--dedupe", choices=["auto", "filename", "hash"], default="auto",
                    help="what makes two rows the same page: image_filename, a hash of the image bytes, or auto "
@@ -141,8 +153,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--shard_id must be in 0..{args.num_shards - 1}, got {args.shard_id}")
     if args.merge and args.num_shards < 2:
         raise UserError("--merge joins shard files: pass --num_shards N (N >= 2) as used for the shards")
-    if not args.merge and (not args.model_id or not args.hub_name):
-        raise UserError("--model_id and --hub_name are required (except with --merge)")
+    if not args.merge and (not args.model_id or not (args.hub_name or args.train_jsonl)):
+        raise UserError("--model_id and --hub_name (a page dataset) or --train_jsonl (local pages) are required "
+                        "(except with --merge)")
+    if args.hub_name and args.train_jsonl:
+        raise UserError("pass only one of --hub_name and --train_jsonl")
+    if args.pages and not args.train_jsonl:
+        raise UserError("--pages adds local pages to a --train_jsonl corpus; pass --train_jsonl too")
     return args
 
 

@@ -35,6 +35,7 @@ import logging
 import math
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -52,6 +53,21 @@ log = logging.getLogger("colintern.plot_vidore_metrics")
 DEFAULT_METRICS = ["ndcg_at_5", "ndcg_at_10", "recall_at_5"]
 DEFAULT_MAIN_METRIC = "ndcg_at_5"  # ViDoRe's headline metric, used when a summary names none
 AVERAGE = "average"  # the pseudo-task holding each run's mean over tasks
+METRIC_NAMES = {"ndcg": "nDCG", "recall": "Recall", "map": "MAP", "mrr": "MRR", "precision": "Precision",
+                "hit_rate": "Hit rate", "cv_recall": "CV recall"}
+
+
+def readable(metric: str) -> str:
+    """ndcg_at_5 -> nDCG@5, recall_at_10 -> Recall@10; other names as they are."""
+    match = re.fullmatch(r"(.+)_at_(\d+)", metric)
+    if match and match.group(1) in METRIC_NAMES:
+        return f"{METRIC_NAMES[match.group(1)]}@{match.group(2)}"
+    return metric
+
+
+def wrapped(label: str, width: int = 16) -> str:
+    """A run label on several lines so that long ones do not overlap on an axis."""
+    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,7 +196,7 @@ def grouped_bars(path: Path, metric: str, labels: list, groups: list, values: di
     label_bars = len(groups) * n_runs <= 60
     for i, label in enumerate(labels):
         heights = [values.get((label, g), math.nan) for g in groups]
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), heights, width, label=label, color=f"C{i % 10}")
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), heights, width, label=wrapped(label, 28), color=f"C{i % 10}")
         if label_bars:
             ax.bar_label(bars, labels=["" if math.isnan(h) else f"{h:.3f}" for h in heights],
                          fontsize=7, rotation=90 if n_runs > 2 else 0, padding=2)
@@ -191,7 +207,7 @@ def grouped_bars(path: Path, metric: str, labels: list, groups: list, values: di
     finite = [v for v in values.values() if not math.isnan(v)]
     top = max(finite) if finite else 1.0
     ax.set_ylim(0, top * 1.2 if top > 0 else 1.0)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(readable(metric))
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
@@ -205,10 +221,11 @@ def across_runs(path: Path, metric: str, labels: list, values: list, title: str)
     bars = ax.bar(x, values, 0.6, color=[f"C{i % 10}" for i in range(len(labels))], alpha=0.85)
     ax.bar_label(bars, labels=[f"{v:.4f}" for v in values], fontsize=8, padding=2)
     ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=20 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    ax.set_xticklabels([wrapped(label) for label in labels], rotation=20 if len(labels) > 4 else 0,
+                       ha="right" if len(labels) > 4 else "center")
     top = max(values)
     ax.set_ylim(0, top * 1.2 if top > 0 else 1.0)
-    ax.set_ylabel(f"{metric} (average over tasks)")
+    ax.set_ylabel(f"{readable(metric)} (average over tasks)")
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     save(fig, path)
@@ -328,6 +345,7 @@ def run(args) -> list:
 
     benchmarks = list(dict.fromkeys(str(r["meta"]["benchmark"]) for r in runs if r["meta"]["benchmark"]))
     bench = f"{' / '.join(benchmarks)}: " if benchmarks else ""
+    data_name = " / ".join(benchmarks) or " / ".join(tasks)
 
     outdir = Path(args.outdir)
     try:
@@ -335,25 +353,25 @@ def run(args) -> list:
     except OSError as e:
         raise UserError(f"{outdir}: cannot create the output directory ({e.strerror}); choose another --outdir") from None
     written = []
-    groups = tasks + [AVERAGE]
+    groups = tasks + [AVERAGE] if len(tasks) > 1 else tasks  # one task: its "average" would repeat it
     for metric in metrics:
         path = outdir / f"metrics_{re.sub(r'[^A-Za-z0-9_.-]', '_', metric)}.png"
-        grouped_bars(path, metric, labels, groups, values[metric], f"{bench}{metric} per task")
+        grouped_bars(path, metric, labels, groups, values[metric], f"{bench}{readable(metric)} per task")
         written.append(path)
     path = outdir / "main_metric_across_runs.png"
-    across_runs(path, main_metric, labels, main_values, f"{bench}{main_metric}, average over tasks")
+    across_runs(path, main_metric, labels, main_values, f"{bench}{readable(main_metric)}, average over tasks")
     written.append(path)
 
     # metrics.md: the run list, the main metric across runs, then one task x run table per metric.
-    md = ["# ViDoRe metrics", "", "## Runs", ""]
+    md = [f"# {data_name} metrics", "", "## Runs", ""]
     md += md_table(["run", "model", "ckpt", "benchmark", "summary"],
                    [[label, r["meta"]["model"], r["meta"]["ckpt"], r["meta"]["benchmark"], str(r["path"])]
                     for label, r in zip(labels, runs)], "lllll")
-    md += ["", f"## Main metric: {main_metric} (average over tasks)", ""]
+    md += ["", f"## Main metric: {readable(main_metric)} (`{main_metric}`, average over tasks)", ""]
     md += md_table(["run", main_metric], [[label, cell] for label, cell in zip(labels, md_numbers(main_values))],
                    "lr")
     for metric in metrics:
-        md += ["", f"## {metric}", ""]
+        md += ["", f"## {readable(metric)} (`{metric}`)", ""]
         rows = []
         for task in groups:
             cells = md_numbers([values[metric].get((label, task)) for label in labels])
@@ -369,7 +387,7 @@ def run(args) -> list:
             writer = csv.writer(f)
             writer.writerow(["run", "task", "metric", "value"])
             for label in labels:
-                for task in groups:
+                for task in tasks + [AVERAGE]:  # the data keeps the average row even for one task
                     for metric in metrics:
                         value = values[metric].get((label, task))
                         if value is not None:

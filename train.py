@@ -153,6 +153,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--new_phase", action="store_true", help="with --resume_ckpt of this same phase: start a "
                    "new phase from its weights instead of continuing it")
     g.add_argument("-v", "--verbose", action="store_true", help="log details (default: progress and results)")
+    g.add_argument("--report_to", nargs="+", choices=["none", "tensorboard", "wandb"], default=["none"],
+                   help="also send every step's metrics to TensorBoard (--out_dir/tensorboard) and/or Weights & "
+                        "Biases (WANDB_PROJECT, WANDB_MODE=offline work); metrics.jsonl is always written "
+                        "(default: none)")
     g.add_argument("--eval_local", default=None, metavar="DIR", help="evaluate during training on a local "
                    "BEIR-layout set (docs/CONTRACT.md §7): nDCG@5/10 and recall@5 as eval_* fields of metrics.jsonl, "
                    "plotted by plot_training_loss.py (default: none)")

@@ -15,8 +15,9 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -194,6 +195,100 @@ class PartialOutput:
         self.paths["state"].unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------- the corpus: a page dataset, or local pages
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+
+
+@dataclass
+class Corpus:
+    """What mining reads: rows of (query or None, page image), and how to name them in messages and output."""
+
+    dataset: Any                           # columns query (None: a page no query asks for), image, image_filename
+    name: str                              # the dataset id or the triples file (meta, store identity)
+    split: str | None
+    label: str                             # for messages: "dataset NAME split S" / "FILE"
+    where: Callable[[int], str]            # a row in messages: "NAME row 3", "FILE line 4", "pages/x.png"
+    path_of_row: Callable[[int], str]      # a row's page in the output triples
+    page_only: frozenset[int] = frozenset()
+    paths_doc: str = ""                    # what the output paths are, for the meta
+
+
+def load_corpus(args: argparse.Namespace, report: Any) -> Corpus:
+    """The corpus of --hub_name (a page dataset) or of --train_jsonl/--root (+ --pages): every form train.py
+    trains on (docs/CONTRACT.md §7)."""
+    from colintern.data import load_page_dataset, pseudo_path
+
+    if args.train_jsonl:
+        return local_corpus(args.train_jsonl, args.root, args.pages, report)
+    dataset = load_page_dataset(args.hub_name, args.split, strict=False)
+    if args.limit is not None and args.limit < len(dataset):
+        dataset = dataset.select(range(args.limit))
+    if len(dataset) == 0:
+        raise UserError(f"dataset {args.hub_name} split {args.split} is empty: nothing to mine")
+    return Corpus(dataset, args.hub_name, args.split, f"dataset {args.hub_name} split {args.split}",
+                  where=lambda row: f"{args.hub_name} row {row}",
+                  path_of_row=lambda row: pseudo_path(args.hub_name, args.split, row),
+                  paths_doc="<dataset>/<split>/doc_<row>.png pseudo-paths (row = the page's representative row)")
+
+
+def local_corpus(triples_path: str, root: str | None, pages_dir: str | None, report: Any) -> Corpus:
+    """Local pages: each triple's query asks for its positive (queries and positives are the file's); the pages
+    are every distinct pos and neg path, plus with pages_dir every image file under it. Output paths are written
+    as the file writes them (relative to --root), so train.py --train_jsonl OUT --root DIR reads them back."""
+    import datasets
+
+    from colintern.data import BadRowError, parse_pseudo_path, read_triples_jsonl
+
+    base = Path(root) if root else Path(".")
+    triples, _ = read_triples_jsonl(triples_path, strict=report.strict, report=report)
+    rows: dict[str, list] = {"query": [], "image": [], "image_filename": []}
+    wheres: list[str] = []
+    seen: set[str] = set()
+
+    def add(query: str | None, path: str, where: str) -> bool:
+        if parse_pseudo_path(path) is not None and not (base / path).is_file():
+            name = parse_pseudo_path(path)[0]
+            raise UserError(f"{where}: {path} is a row of dataset {name}; mine that dataset with --hub_name {name}")
+        key = os.path.normpath(path)
+        file = Path(path) if Path(path).is_absolute() else base / path
+        if not file.is_file():
+            report.add_error(BadRowError(where, f"missing image: file not found: {file}"))
+            return False
+        if query is None and key in seen:
+            return True
+        seen.add(key)
+        rows["query"].append(query)
+        rows["image"].append({"path": str(file.resolve()), "bytes": None})
+        rows["image_filename"].append(key)
+        wheres.append(where)
+        return True
+
+    for t in triples:
+        add(t.query, t.pos, f"{triples_path} line {t.line}")
+    n_queries = len(wheres)
+    for t in triples:
+        for neg in t.negs:
+            add(None, neg, f"{triples_path} line {t.line} (negative {neg})")
+    if pages_dir:
+        files = sorted(p for p in Path(pages_dir).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"--pages {pages_dir}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        for file in files:
+            rel = os.path.relpath(file, base)
+            add(None, rel, rel)
+    if not n_queries:
+        raise UserError(f"{triples_path}: no triple has a usable positive page ({report.summary()})")
+    features = datasets.Features({"query": datasets.Value("string"), "image": datasets.Image(decode=False),
+                                  "image_filename": datasets.Value("string")})
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    log.info("local corpus %s: %d queries, %d distinct pages", triples_path, n_queries, len(set(rows["image_filename"])))
+    return Corpus(dataset, str(Path(triples_path).resolve()), None, str(triples_path), where=wheres.__getitem__,
+                  path_of_row=rows["image_filename"].__getitem__, page_only=frozenset(range(n_queries, len(wheres))),
+                  paths_doc="image paths relative to --root, as the input triples write them")
+
+
 # ---------------------------------------------------------------- the miner
 
 
@@ -210,7 +305,7 @@ class Miner:
     """One mining run (one shard of it when sharded)."""
 
     def __init__(self, args: argparse.Namespace):
-        from colintern.data import SkipReport, clean_query, load_page_dataset
+        from colintern.data import SkipReport, clean_query
         from colintern.mining import choose_method, plan_pairs
         from colintern.model import ColIntern
         from colintern.page_store import PageStore, plan_pages
@@ -228,30 +323,26 @@ class Miner:
                                                allow_other_base=args.allow_other_base)
         self.ckpt_sha = file_sha256(args.ckpt) if args.ckpt else None
         self.dtype_name = str(next(self.model.backbone.parameters()).dtype).replace("torch.", "")
-        dataset = load_page_dataset(args.hub_name, args.split, strict=False)
-        if args.limit is not None and args.limit < len(dataset):
-            dataset = dataset.select(range(args.limit))
-        if len(dataset) == 0:
-            raise UserError(f"dataset {args.hub_name} split {args.split} is empty: nothing to mine")
+        self.report = SkipReport(strict=args.strict, logger=log)
+        self.corpus = load_corpus(args, self.report)
+        dataset = self.corpus.dataset
         self.dataset = dataset
-        self.plan = plan_pages(dataset, args.hub_name, args.dedupe, show_progress=self.show)
+        self.plan = plan_pages(dataset, self.corpus.name, args.dedupe, show_progress=self.show)
         log.info("model %s%s on %s (%s); %d rows -> %d unique pages (dedupe by %s)", args.model_id,
                  f" + {args.ckpt}" if args.ckpt else "", self.device, self.dtype_name, len(dataset),
                  self.plan.n_pages, self.plan.dedupe)
         self._encode_pages()
         self.store = PageStore(self.store_dir, self.spec)
-        self.report = SkipReport(strict=args.strict, logger=log)
         image_bad = self.store.skipped_rows()
         self.pair_plan = plan_pairs(dataset["query"], self.plan, self.store, {r for r, _ in image_bad}, clean_query,
-                                    args.hub_name)
+                                    self.corpus.where, self.corpus.page_only)
         for row, reason in sorted(image_bad + self.pair_plan.bad_rows):
-            self.report.add(f"{args.hub_name} row {row}", reason)
+            self.report.add(self.corpus.where(row), reason)
         if self.store.n_valid == 0:
-            raise UserError(f"dataset {args.hub_name} split {args.split}: none of its {len(dataset)} rows has a "
-                            f"decodable image ({self.report.summary()})")
-        if not self.pair_plan.pairs:
-            raise UserError(f"dataset {args.hub_name} split {args.split}: no usable queries "
+            raise UserError(f"{self.corpus.label}: none of its {len(dataset)} pages has a decodable image "
                             f"({self.report.summary()})")
+        if not self.pair_plan.pairs:
+            raise UserError(f"{self.corpus.label}: no usable queries ({self.report.summary()})")
         if self.store.n_valid == 1:
             log.warning("the corpus has a single page: every query gets an empty negatives list")
         pairs_all = self.pair_plan.pairs
@@ -272,7 +363,8 @@ class Miner:
 
         args, plan = self.args, self.plan
         self.spec = StoreSpec(model_id=args.model_id, ckpt_sha256=self.ckpt_sha, config=self.model.config.to_dict(),
-                              dtype=self.dtype_name, dataset=args.hub_name, split=args.split, limit=args.limit,
+                              dtype=self.dtype_name, dataset=self.corpus.name, split=self.corpus.split,
+                              limit=args.limit,
                               dedupe=plan.dedupe, keys_sha256=keys_digest(plan), n_pages=plan.n_pages,
                               pages_per_part=args.pages_per_part)
         emb_dir = Path(args.emb_dir) if args.emb_dir else self.paths["emb_dir"]
@@ -287,7 +379,7 @@ class Miner:
             return self.model.encode_images(pils, batch_size=args.doc_batch, show_progress=False)
 
         t0 = time.time()
-        self.encoded = ensure_page_store(self.store_dir, self.spec, plan, self.dataset, args.hub_name, encode_pages,
+        self.encoded = ensure_page_store(self.store_dir, self.spec, plan, self.dataset, self.corpus.where, encode_pages,
                                          window=args.doc_batch * 8, strict=args.strict, shard_id=args.shard_id,
                                          num_shards=args.num_shards, show_progress=self.show)
         self.t_encode = time.time() - t0
@@ -326,9 +418,8 @@ class Miner:
 
     # -- search ------------------------------------------------------------------------------------------
     def path_of(self, u: int) -> str:
-        from colintern.data import pseudo_path
-
-        return pseudo_path(self.args.hub_name, self.args.split, int(self.store.rep_rows[u]))
+        """What the output calls page u: a pseudo-path into the dataset, or the local path as the input wrote it."""
+        return self.corpus.path_of_row(int(self.store.rep_rows[u]))
 
     def exact(self, qs: list[torch.Tensor], which: np.ndarray, batch: list, pos: np.ndarray) -> list:
         """Exact MaxSim against every page: [(negs, scores, n_filtered)] per pair."""
@@ -429,7 +520,7 @@ class Miner:
             "deepened_queries": state["deepened"], "indexed": "every page token vector (inner product)"}
         return {
             "checkpoint": args.ckpt, "checkpoint_sha256": self.ckpt_sha, "model": args.model_id,
-            "dataset": args.hub_name, "split": args.split, "limit": args.limit, "method": self.method,
+            "dataset": self.corpus.name, "split": self.corpus.split, "limit": args.limit, "method": self.method,
             "method_asked": args.method, "method_why": self.method_why, "k": args.k, "score": SCORE_DOC,
             "filters": {"fn_filter": self.fn_filter, "skip_top": args.skip_top,
                         "positives": f"rows sharing the page (dedupe by {plan.dedupe}) and rows with the same "
@@ -451,8 +542,7 @@ class Miner:
             "shard": {"shard_id": args.shard_id, "num_shards": args.num_shards, "pairs": [self.lo, self.hi]},
             "page_store": str(self.store_dir), "out_jsonl": str(self.paths["final"]),
             "format": {"line": '{"query", "pos", "negs", "scores": {"pos", "negs"}}',
-                       "paths": "<dataset>/<split>/doc_<row>.png pseudo-paths (row = the page's representative "
-                                "row)"},
+                       "paths": self.corpus.paths_doc},
         }
 
     def summary(self, meta: dict[str, Any], recall: dict[str, Any] | None) -> list[str]:

@@ -57,13 +57,15 @@ class PairPlan:
 
 
 def plan_pairs(queries: Sequence[Any], plan: PagePlan, store: PageStore, bad_image_rows: set[int],
-               check: Callable[[Any, str], str], name: str) -> PairPlan:
+               check: Callable[[Any, str], str], where: Callable[[int], str],
+               page_only: frozenset[int] = frozenset()) -> PairPlan:
     """One pair per distinct (query text, page), in dataset order.
 
     The positives of a query are all rows that share its page, the pages of other rows with the same query
     text (the same question asked of two pages: neither may be the other's negative), and pages whose image
     bytes equal a positive's (the same page stored under two file names).
     Rows with an empty query, a failed image, or a page without any decodable image are reported, not used.
+    Rows in `page_only` (a corpus page no query asks for, e.g. a triples file's negatives) only add pages.
     """
     bad: list[tuple[int, str]] = []
     positives: dict[str, set[int]] = {}
@@ -71,11 +73,11 @@ def plan_pairs(queries: Sequence[Any], plan: PagePlan, store: PageStore, bad_ima
     pairs: list[Pair] = []
     duplicates = 0
     for row, value in enumerate(queries):
-        if row in bad_image_rows:
-            continue  # reported by the encoder with its reason
+        if row in bad_image_rows or row in page_only:
+            continue  # reported by the encoder with its reason / a page without a query
         u = int(plan.page_of_row[row])
         try:
-            text = check(value, f"{name} row {row}")
+            text = check(value, where(row))
         except BadRowError as err:
             bad.append((row, err.reason))
             continue

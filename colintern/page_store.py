@@ -146,7 +146,7 @@ def _part_done(store_dir: Path, j: int) -> bool:
     return (_part_dir(store_dir, j) / PART_META).is_file()
 
 
-def encode_part(store_dir: Path, j: int, spec: StoreSpec, plan: PagePlan, dataset: Any, name: str,
+def encode_part(store_dir: Path, j: int, spec: StoreSpec, plan: PagePlan, dataset: Any, where: Callable[[int], str],
                 encode: Callable[[list], list[torch.Tensor]], window: int, strict: bool,
                 on_pages: Callable[[int], None]) -> dict[str, Any]:
     """Encode the pages of part j into store_dir/part-j (written to a temp dir, renamed when complete).
@@ -160,7 +160,7 @@ def encode_part(store_dir: Path, j: int, spec: StoreSpec, plan: PagePlan, datase
     tmp = store_dir / f".part-{j:05d}.tmp-{socket.gethostname()}-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
-        meta = _write_part(tmp, j, spec, plan, dataset, name, encode, window, strict, on_pages)
+        meta = _write_part(tmp, j, spec, plan, dataset, where, encode, window, strict, on_pages)
         if final.exists():  # cannot happen under the part lock, but never replace a finished part
             shutil.rmtree(tmp)
         else:
@@ -173,7 +173,7 @@ def encode_part(store_dir: Path, j: int, spec: StoreSpec, plan: PagePlan, datase
     return meta
 
 
-def _write_part(tmp: Path, j: int, spec: StoreSpec, plan: PagePlan, dataset: Any, name: str,
+def _write_part(tmp: Path, j: int, spec: StoreSpec, plan: PagePlan, dataset: Any, where_of: Callable[[int], str],
                 encode: Callable[[list], list[torch.Tensor]], window: int, strict: bool,
                 on_pages: Callable[[int], None]) -> dict[str, Any]:
     """The token file and part.json of part j, in tmp. For each page the rows are tried in order until one image
@@ -195,7 +195,7 @@ def _write_part(tmp: Path, j: int, spec: StoreSpec, plan: PagePlan, dataset: Any
             pils, owners = [], []
             for u in range(w0, w1):
                 for row in plan.pages[u]:
-                    where = f"{name} row {row}"
+                    where = where_of(row)
                     value = images[row]["image"]
                     try:
                         pils.append(decode_image(value, where))
@@ -226,7 +226,8 @@ def _write_part(tmp: Path, j: int, spec: StoreSpec, plan: PagePlan, dataset: Any
     return meta
 
 
-def ensure_page_store(store_dir: str | Path, spec: StoreSpec, plan: PagePlan, dataset: Any, name: str,
+def ensure_page_store(store_dir: str | Path, spec: StoreSpec, plan: PagePlan, dataset: Any,
+                      where: Callable[[int], str],
                       encode: Callable[[list], list[torch.Tensor]], window: int, strict: bool = False,
                       shard_id: int = 0, num_shards: int = 1, show_progress: bool = True) -> dict[str, float]:
     """Make sure every part of the store exists, encoding the missing ones. Returns this process's timing.
@@ -256,7 +257,7 @@ def ensure_page_store(store_dir: str | Path, spec: StoreSpec, plan: PagePlan, da
               disable=not show_progress) as bar:
         def run(j: int) -> None:
             t0 = time.time()
-            meta = encode_part(store_dir, j, spec, plan, dataset, name, encode, window, strict, bar.update)
+            meta = encode_part(store_dir, j, spec, plan, dataset, where, encode, window, strict, bar.update)
             stats["pages_encoded"] += meta["pages_encoded"]
             stats["encode_seconds"] += time.time() - t0
             bar.set_postfix(pages_per_s=f"{stats['pages_encoded'] / max(stats['encode_seconds'], 1e-9):.1f}")

@@ -34,9 +34,10 @@ from colintern.distributed import (DistInfo, all_gather_object, all_reduce_gradi
                                    broadcast_object, gather_padded)
 from colintern.errors import UserError
 from colintern.cli import OUTPUT_ERRNOS, output_error_message
-from colintern.files import make_output_dir, note_path
+from colintern.files import fingerprint, make_output_dir, note_path
 from colintern.gradcache import gradcache_backward
 from colintern.losses import late_interaction_loss
+from colintern.reporting import Reporter
 from colintern.training import (LOSS_TXT, METRICS_JSONL, Embedder, FailOnSave, Fingerprint, HiddenCache, MicroBatches,
                                 Plan, append_line, check_pages, diff_args, fault, format_loss_line, load_hub_examples,
                                 load_jsonl_examples, lr_factor, make_loader, make_plan, prepare_logs,
@@ -247,6 +248,11 @@ class Trainer:
         self.window = self._restored_window()  # losses since the last training_loss.txt line
         self.run_steps = self.run_pairs = 0
         self.epoch_seconds: dict[int, float] = {}
+        kinds = [k for k in args.report_to if k != "none"] if self.is_main else []
+        phase = self.state.phase
+        self.reporter = Reporter(kinds, args.out_dir, f"{Path(args.out_dir).name}-phase{phase.index}",
+                                 fingerprint([os.path.abspath(args.out_dir), phase.id, phase.start_step], n=12),
+                                 {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))})
         self.evaluator = None
         if args.eval_local and self.is_main:
             from colintern.evaluation import LocalEvaluator
@@ -496,6 +502,7 @@ class Trainer:
                 self._run_epoch(skip, bar)
         finally:
             bar.close()
+            self.reporter.close()
             if self.cache is not None:
                 self.cache.close()
         return self._summary(time.perf_counter() - t_train)
@@ -551,6 +558,7 @@ class Trainer:
             self._evaluate()
         if self.is_main:
             append_line(args.out_dir, METRICS_JSONL, json.dumps(self.last_metrics))
+            self.reporter.log(self.last_metrics, state.step)
             if state.step % args.log_every == 0:
                 line = format_loss_line(state.step, state.epoch, sum(self.window) / len(self.window), lr, grad_norm,
                                         pairs / seconds)

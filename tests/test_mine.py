@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 from colintern import ColIntern
@@ -396,3 +397,38 @@ def test_output_trains_with_train_py(exact_all, tiny_model_dir, ckpt, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
     saved = load_checkpoint(str(out_dir / "colintern_heads_step2.pt"))
     assert saved["config"]["max_tiles"] == 2 and saved["lora"] is not None
+
+
+def test_mine_local_pages_from_a_triples_file_and_a_folder(tiny_model_dir, tmp_path):
+    """mine.py mines what train.py --train_jsonl --root trains on: the queries and positives of the file, every
+    distinct pos/neg page plus --pages as candidates; the output names pages as the input does (relative to
+    --root), so train.py reads it back; a missing page is a reported bad line."""
+    root = tmp_path / "data"
+    (root / "pages" / "more").mkdir(parents=True)
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (120, 120, 120)]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (112, 140), colour).save(root / "pages" / ("more" if i >= 4 else "") / f"p{i}.png")
+    lines = [{"query": "red page", "pos": "pages/p0.png", "negs": ["pages/p1.png"]},
+             {"query": "green page", "pos": "pages/p1.png", "negs": ["pages/missing.png"]},
+             {"query": "blue page", "pos": "pages/p2.png"},
+             {"query": "yellow page", "pos": "pages/p3.png", "negs": ["pages/p2.png"]},
+             {"query": "gone", "pos": "pages/nope.png"}]
+    triples = root / "train.jsonl"
+    triples.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "mined" / "mined.jsonl"
+    argv = ["--model_id", tiny_model_dir, "--train_jsonl", str(triples), "--root", str(root), "--pages",
+            str(root / "pages"), "--out_jsonl", str(out), "--method", "exact", "--k", 10, "--fn_filter", 0,
+            "--quiet", "--device", "cpu"]
+    assert mine.main([str(a) for a in argv]) == 0
+    mined = read_lines(out)
+    meta = json.loads((tmp_path / "mined" / "mined.meta.json").read_text())
+    assert [m["query"] for m in mined] == ["red page", "green page", "blue page", "yellow page"]
+    assert meta["counts"]["pages"] == 6 and meta["counts"]["skipped_by_reason"] == {"missing image": 2}
+    for m in mined:  # every other page of the corpus is a negative (no filter, k above the corpus size)
+        assert sorted(m["negs"]) == sorted(f"pages/{'more/' if i >= 4 else ''}p{i}.png" for i in range(6)
+                                           if f"pages/p{i}.png" != m["pos"] and f"pages/more/p{i}.png" != m["pos"])
+    triples_back, skipped = read_triples_jsonl(str(out))  # what train.py --train_jsonl OUT --root DIR reads
+    resolver = ImageResolver(str(root))
+    assert skipped == [] and all(resolver.locate(p)[0] is not None for t in triples_back for p in [t.pos, *t.negs])
+    with pytest.raises(UserError, match="pass only one of --hub_name and --train_jsonl"):
+        mine.main([str(a) for a in argv + ["--hub_name", "x"]])

@@ -230,7 +230,8 @@ def test_vidore_outputs_match_summaries(tmp_path, capsys):
         assert f"{value:.4f}" in md
     for label in runs:
         assert f"| {label} |" in md
-    assert "| **average** |" in md and "## Main metric: ndcg_at_5" in md
+    assert "| **average** |" in md and "## Main metric: nDCG@5 (`ndcg_at_5`, average over tasks)" in md
+    assert md.startswith("# ViDoRe(v1) metrics\n") and "## Recall@5 (`recall_at_5`)" in md
 
 
 def test_vidore_directory_of_runs_and_labels(tmp_path, capsys):
@@ -328,3 +329,19 @@ def test_text_log_phase_notes_mark_phases(tmp_path):
                    "epoch 2: mined.jsonl\nstep 3 | loss 5.0\n")
     run = ptl.read_log(log)
     assert run["phase"].tolist()[2] == 2.0 and ptl.phase_starts(run["phase"]) == [2]
+
+
+
+def test_one_task_has_no_average_group_and_long_labels_wrap(tmp_path, capsys):
+    summary = {"benchmark": None, "main_metric": "ndcg_at_5",
+               "tasks": {"synthetic_eval": {"ndcg_at_5": 0.5, "ndcg_at_10": 0.6, "recall_at_5": 0.7}}}
+    write_json(tmp_path / "a" / "summary.json", summary)
+    write_json(tmp_path / "b" / "summary.json", summary)
+    label = "epoch 2 on mined hard negatives, LoRA r16"
+    assert pvm.main(["--inputs", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "base", label,
+                     "--outdir", str(tmp_path / "plots")]) == 0
+    md = (tmp_path / "plots" / "metrics.md").read_text()
+    assert md.startswith("# synthetic_eval metrics\n") and "**average**" not in md
+    assert pvm.readable("ndcg_at_10") == "nDCG@10" and pvm.readable("hit_rate_at_1") == "Hit rate@1"
+    assert pvm.readable("main_score") == "main_score"
+    assert pvm.wrapped(label) == "epoch 2 on mined\nhard negatives,\nLoRA r16"

@@ -702,3 +702,30 @@ def test_eval_during_training_writes_the_checkpoints_own_scores(tiny_model_dir, 
     plot = load_script("plot_training_loss")
     assert plot.main(["--input", str(out / "metrics.jsonl"), "--output", str(tmp_path / "loss.png")]) == 0
     assert (tmp_path / "loss.png").stat().st_size > 10_000
+
+
+def test_report_to_tensorboard_and_offline_wandb_carry_the_logged_numbers(tiny_model_dir, synthetic_small_dir,
+                                                                           tmp_path, monkeypatch, capsys):
+    """--report_to: TensorBoard scalars equal metrics.jsonl; W&B runs offline into --out_dir/wandb; a missing
+    package is one line."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    argv = ["--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"), "--batch_size",
+            20, "--max_steps", 3, "--num_workers", 0, "--dim", 32, "--max_tiles", 2, "--out_dir", out,
+            "--report_to", "tensorboard", "wandb"]
+    assert run(*argv) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert losses == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in metrics(out)]
+    assert "train/lr" in events.Tags()["scalars"]
+    (offline_run,) = (out / "wandb").glob("offline-run-*")
+    (history,) = offline_run.glob("*.wandb")
+    assert b"train/loss" in history.read_bytes()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as on a machine without wandb
+    assert run_cli(train.main, [str(a) for a in argv + ["--overwrite"]]) == 2
+    assert error_lines(capsys) == ["error: --report_to wandb needs the wandb package: pip install wandb "
+                                   "(WANDB_MODE=offline works without network)"]
