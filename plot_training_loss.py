@@ -13,14 +13,15 @@ training_loss.txt  one line per log step, fields separated by "|", each field "k
                    "grad_norm", "pairs/s" and "seconds" are read when present; any other "| key value"
                    field is ignored. Blank lines and lines starting with "#" are skipped.
 metrics.jsonl      one JSON object per optimizer step with at least "step" and "loss"
-                   (train.py writes step, epoch, loss, lr, grad_norm, pairs_per_s, seconds, phase, and with
+                   (train.py writes step, epoch, loss, lr, grad_norm, pairs_per_s, seconds, and with
                    --eval_local the eval_ndcg_at_5 / eval_ndcg_at_10 / eval_recall_at_5 of that step).
 
 A directory is accepted too: its metrics.jsonl, else its training_loss.txt.
 The x axis is the global step. Several inputs (e.g. the epoch-1 and epoch-2 phases, whose steps continue)
 are drawn on the same axes, one colour each. A step logged twice in one file (a resumed run appending to
 its log) keeps its last value. NaN/inf losses are left out of the curve, with a warning. Where a new training
-phase starts (metrics.jsonl "phase", or a "# phase N from ..." note in training_loss.txt) a dotted line marks it
+phase starts (train.py's "# phase N from ... at step S" note in training_loss.txt, read beside a metrics.jsonl too)
+a dotted line marks it
 and the moving average starts afresh. Evaluation during training (eval_* fields) is drawn in a panel below.
 An unfinished last line (a run still writing) is left out with a warning.
 
@@ -61,8 +62,8 @@ TEXT_FIELDS = {
 }
 # metrics.jsonl keys read as numbers (besides "step"); others are ignored.
 EVAL_FIELDS = {"eval_ndcg_at_5": "nDCG@5", "eval_ndcg_at_10": "nDCG@10", "eval_recall_at_5": "recall@5"}
-JSON_NUMBERS = ("loss", "epoch", "lr", "grad_norm", "pairs_per_s", "seconds", "phase", *EVAL_FIELDS)
-PHASE_NOTE = re.compile(r"^#\s*phase (\d+) from ")  # train.py's note where a new phase starts
+JSON_NUMBERS = ("loss", "epoch", "lr", "grad_norm", "pairs_per_s", "seconds", *EVAL_FIELDS)
+PHASE_NOTE = re.compile(r"^#\s*phase (\d+) from .* at step (\d+)")  # train.py's note where a new phase starts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,11 +168,8 @@ def read_log(path: Path) -> dict:
     by_step = {}  # step -> record; a repeated step keeps its last record
     n_records = 0
     torn_last = bool(text) and not text.endswith("\n")  # a run still writing its last line
-    note_phase = None  # training_loss.txt: the phase named by the last "# phase N from" note
     for lineno, line in enumerate(lines, start=1):
         s = line.strip()
-        if PHASE_NOTE.match(s):
-            note_phase = float(PHASE_NOTE.match(s).group(1))
         if not s or s.startswith("#"):
             continue
         try:
@@ -183,8 +181,6 @@ def read_log(path: Path) -> dict:
             continue
         if record["step"] < 0:
             raise UserError(f"{path}:{lineno}: step must be >= 0, got {record['step']}")
-        if note_phase is not None:
-            record.setdefault("phase", note_phase)
         by_step[record["step"]] = record
         n_records += 1
     if not by_step:
@@ -195,8 +191,9 @@ def read_log(path: Path) -> dict:
                     path, n_records - len(by_step))
     steps = sorted(by_step)
     run = {"step": np.array(steps, dtype=float)}
-    for key in ("loss", "lr", "epoch", "phase", *EVAL_FIELDS):
+    for key in ("loss", "lr", "epoch", *EVAL_FIELDS):
         run[key] = np.array([by_step[s].get(key, math.nan) for s in steps], dtype=float)
+    run["phase"] = phases_of(run["step"], path if fmt == "text" else path.with_name("training_loss.txt"))
     bad = ~np.isfinite(run["loss"])
     if bad.any():
         first = int(run["step"][np.argmax(bad)])
@@ -209,6 +206,19 @@ def read_log(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------
 # Smoothing
+
+
+def phases_of(steps: np.ndarray, loss_txt: Path) -> np.ndarray:
+    """The phase of each step, from train.py's "# phase N from ... at step S" notes (phase N holds the steps after
+    S); NaN before the first note (the first phase names none) or when there is no training_loss.txt."""
+    phase = np.full(len(steps), math.nan)
+    try:
+        notes = [PHASE_NOTE.match(line.strip()) for line in loss_txt.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError):
+        return phase
+    for match in sorted((m for m in notes if m), key=lambda m: int(m.group(2))):
+        phase[steps > int(match.group(2))] = float(match.group(1))
+    return phase
 
 
 def phase_starts(phase: np.ndarray) -> list[int]:
@@ -320,7 +330,8 @@ def run(args) -> Path:
             ax.plot(steps, loss, color=color, linewidth=1.2, label=label, marker=marker)
         for start in phase_starts(r["phase"]):
             ax.axvline(steps[start] - 0.5, color=color, linestyle=":", linewidth=1.0)
-            ax.annotate(f"phase {int(r['phase'][start])}" if np.isfinite(r["phase"][start]) else "new phase", (steps[start], 1), xycoords=("data", "axes fraction"),
+            name = f"phase {int(r['phase'][start])}" if np.isfinite(r["phase"][start]) else "new phase"
+            ax.annotate(name, (steps[start], 1), xycoords=("data", "axes fraction"),
                         xytext=(3, -12), textcoords="offset points", fontsize=8, color=color)
         if with_eval:
             for (key, name), style in zip(EVAL_FIELDS.items(), ("-", "--", ":")):

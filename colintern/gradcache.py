@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 Closure = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 Combine = Callable[[list[tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]
@@ -41,20 +40,6 @@ def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> Non
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
-
-
-def cat_padded(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate micro-batches along the batch axis, right-padding the token axis (differentiable).
-
-    parts: [(emb (b_i, L_i, D), mask (b_i, L_i)), ...] -> (emb (sum b_i, max L_i, D), mask (sum b_i, max L_i)).
-    Padding is zeros with mask False/0, so it never takes part in a score.
-    """
-    if not parts:
-        raise ValueError("cat_padded needs at least one (emb, mask) pair")
-    lmax = max(emb.shape[1] for emb, _ in parts)
-    embs = [F.pad(emb, (0, 0, 0, lmax - emb.shape[1])) for emb, _ in parts]  # (b_i, Lmax, D)
-    masks = [F.pad(mask, (0, lmax - mask.shape[1])) for _, mask in parts]  # (b_i, Lmax)
-    return torch.cat(embs, dim=0), torch.cat(masks, dim=0)
 
 
 def gradcache_backward(closures: list[Closure], combine: Combine) -> torch.Tensor:

@@ -339,7 +339,7 @@ class Miner:
         for row, reason in sorted(image_bad + self.pair_plan.bad_rows):
             self.report.add(self.corpus.where(row), reason)
         if self.store.n_valid == 0:
-            raise UserError(f"{self.corpus.label}: none of its {len(dataset)} pages has a decodable image "
+            raise UserError(f"{self.corpus.label}: none of its {len(dataset)} rows has a decodable image "
                             f"({self.report.summary()})")
         if not self.pair_plan.pairs:
             raise UserError(f"{self.corpus.label}: no usable queries ({self.report.summary()})")

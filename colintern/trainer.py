@@ -551,8 +551,7 @@ class Trainer:
         pairs = state.phase.batch_size * args.grad_accum * self.world
         self.run_steps, self.run_pairs = self.run_steps + 1, self.run_pairs + pairs
         self.last_metrics = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
-                             "grad_norm": grad_norm, "pairs_per_s": pairs / seconds, "seconds": seconds,
-                             "phase": state.phase.index}
+                             "grad_norm": grad_norm, "pairs_per_s": pairs / seconds, "seconds": seconds}
         self.window.append(loss)
         if self._eval_due():
             self._evaluate()

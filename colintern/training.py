@@ -401,7 +401,8 @@ def pad_rows(rows: list[torch.Tensor | None], hidden: int, dtype: torch.dtype,
 
 
 def pad_cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate (emb (b, ..., L, D), mask (b, ..., L)) along dim 0, right-padding the token axis L."""
+    """Concatenate (emb (b, ..., L, D), mask (b, ..., L)) along dim 0, right-padding the token axis L with zeros
+    and False (differentiable; padding never takes part in a score). The one concatenate-and-pad helper."""
     lmax = max(e.shape[-2] for e, _ in parts)
     embs = [F.pad(e, (0, 0, 0, lmax - e.shape[-2])) for e, _ in parts]
     masks = [F.pad(m, (0, lmax - m.shape[-1])) for _, m in parts]

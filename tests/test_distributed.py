@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from colintern import distributed
-from colintern.gradcache import cat_padded, gradcache_backward
+from colintern.gradcache import gradcache_backward
+from colintern.training import pad_cat
 from colintern.losses import late_interaction_loss
 
 B, L, F_IN, D = 3, 5, 6, 8  # per-rank batch, tokens, input features, embedding dim
@@ -107,8 +108,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     + [lambda s=s: (model(px[s], p_mask[s], scale=rank == 1), p_mask[s]) for s in parts])
 
         def combine(outs):
-            q, qm = cat_padded(outs[:2])  # (B, L, D)
-            pages, pages_mask = distributed.gather_padded(*cat_padded(outs[2:]))  # (W*B, L, D)
+            q, qm = pad_cat(outs[:2])  # (B, L, D)
+            pages, pages_mask = distributed.gather_padded(*pad_cat(outs[2:]))  # (W*B, L, D)
             return late_interaction_loss(q, qm, pages, pages_mask, temperature=0.1, offset=rank * B)
 
         loss = gradcache_backward(closures, combine)

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from colintern.gradcache import cat_padded, gradcache_backward
+from colintern.gradcache import gradcache_backward
+from colintern.training import pad_cat
 from colintern.losses import late_interaction_loss
 
 N, MICRO = 8, 2  # big batch, micro-batch (4 micro-batches of queries and 4 of pages)
@@ -20,8 +21,8 @@ def combine_queries_pages(n_query_closures: int):
     """combine for closures ordered [query micro-batches..., page micro-batches...]."""
 
     def combine(outs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        q, q_mask = cat_padded(outs[:n_query_closures])  # (N, Lq, D)
-        p, p_mask = cat_padded(outs[n_query_closures:])  # (N, Lp, D)
+        q, q_mask = pad_cat(outs[:n_query_closures])  # (N, Lq, D)
+        p, p_mask = pad_cat(outs[n_query_closures:])  # (N, Lp, D)
         return late_interaction_loss(q, q_mask, p, p_mask, temperature=TEMP)
 
     return combine
@@ -141,8 +142,8 @@ def test_unused_closure_and_errors():
         return closures[-1]()
 
     def combine(outs):
-        q, qm = cat_padded(outs[:4])
-        p, pm = cat_padded(outs[4:7])  # 6 pages
+        q, qm = pad_cat(outs[:4])
+        p, pm = pad_cat(outs[4:7])  # 6 pages
         return late_interaction_loss(q[:6], qm[:6], p, pm, temperature=TEMP)
 
     gradcache_backward(closures[:-1] + [counted], combine)
@@ -156,7 +157,7 @@ def test_unused_closure_and_errors():
 def test_cat_padded_pads_right():
     a = (torch.ones(1, 2, 3, requires_grad=True), torch.ones(1, 2, dtype=torch.bool))
     b = (torch.full((2, 4, 3), 2.0), torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool))
-    emb, mask = cat_padded([a, b])
+    emb, mask = pad_cat([a, b])
     assert emb.shape == (3, 4, 3) and mask.dtype == torch.bool
     assert torch.equal(mask, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool))
     assert torch.equal(emb[0, 2:], torch.zeros(2, 3)) and torch.equal(emb[1:], b[0])
@@ -220,7 +221,7 @@ def test_colintern_eval_matches_true_big_batch_and_accumulation_does_not(lora_mo
 
     closures = colintern_closures(m, queries, pages)
     with torch.no_grad():  # right padding: an item's embedding does not depend on its batch
-        q_micro, _ = cat_padded([fn() for fn in closures[: N // MICRO]])
+        q_micro, _ = pad_cat([fn() for fn in closures[: N // MICRO]])
         torch.testing.assert_close(q_micro[:, : q.shape[1]], q.detach(), atol=1e-5, rtol=0)
     loss = gradcache_backward(closures, combine_queries_pages(N // MICRO))
     assert loss.item() == pytest.approx(big_loss.item(), abs=1e-5)

@@ -323,12 +323,16 @@ def test_phase_boundaries_restart_the_moving_average():
     np.testing.assert_allclose(ptl.moving_average(loss, 2)[3], 5.0)  # without the restart: 0 and 10 mixed
 
 
-def test_text_log_phase_notes_mark_phases(tmp_path):
+def test_phase_notes_mark_phases_in_both_logs(tmp_path):
+    """train.py's "# phase N from ... at step S" note in training_loss.txt marks where phase N starts, for the text
+    log itself and for the metrics.jsonl beside it."""
     log = tmp_path / "training_loss.txt"
     log.write_text("step 1 | loss 3.0\nstep 2 | loss 2.0\n# phase 2 from out/colintern_heads_epoch1.pt at step 2, "
                    "epoch 2: mined.jsonl\nstep 3 | loss 5.0\n")
-    run = ptl.read_log(log)
-    assert run["phase"].tolist()[2] == 2.0 and ptl.phase_starts(run["phase"]) == [2]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    for name in ("training_loss.txt", "metrics.jsonl"):
+        run = ptl.read_log(tmp_path / name)
+        assert np.isnan(run["phase"][:2]).all() and run["phase"][2] == 2.0 and ptl.phase_starts(run["phase"]) == [2]
 
 
 
