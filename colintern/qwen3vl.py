@@ -105,9 +105,14 @@ def load_qwen3vl(model_id: str, raw_config: dict, dtype: torch.dtype = torch.flo
     if model.config.image_token_id != image_pad:
         raise UserError(f"{model_id}: config image_token_id {model.config.image_token_id} is not the tokenizer's "
                         f"<|image_pad|> id {image_pad}; the model folder is inconsistent")
+    return describe_qwen3vl(model, tokenizer, _read_preprocessor(model_id))
+
+
+def describe_qwen3vl(model: nn.Module, tokenizer: Any, pre: dict[str, Any]) -> LoadedBackbone:
+    """A loaded Qwen3VLModel as a LoadedBackbone: its signature and the ColQwen3 formatting defaults (image
+    normalisation and the smallest page size from its preprocessor_config.json `pre`, {} for the defaults)."""
     signature = qwen3vl_signature(model.config)
     factor = signature["patch_size"] * signature["spatial_merge_size"]
-    pre = _read_preprocessor(model_id)
     min_pixels = pre.get("min_pixels") or (pre.get("size") or {}).get("shortest_edge") or QWEN3VL_MIN_PIXELS
     defaults = {  # formatting defaults of a fresh ColIntern config on this backbone (ColQwen3 recipe)
         "page_prompt": QWEN_PAGE_PROMPT, "image_token": "<|image_pad|>", "image_start_token": "<|vision_start|>",
@@ -234,16 +239,44 @@ def tiny_qwen3vl_config(vocab_size: int, token_ids: dict[str, int]):
                          vision_end_token_id=token_ids["end"], tie_word_embeddings=True)
 
 
+def qwen3vl_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The special-token ids a Qwen3-VL config names, from a tokenizer that has them."""
+    return {"image": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+            "start": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+            "end": tokenizer.convert_tokens_to_ids("<|vision_end|>"), "pad": tokenizer.pad_token_id}
+
+
+def qwen3vl_2b_config(token_ids: dict[str, int], attn_implementation: str = "sdpa"):
+    """Qwen3-VL-2B's shapes (vision 24 x 1024 with DeepStack taps at 5/11/17, 16-px patches, 2x2 merge; Qwen3 LM
+    28 x 2048, 16 heads, 8 KV heads, vocab 151936), for benchmarks with random weights."""
+    from transformers import Qwen3VLConfig
+
+    vision = {
+        "depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "in_channels": 3,
+        "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 2048,
+        "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17], "hidden_act": "gelu_pytorch_tanh",
+    }
+    text = {
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
+        "rms_norm_eps": 1e-6, "pad_token_id": token_ids["pad"], "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                            "mrope_interleaved": True},
+    }
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=token_ids["image"],
+                           video_token_id=token_ids["image"], vision_start_token_id=token_ids["start"],
+                           vision_end_token_id=token_ids["end"], tie_word_embeddings=True)
+    config._attn_implementation = attn_implementation
+    return config
+
+
 def build_tiny_qwen3vl(out_dir: str, seed: int = 0) -> str:
     """Write a tiny random (seeded) Qwen3-VL to out_dir, loadable with `--model_id out_dir`; returns out_dir."""
     from transformers import Qwen3VLForConditionalGeneration
 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
-    ids = {"image": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-           "start": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-           "end": tokenizer.convert_tokens_to_ids("<|vision_end|>"), "pad": tokenizer.pad_token_id}
-    config = tiny_qwen3vl_config(len(tokenizer), ids)
+    config = tiny_qwen3vl_config(len(tokenizer), qwen3vl_token_ids(tokenizer))
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.save_pretrained(out_dir)

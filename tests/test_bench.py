@@ -342,3 +342,30 @@ def test_preprocess_bench_on_a_rendered_pdf(tmp_path, one_thread):
         preprocess.main(["--pdf", str(tmp_path / "preprocess.json"), "--json_out", str(tmp_path / "x.json")])
     with pytest.raises(UserError, match="^--pdf .*missing.pdf: no such file$"):
         preprocess.main(["--pdf", str(tmp_path / "missing.pdf"), "--json_out", str(tmp_path / "x.json")])
+
+
+def test_gpu_suite_dry_run_runs_every_section_and_counts_flops_right(tmp_path, tiny_model_dir):
+    """bench/gpu_suite.py --dry_run (tiny shapes, CPU) so the suite never rots before a GPU machine runs it; its
+    FLOP counter (hooks on the forward pass) equals the validated per-page formula of bench/encode.py."""
+    suite = load_bench("gpu_suite")
+    from colintern import ColIntern
+
+    model = ColIntern.from_pretrained(tiny_model_dir, max_tiles=4)
+    for tiles in (1, 4):
+        inputs = model.processor.process_images([encode.synthetic_page(tiles, 112, tiles)])
+        with torch.inference_mode(), suite.FlopCounter(model) as counted:
+            model(inputs)
+        want = encode.page_flops(model.backbone.config, inputs["pixel_values"].shape[0],
+                                 int(inputs["attention_mask"][0].sum()), model.config.dim)["total"]
+        assert counted.total == pytest.approx(want, rel=1e-9)
+    assert suite.main(["--dry_run", "--out", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {name: r["status"] for name, r in results["sections"].items()} == {name: "ok" for name in suite.SECTIONS}
+    encode_rows = results["sections"]["encode"]["rows"]
+    assert {r["family"] for r in encode_rows} == {"tiny internvl", "tiny qwen3-vl"}
+    assert all(r["pages_per_s"] > 0 and 0 < r["mfu"] for r in encode_rows)
+    assert results["sections"]["numerics"]["cosine_min"] > 0.9999  # fp32 against fp32 on a CPU
+    maxsim = results["sections"]["maxsim"]
+    assert maxsim["colintern_err"]["max_abs_err"] < 1e-4 and maxsim["speedup"] > 0
+    assert all(r["status"] == "ok" for r in results["sections"]["train"]["rows"])
+    assert (tmp_path / "out" / "results.md").read_text().startswith("# GPU suite (dry run): ")
