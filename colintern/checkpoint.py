@@ -5,6 +5,7 @@ Layout of the saved dict:
     config:         ColInternConfig.to_dict()
     head:           head state_dict (tensors)
     lora:           {"config": plain dict, "state": {name: tensor}} or None
+    pooler:         latent-attention pooler state_dict or None (format 2; absent in format 1)
     training:       {"step", "epoch", "epoch_position", "phase", "optimizer", "scheduler", "rng", "fingerprint", ...}
                     or None (plain values and tensors only)
     metrics:        dict of the last metrics
@@ -23,7 +24,7 @@ from colintern.config import ColInternConfig
 from colintern.errors import UserError
 from colintern.files import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + "pooler" (the latent-attention pooler of single-vector models, or None)
 
 log = logging.getLogger("colintern")
 
@@ -35,12 +36,13 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 def save_checkpoint(path: str, *, config: ColInternConfig, head: dict[str, torch.Tensor],
                     lora: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
-                    metrics: dict[str, Any] | None = None) -> None:
+                    metrics: dict[str, Any] | None = None, pooler: dict[str, torch.Tensor] | None = None) -> None:
     payload = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "head": {k: v.detach().cpu() for k, v in head.items()},
         "lora": lora,
+        "pooler": None if pooler is None else {k: v.detach().cpu() for k, v in pooler.items()},
         "training": training,
         "metrics": dict(metrics or {}),
     }

@@ -16,6 +16,12 @@ from colintern.errors import UserError
 CONFIG_VERSION = 1
 
 PAGE_TOKEN_CHOICES = ("page", "all", "image")
+# Fields added after the first checkpoints, with the value that reproduces what those checkpoints mean.
+LATER_FIELDS = {"embedding": "multi", "pooling": "mean", "attention": "causal", "latent": {}, "instruction": "",
+                "query_suffix": ""}
+EMBEDDINGS = ("multi", "single")
+POOLINGS = ("last", "mean", "latent")  # colintern/pooling.py
+ATTENTIONS = ("causal", "bidirectional")
 
 
 @dataclass
@@ -52,6 +58,13 @@ class ColInternConfig:
     n_augmentation: int = 10
     max_query_length: int = 256
     padding_side: str = "right"        # right padding keeps causal hidden states independent of the batch
+    # Single-vector retrieval (docs/CONTRACT.md §11); the defaults are the multi-vector causal model of before.
+    embedding: str = "multi"           # "multi": every kept token a vector (MaxSim) | "single": one pooled vector
+    pooling: str = "mean"              # single: "last" kept token | "mean" of kept tokens | "latent" (NV-Embed)
+    attention: str = "causal"          # the LM's attention: "causal" | "bidirectional"
+    latent: dict[str, Any] = field(default_factory=dict)  # pooling "latent": num_latents, heads, dim_head, mlp_mult
+    instruction: str = ""              # queries become "Instruct: {instruction}\nQuery: {text}" (NV-Embed style)
+    query_suffix: str = ""             # appended to every query after the augmentation (single: the EOS token)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -61,9 +74,22 @@ class ColInternConfig:
             raise UserError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
         if self.dim <= 0 or self.max_tiles <= 0:
             raise UserError(f"dim and max_tiles must be positive (dim={self.dim}, max_tiles={self.max_tiles})")
+        for name, value, choices in (("embedding", self.embedding, EMBEDDINGS), ("pooling", self.pooling, POOLINGS),
+                                     ("attention", self.attention, ATTENTIONS)):
+            if value not in choices:
+                raise UserError(f"{name} must be one of {choices}, got {value!r}")
+        if self.latent and self.pooling != "latent":
+            raise UserError(f"latent pooler settings {self.latent} need pooling 'latent', not {self.pooling!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def meaning(self) -> dict[str, Any]:
+        """What the embeddings mean, for fingerprints: not where the base model was read from (base_model,
+        base_weights), and a field added later only when it differs from the value that reproduces the older
+        checkpoints (so their fingerprints, and a resume of their phase, stay valid)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("base_model", "base_weights")
+                and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ColInternConfig":

@@ -27,6 +27,7 @@ from colintern.config import ColInternConfig
 from colintern.device import resolve_device
 from colintern.errors import UserError
 from colintern.families import get_family, load_backbone
+from colintern.pooling import LatentAttentionPooler, latent_settings, pool, set_text_attention
 
 log = logging.getLogger("colintern")
 
@@ -98,7 +99,15 @@ class ColIntern(nn.Module):
             bound = config.hidden_size ** -0.5
             self.head.weight.copy_(torch.empty_like(self.head.weight).uniform_(-bound, bound, generator=generator))
             self.head.bias.zero_()
-        self.head.to(next(self.backbone.parameters()).device)
+        self.pooler: nn.Module | None = None
+        if config.embedding == "single" and config.pooling == "latent":
+            self.pooler = LatentAttentionPooler(config.hidden_size, **latent_settings(config.latent),
+                                                seed=config.head_seed)
+        set_text_attention(self.family.language_model(self.backbone), config.attention)
+        device = next(self.backbone.parameters()).device
+        self.head.to(device)
+        if self.pooler is not None:
+            self.pooler.to(device)
         self.lora_config: dict[str, Any] | None = None
         # encode_images / encode_queries: background threads preparing the next batches (None: default_prep_workers)
         self.prep_workers: int | None = None
@@ -135,8 +144,13 @@ class ColIntern(nn.Module):
         return model.to(device)
 
     def load_parts(self, payload: dict[str, Any]) -> None:
-        """Load head and LoRA weights from a checkpoint payload."""
+        """Load head, pooler and LoRA weights from a checkpoint payload."""
         self.head.load_state_dict(payload["head"])
+        if (payload.get("pooler") is None) != (self.pooler is None):
+            raise UserError(f"the checkpoint {'has' if payload.get('pooler') is not None else 'lacks'} latent pooler "
+                            "weights, which its config does not match; the file is damaged or was edited")
+        if self.pooler is not None:
+            self.pooler.load_state_dict(payload["pooler"])
         if payload.get("lora"):
             lora = payload["lora"]
             self.add_lora(**lora["config"])
@@ -180,7 +194,8 @@ class ColIntern(nn.Module):
     def checkpoint_parts(self) -> dict[str, Any]:
         """What a checkpoint stores about the model itself (docs/CONTRACT.md §6)."""
         lora = None if self.lora_config is None else {"config": dict(self.lora_config), "state": self.lora_state()}
-        return {"config": self.config, "head": self.head.state_dict(), "lora": lora}
+        pooler = None if self.pooler is None else self.pooler.state_dict()
+        return {"config": self.config, "head": self.head.state_dict(), "lora": lora, "pooler": pooler}
 
     # -- forward ---------------------------------------------------------------------------------------
     @property
@@ -200,7 +215,12 @@ class ColIntern(nn.Module):
         Encoding, training (with or without the hidden-state cache) and the memory probe all call this, so a new
         output form (e.g. a pooled single vector, shapes (B, 1, dim) and (B, 1)) is one change here."""
         keep = keep_mask.to(hidden.device).bool()
-        emb = self.head(hidden.float())  # (B, L, dim)
+        if self.config.embedding == "single":
+            pooled = pool(hidden.float(), keep, self.config.pooling, self.pooler)  # (B, H)
+            emb = self.head(pooled)[:, None]  # (B, 1, dim)
+            keep = keep.any(dim=1, keepdim=True)  # (B, 1): an item with no kept token has no vector
+        else:
+            emb = self.head(hidden.float())  # (B, L, dim)
         emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
         return emb * keep.unsqueeze(-1), keep
 

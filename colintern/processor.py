@@ -155,6 +155,8 @@ class PageProcessor:
         self.tokenizer = tokenizer
         self.config = config
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        self.suffix_tokens = len(tokenizer(config.query_suffix, add_special_tokens=False)["input_ids"]) \
+            if config.query_suffix else 0
         tokenizer.padding_side = config.padding_side
         if tokenizer.pad_token is None:
             raise UserError("the tokenizer has no pad token; set one in its tokenizer_config.json")
@@ -178,18 +180,32 @@ class PageProcessor:
         raise NotImplementedError
 
     # -- queries (shared) ----------------------------------------------------------------------------------
+    def query_prefix(self) -> str:
+        """What comes before a query's text: the NV-Embed instruction when the config has one."""
+        cfg = self.config
+        return f"Instruct: {cfg.instruction}\nQuery: " if cfg.instruction else cfg.query_prefix
+
     def format_query(self, text: str) -> str:
         cfg = self.config
-        return cfg.query_prefix + text + cfg.augmentation_token * cfg.n_augmentation
+        return self.query_prefix() + text + cfg.augmentation_token * cfg.n_augmentation + cfg.query_suffix
 
     def process_queries(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Batch of queries -> input_ids (B, L), attention_mask (B, L), keep_mask (B, L)."""
+        """Batch of queries -> input_ids (B, L), attention_mask (B, L), keep_mask (B, L).
+
+        Multi-vector: every real token is kept. Single-vector: the prefix (instruction) tokens still shape the
+        others through attention but are left out of the pooled vector (NV-Embed); a token that starts before the
+        text ends the prefix only if it starts inside it."""
+        cfg = self.config
         formatted = [self.format_query(require_query_text(t, f"query {i}")) for i, t in enumerate(texts)]
+        single = cfg.embedding == "single"
         batch = self.tokenizer(formatted, padding="longest", truncation=True, return_tensors="pt",
-                               max_length=self.config.max_query_length + self.config.n_augmentation,
-                               add_special_tokens=False)
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "keep_mask": batch["attention_mask"].bool()}
+                               max_length=cfg.max_query_length + cfg.n_augmentation + self.suffix_tokens,
+                               add_special_tokens=False, return_offsets_mapping=single)
+        keep = batch["attention_mask"].bool()
+        if single:
+            starts = batch["offset_mapping"][..., 0]  # (B, L) character where each token starts
+            keep = keep & (starts >= len(self.query_prefix()))
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "keep_mask": keep}
 
 
 def grid_boxes(x0: float, y0: float, x1: float, y1: float, cols: int, rows: int) -> np.ndarray:

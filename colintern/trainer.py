@@ -353,8 +353,7 @@ class Trainer:
         phase_args = {k: getattr(args, k) for k in PHASE_ARGS}
         phase_args.update(num_negs=self.num_negs, world_size=self.world,
                           split=args.split if data.kind == "hub" else None,
-                          model={k: v for k, v in self.model.config.to_dict().items()
-                                 if k not in ("base_model", "base_weights")})  # where the base is, not what
+                          model=self.model.config.meaning())
         return Fingerprint(json.dumps([data.kind, data.identity], sort_keys=True), phase_args)
 
     def _start_or_resume(self) -> tuple[TrainingState, bool]:

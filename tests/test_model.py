@@ -133,7 +133,7 @@ def test_checkpoint_round_trip_with_lora_reproduces_embeddings(tiny_model_dir, t
     path = str(tmp_path / "colintern_heads_step1.pt")
     save_checkpoint(path, **m.checkpoint_parts(), training={"step": 1}, metrics={"loss": 0.5})
     payload = load_checkpoint(path)
-    assert payload["format_version"] == 1 and payload["config"]["dim"] == 64 and payload["config"]["max_tiles"] == 2
+    assert payload["format_version"] == 2 and payload["config"]["dim"] == 64 and payload["config"]["max_tiles"] == 2
     assert payload["metrics"] == {"loss": 0.5} and payload["lora"]["config"]["r"] == 4
     loaded = ColIntern.from_pretrained(tiny_model_dir, ckpt=path)  # formatting comes from the checkpoint
     assert loaded.config == m.config
