@@ -77,8 +77,10 @@ def _load_from_meta(model_name: str, revision: str | None = None, **kwargs: Any)
 
 
 def colintern_model_meta(model_id: str, ckpt: str | None, *, revision: str, dim: int, n_parameters: int | None,
-                         loader_kwargs: dict[str, Any] | None = None) -> ModelMeta:
-    """The mteb ModelMeta of a ColIntern model: late interaction, MaxSim, text + image."""
+                         loader_kwargs: dict[str, Any] | None = None, embedding: str = "multi") -> ModelMeta:
+    """The mteb ModelMeta of a ColIntern model, text + image: late interaction scored by MaxSim, or (a
+    single-vector checkpoint) a dense model scored by the dot product."""
+    single = embedding == "single"
     return ModelMeta(
         loader=_load_from_meta,
         loader_kwargs={"model_id": model_id, "ckpt": ckpt, **(loader_kwargs or {})},
@@ -96,12 +98,12 @@ def colintern_model_meta(model_id: str, ckpt: str | None, *, revision: str, dim:
         public_training_data=None,
         framework=["PyTorch", "Transformers"],
         reference=None,
-        similarity_fn_name=ScoringFunction.MAX_SIM,
+        similarity_fn_name=ScoringFunction.DOT_PRODUCT if single else ScoringFunction.MAX_SIM,
         use_instructions=True,  # a fixed query format (prefix + augmentation tokens) from the checkpoint config
         training_datasets=None,
         adapted_from=model_id,
         modalities=["image", "text"],
-        model_type=["late-interaction"],
+        model_type=["dense"] if single else ["late-interaction"],
     )
 
 
@@ -169,7 +171,8 @@ class ColInternMTEB(AbsEncoder):
         self.mteb_model_meta = colintern_model_meta(
             model_name, ckpt, revision=fingerprint, dim=int(config["dim"]), n_parameters=n_parameters,
             loader_kwargs={"dtype": dtype, "max_tiles": max_tiles, "batch_size": batch_size,
-                           "query_batch_size": query_batch_size})
+                           "query_batch_size": query_batch_size},
+            embedding=str(config.get("embedding", "multi")))
         self._warned_text_pages = False
         self._page_cache: tuple[str, list[torch.Tensor]] | None = None
 

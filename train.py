@@ -66,6 +66,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "must match the checkpoint when resuming")
     g.add_argument("--strict", action="store_true", help="stop at the first bad row instead of reporting and "
                    "skipping it")
+
+    g = p.add_argument_group("single-vector retrieval (seed 002; a new model only: a checkpoint keeps its own)")
+    g.add_argument("--embedding", choices=["multi", "single"], default=None, help="multi: a vector per kept "
+                   "token, scored by MaxSim (ColPali); single: one pooled vector per item, scored by the dot "
+                   "product (NV-Embed) (default: multi)")
+    g.add_argument("--pooling", choices=["last", "mean", "latent"], default=None, help="single: the last kept "
+                   "token (queries end with the EOS token), the mean of the kept tokens, or NV-Embed's latent "
+                   "attention then the mean (default: mean)")
+    g.add_argument("--attention", choices=["causal", "bidirectional"], default=None, help="the language model's "
+                   "attention: causal as pretrained, or bidirectional (every token sees every real token; padding "
+                   "stays masked) (default: causal)")
+    g.add_argument("--instruction", default=None, help="single: queries become 'Instruct: INSTRUCTION\\nQuery: "
+                   "TEXT'; the instruction shapes the text's states but is left out of the pooled vector "
+                   "(default: none, 'Query: TEXT')")
+    g.add_argument("--latent_size", type=int, default=None, help="pooling latent: latent vectors (default: 512, "
+                   "NV-Embed's)")
+    g.add_argument("--latent_heads", type=int, default=None, help="pooling latent: attention heads (default: 8)")
     g.add_argument("--no_page_check", action="store_true", help="skip decoding every page before training "
                    "(about 20-30 ms per 150-dpi page per core, docs/BENCHMARKS.md); bad pages are then found only "
                    "when a batch reaches them (default: check)")
@@ -100,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (default: 32)")
     g.add_argument("--lora_dropout", type=float, default=0.1, help="LoRA dropout (default: 0.1)")
     g.add_argument("--lora_vision", action="store_true", help="also put LoRA on the vision tower (default: no)")
+    g.add_argument("--lora_preset", choices=["nv-embed"], default=None, help="nv-embed: --lora with NV-Embed's "
+                   "settings, r 16, alpha 32, dropout 0.1 (overrides --lora_r/--lora_alpha/--lora_dropout)")
     g.add_argument("--grad_cache", action="store_true", help="GradCache: exact in-batch negatives over "
                    "batch_size x grad_accum pairs (x processes) with the activation memory of one micro-batch")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute backbone activations in "
@@ -165,6 +184,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--log_every", type=int, default=1, help="write a training_loss.txt line (loss averaged "
                    "over the last N steps) every N steps (default: 1); metrics.jsonl gets every step")
     args = p.parse_args(argv)
+    if args.lora_preset == "nv-embed":
+        args.lora, args.lora_r, args.lora_alpha, args.lora_dropout = True, 16, 32, 0.1
     given = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args.device_flag = "--device_map" if any(a.startswith("--device_map") for a in given) else "--device"
     if not args.train_hub and not args.train_jsonl:

@@ -193,8 +193,8 @@ class PageProcessor:
         """Batch of queries -> input_ids (B, L), attention_mask (B, L), keep_mask (B, L).
 
         Multi-vector: every real token is kept. Single-vector: the prefix (instruction) tokens still shape the
-        others through attention but are left out of the pooled vector (NV-Embed); a token that starts before the
-        text ends the prefix only if it starts inside it."""
+        others through attention but are left out of the pooled vector (NV-Embed); a token that straddles the end
+        of the prefix (a space-led word) counts as text."""
         cfg = self.config
         formatted = [self.format_query(require_query_text(t, f"query {i}")) for i, t in enumerate(texts)]
         single = cfg.embedding == "single"
@@ -203,8 +203,8 @@ class PageProcessor:
                                add_special_tokens=False, return_offsets_mapping=single)
         keep = batch["attention_mask"].bool()
         if single:
-            starts = batch["offset_mapping"][..., 0]  # (B, L) character where each token starts
-            keep = keep & (starts >= len(self.query_prefix()))
+            ends = batch["offset_mapping"][..., 1]  # (B, L) character where each token ends
+            keep = keep & (ends > len(self.query_prefix()))  # " red" after "Query: " straddles: it is text
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "keep_mask": keep}
 
 

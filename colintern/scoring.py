@@ -263,9 +263,25 @@ def maxsim(
     qs_l = _as_token_list(qs, "qs")
     docs_l = _as_token_list(docs, "docs")
     dev = _resolve_device(device)
+    if qs_l and docs_l and all(t.shape[0] == 1 for t in qs_l) and all(t.shape[0] == 1 for t in docs_l):
+        return dense_scores(qs_l, docs_l, dev)  # single-vector models: MaxSim of one token is the dot product
     out = torch.zeros(len(qs_l), len(docs_l), dtype=torch.float32, device=dev)  # (n_q, n_d)
     for idx, scores in _iter_scores(qs_l, docs_l, dev, doc_chunk, query_chunk, workers):
         out[:, torch.as_tensor(idx, device=dev)] = scores
+    return out.cpu()
+
+
+def dense_scores(qs: Sequence[torch.Tensor], docs: Sequence[torch.Tensor],
+                 device: str | torch.device | None = None, doc_chunk: int = 65536) -> torch.Tensor:
+    """Dot products of single vectors ((1, dim) or (dim,) each) -> (len(qs), len(docs)) float32 on CPU: one fp32
+    GEMM per chunk of docs (TF32 off on CUDA), the fast path of `maxsim` for single-vector models."""
+    dev = _resolve_device(device)
+    q = torch.stack([t.reshape(-1) for t in qs]).to(dev, torch.float32)  # (n_q, dim)
+    out = torch.empty(len(qs), len(docs), dtype=torch.float32, device=dev)
+    with torch.no_grad(), exact_fp32(dev):
+        for start in range(0, len(docs), doc_chunk):
+            d = torch.stack([t.reshape(-1) for t in docs[start:start + doc_chunk]]).to(dev, torch.float32)
+            out[:, start:start + d.shape[0]] = q @ d.T  # (n_q, chunk)
     return out.cpu()
 
 

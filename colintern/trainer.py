@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from colintern.checkpoint import load_checkpoint, save_checkpoint
+from colintern.config import LATER_FIELDS
 from colintern.data import SkipReport
 from colintern.distributed import (DistInfo, all_gather_object, all_reduce_gradients, all_reduce_mean,
                                    broadcast_object, gather_padded)
@@ -109,6 +110,24 @@ class TrainingState:
 
 # ---------------------------------------------------------------------------------------------------------
 # Set-up helpers
+
+
+def new_model_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """ColInternConfig fields of a new model from the flags (a checkpoint keeps its own). A single-vector model
+    drops ColBERT's query augmentation and ends queries with the tokenizer's EOS (NV-Embed's add_eos), so that
+    pooling 'last' reads the same token for every query."""
+    settings: dict[str, Any] = {"dim": args.dim, "embedding": args.embedding, "pooling": args.pooling,
+                                "attention": args.attention, "instruction": args.instruction}
+    if args.embedding == "single":
+        from colintern.backbone import load_tokenizer
+
+        settings.update(n_augmentation=0, query_suffix=load_tokenizer(args.model_id).eos_token or "")
+    latent = {k: v for k, v in (("num_latents", args.latent_size), ("heads", args.latent_heads)) if v}
+    if latent:
+        if (args.pooling or "mean") != "latent":
+            raise UserError("--latent_size/--latent_heads set the latent pooler: pass --pooling latent too")
+        settings["latent"] = latent
+    return settings
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
@@ -308,15 +327,18 @@ class Trainer:
         from colintern.model import ColIntern
 
         args, payload = self.args, self.payload
-        if payload is not None and args.dim is not None and payload["config"].get("dim") != args.dim:
-            raise UserError(f"--dim {args.dim} differs from {args.resume_ckpt}'s dim "
-                            f"{payload['config'].get('dim')}; drop --dim to continue from this checkpoint")
+        for flag in ("dim", "embedding", "pooling", "attention", "instruction"):
+            wanted, saved = getattr(args, flag), (payload or {}).get("config", {}).get(flag, LATER_FIELDS.get(flag))
+            if payload is not None and wanted is not None and wanted != saved:
+                raise UserError(f"--{flag} {wanted} differs from {args.resume_ckpt}'s {flag} {saved}; a checkpoint "
+                                f"keeps its own: drop --{flag} to continue from it, or train a new model without "
+                                "--resume_ckpt")
         seed_everything(args.seed)  # identical on every rank: the LoRA initialisation must be the same everywhere
         model = ColIntern.from_pretrained(args.model_id, ckpt=args.resume_ckpt, device=str(self.device),
                                           dtype=args.dtype, use_flash_attn=args.use_flash_attn,
                                           max_tiles=args.max_tiles, max_visual_tokens=args.max_visual_tokens,
-                                          dim=None if payload is not None else args.dim,
-                                          allow_other_base=args.allow_other_base)
+                                          allow_other_base=args.allow_other_base,
+                                          **({} if payload is not None else new_model_settings(args)))
         if args.lora and model.lora_config is None:
             model.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout, include_vision=args.lora_vision)
         elif args.lora:
@@ -333,6 +355,11 @@ class Trainer:
         for name, param in model.backbone.named_parameters():
             param.requires_grad_(self.train_backbone and "lora_" in name)
         model.head.requires_grad_(True)
+        if model.pooler is not None:
+            model.pooler.requires_grad_(True)
+        if model.config.attention == "bidirectional" and model.config.keep_page_tokens == "page":
+            log.info("bidirectional attention: the page prompt's tokens before the image now see the page, but "
+                     "keep_page_tokens 'page' still leaves them out (set by the checkpoint's config)")
         model.train(self.train_backbone)  # LoRA dropout on; the frozen backbone runs in eval mode
         self.params = [p for p in model.parameters() if p.requires_grad]
         log.info("mode: %s; %.3fM trainable parameters", "LoRA + head" if self.train_backbone else
@@ -655,8 +682,7 @@ class Trainer:
             if fault("save_error", state.step):
                 training["fault"] = FailOnSave()  # fails in the middle of writing the temp file
             try:
-                save_checkpoint(path, config=parts["config"], head=parts["head"], lora=parts["lora"],
-                                training=training, metrics=self.last_metrics)
+                save_checkpoint(path, **parts, training=training, metrics=self.last_metrics)
             except OSError as err:
                 error = output_error_message(note_path(err, path), OUT_FLAG) if err.errno in OUTPUT_ERRNOS \
                     else f"{type(err).__name__}: {err}"
