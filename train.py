@@ -119,6 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--lora_vision", action="store_true", help="also put LoRA on the vision tower (default: no)")
     g.add_argument("--lora_preset", choices=["nv-embed"], default=None, help="nv-embed: --lora with NV-Embed's "
                    "settings, r 16, alpha 32, dropout 0.1 (overrides --lora_r/--lora_alpha/--lora_dropout)")
+    g.add_argument("--gather", choices=["global", "local"], default="global", help="global: every process's "
+                   "pages join each query's softmax (gathered across GPUs); local: each process only its own "
+                   "(the seed's ablation) (default: global)")
     g.add_argument("--grad_cache", action="store_true", help="GradCache: exact in-batch negatives over "
                    "batch_size x grad_accum pairs (x processes) with the activation memory of one micro-batch")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute backbone activations in "

@@ -378,6 +378,8 @@ class Trainer:
     def _fingerprint(self) -> Fingerprint:
         args, data = self.args, self.data
         phase_args = {k: getattr(args, k) for k in PHASE_ARGS}
+        if args.gather != "global":  # a later argument: only recorded when it changes what is computed
+            phase_args["gather"] = args.gather
         phase_args.update(num_negs=self.num_negs, world_size=self.world,
                           split=args.split if data.kind == "hub" else None,
                           model=self.model.config.meaning())
@@ -611,17 +613,19 @@ class Trainer:
         """Forward + backward of one optimizer step; returns this rank's loss."""
         args = self.args
         loss_kwargs = {"kind": args.loss, "temperature": args.tau, "fn_filter": args.fn_filter}
-        kw = {"num_negs": self.num_negs, "rank": self.rank, "gather": gather_padded, "loss_fn": late_interaction_loss,
-              "loss_kwargs": loss_kwargs}
+        local = args.gather == "local"  # each process contrasts its queries with its own pages only
+        ranks = [self.rank] if local else list(range(self.world))
+        kw = {"num_negs": self.num_negs, "rank": 0 if local else self.rank, "loss_fn": late_interaction_loss,
+              "gather": (lambda d, mask: (d, mask)) if local else gather_padded, "loss_kwargs": loss_kwargs}
         if args.grad_cache:
-            keys = [self.examples[i].pos.key for r in range(self.world) for j in micro for i in plan.rank_rows(j, r)]
+            keys = [self.examples[i].pos.key for r in ranks for j in micro for i in plan.rank_rows(j, r)]
             closures = []
             for batch in batches:
                 closures += [partial(self.embedder.queries, batch), partial(self.embedder.pages, batch)]
             return float(gradcache_backward(closures, lambda parts: step_loss(parts, batches, all_keys=keys, **kw)))
         total = 0.0
         for j, batch in zip(micro, batches):
-            keys = [self.examples[i].pos.key for i in plan.micro[j]]
+            keys = [self.examples[i].pos.key for r in ranks for i in plan.rank_rows(j, r)]
             loss = step_loss([self.embedder.queries(batch), self.embedder.pages(batch)], [batch], all_keys=keys,
                              **kw)
             (loss / args.grad_accum).backward()

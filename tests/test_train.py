@@ -728,3 +728,25 @@ def test_report_to_tensorboard_and_offline_wandb_carry_the_logged_numbers(tiny_m
     assert run_cli(train.main, [str(a) for a in argv + ["--overwrite"]]) == 2
     assert error_lines(capsys) == ["error: --report_to wandb needs the wandb package: pip install wandb "
                                    "(WANDB_MODE=offline works without network)"]
+
+
+def test_gather_local_contrasts_each_process_with_its_own_pages(tiny_model_dir, synthetic_small_dir, tmp_path):
+    """--gather local on 2 processes x 4 pairs = one process with 2 accumulated micro-batches of 4 (each its own
+    softmax): the same losses and weights; the default (global) is the one softmax over 8 pages tested above."""
+    common = ["--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"), "--lora",
+              "--lora_r", 4, "--lora_dropout", 0, "--max_steps", 2, "--save_every", 1, "--max_grad_norm", 0,
+              "--warmup_ratio", 0, "--lr", 1e-3, "--num_workers", 0, "--batch_size", 4]
+    assert run(*common, "--grad_accum", 2, "--out_dir", tmp_path / "one") == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "train.py")] + [str(a) for a in common] + ["--gather", "local", "--out_dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    a = weights(tmp_path / "one" / "colintern_heads_step1.pt")
+    b = weights(tmp_path / "two" / "colintern_heads_step1.pt")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
+    two_ckpt = load_checkpoint(str(tmp_path / "two" / "colintern_heads_step1.pt"))
+    assert two_ckpt["training"]["phase"]["args"]["gather"] == "local"
