@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo gpu-suite clean
+.PHONY: venv test demo ablate gpu-suite clean
 
 # torch first (torch==2.13.0: the CPU build on a machine without CUDA; torchvision is never installed),
 # so that nothing in requirements.txt pulls another torch build.
@@ -24,6 +24,10 @@ test: venv
 
 demo: venv
 	$(PY) -m colintern.demo --out outputs/demo
+
+# The seed-002 single-vector grid (pooling x attention, 2 seeds) on the tiny model and synthetic pages, on a CPU.
+ablate: venv
+	$(PY) -m colintern.ablate --out outputs/ablate
 
 # On a machine with a CUDA GPU, with that machine's own python (torch, transformers, peft, accelerate; no venv
 # needed): the one prepared measurement, about 8 minutes, results in outputs/bench/gpu_suite/ (docs/BENCHMARKS.md).
