@@ -82,6 +82,11 @@ class BackboneFamily:
             pairs.append((self.vision_tower(backbone), vision))
         return pairs
 
+    def load_generator(self, model_id: str, dtype: torch.dtype) -> tuple[nn.Module, LoadedBackbone]:
+        """The ...ForConditionalGeneration of a transformers-native folder (with its LM head, for the sanity
+        check), and its inner backbone as a LoadedBackbone (LoRA loaded into it reaches the generator)."""
+        raise NotImplementedError
+
     def build_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> str:
         """Write a tiny random model of this family's architecture to out_dir (tests, the demo); returns out_dir."""
         raise NotImplementedError

@@ -436,6 +436,13 @@ class InternVLFamily(BackboneFamily):
     def vision_tower(self, backbone: nn.Module) -> nn.Module:
         return backbone.vision_tower
 
+    def load_generator(self, model_id: str, dtype: torch.dtype) -> tuple[nn.Module, LoadedBackbone]:
+        from transformers import InternVLForConditionalGeneration
+
+        tokenizer = load_tokenizer(model_id)
+        generator = InternVLForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+        return generator, _internvl_facts(generator.model, tokenizer, "native")
+
     def build_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> str:
         return build_tiny_internvl(out_dir, layout=options.get("layout") or "native", seed=seed)
 

@@ -309,6 +309,13 @@ class Qwen3VLFamily(BackboneFamily):
     def vision_tower(self, backbone: nn.Module) -> nn.Module:
         return backbone.visual
 
+    def load_generator(self, model_id: str, dtype: torch.dtype) -> tuple[nn.Module, LoadedBackbone]:
+        from transformers import Qwen3VLForConditionalGeneration
+
+        tokenizer = load_tokenizer(model_id)
+        generator = Qwen3VLForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+        return generator, describe_qwen3vl(generator.model, tokenizer, _read_preprocessor(model_id))
+
     def build_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> str:
         return build_tiny_qwen3vl(out_dir, seed=seed)
 
