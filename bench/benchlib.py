@@ -6,6 +6,7 @@ because other jobs share the development machine and a number without its load i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # `python bench/x.py` from anywhere imports this checkout's colintern
+
+from colintern.scoring import exact_fp32  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -103,17 +106,11 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     c = torch.empty(n, n, device=device, dtype=dtype)
-    # An fp32 ceiling must be true fp32: keep TF32 off on CUDA while measuring it.
-    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    ieee = device.type == "cuda" and dtype == torch.float32 and prec is not None
-    if ieee:
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-    try:
+    # An fp32 ceiling must be true fp32: keep TF32 off on CUDA while measuring it (the one guard of scoring).
+    guard = exact_fp32(device) if dtype == torch.float32 else contextlib.nullcontext()
+    with guard:
         torch.mm(a, b, out=c)  # warm-up
         best = min(timed(lambda: torch.mm(a, b, out=c), device)[0] for _ in range(repeats))
-    finally:
-        if ieee:
-            torch.backends.cuda.matmul.fp32_precision = prec
     return 2 * n**3 / best / 1e12
 
 

@@ -113,7 +113,7 @@ def section_env(suite: Suite) -> dict[str, Any]:
     try:
         import bitsandbytes as bnb
 
-        probe = torch.nn.Parameter(torch.zeros(4096, device=device))
+        probe = torch.nn.Parameter(torch.zeros(100_000, device=device))  # paged from 100,000 elements
         probe.grad = torch.ones_like(probe)
         (bnb.optim.PagedAdamW8bit if device.type == "cuda" else bnb.optim.AdamW8bit)([probe], lr=1e-3).step()
         parts["bitsandbytes"] = "runs (8-bit AdamW step)"

@@ -298,6 +298,8 @@ def mining_device(spec: str) -> str:
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
         device = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)  # kernels and allocations of this process default to its own GPU
     return device
 
 

@@ -282,11 +282,14 @@ def build_faiss_index(store: PageStore, factory: str, nprobe: int, use_gpu: bool
             options = faiss.GpuClonerOptions()
             options.useFloat16 = True
             index = faiss.index_cpu_to_gpu(res, gpu_id % max(faiss.get_num_gpus(), 1), index, options)
-            index._colintern_gpu_resources = res  # keep the resources alive as long as the index
+            GPU_RESOURCES.append(res)  # alive as long as the process: faiss index objects refuse new attributes
             info["gpu"] = True
         except Exception as err:  # noqa: BLE001 - faiss raises RuntimeError with C++ messages
             log.warning("FAISS GPU index failed (%s); searching on the CPU", str(err).splitlines()[0])
     return index, info
+
+
+GPU_RESOURCES: list[Any] = []  # FAISS GPU resources of the indexes built in this process
 
 
 def faiss_candidates(index: Any, qs_np: list[np.ndarray], store: PageStore, token_k: int,

@@ -9,6 +9,7 @@ and right padding keeps a causal LM's hidden states independent of what else is 
 """
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import os
@@ -46,7 +47,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        if not str(device).startswith("cuda"):
+            return torch.float32
+        if not torch.cuda.is_bf16_supported():  # pre-Ampere GPUs: fp16 would train without loss scaling
+            log.info("this GPU has no bf16: using fp32 (pass --dtype fp16 for inference in half precision)")
+            return torch.float32
+        return torch.bfloat16
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16}
     if dtype not in names:
@@ -54,16 +60,38 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     return names[dtype]
 
 
-def resolve_attn_implementation(use_flash_attn: bool, device: str | torch.device) -> str:
-    """flash_attention_2 when asked for and usable, else sdpa (with a warning when it was asked for)."""
+def resolve_attn_implementation(use_flash_attn: bool, device: str | torch.device,
+                                dtype: torch.dtype = torch.bfloat16) -> str:
+    """flash_attention_2 when asked for and it can run here, else sdpa with one warning saying why.
+
+    transformers' is_flash_attn_2_available() only reads package metadata; an installed flash-attn that cannot be
+    imported (a wheel built for another torch or CUDA) would then crash model loading. Flash-attention also needs
+    bf16/fp16 and an Ampere or newer GPU (compute capability 8.0); otherwise it fails at the first forward."""
     if not use_flash_attn:
         return "sdpa"
-    from transformers.utils import is_flash_attn_2_available
+    device = torch.device(device)
+    why = None
+    if device.type != "cuda":
+        why = "CUDA-only"
+    elif dtype not in (torch.bfloat16, torch.float16):
+        why = f"for bf16/fp16 only, not {str(dtype).replace('torch.', '')}"
+    elif torch.cuda.get_device_capability(device)[0] < 8:
+        major, minor = torch.cuda.get_device_capability(device)
+        why = f"for Ampere or newer GPUs only (compute capability 8.0; this one has {major}.{minor})"
+    else:
+        from transformers.utils import is_flash_attn_2_available
 
-    if str(device).startswith("cuda") and is_flash_attn_2_available():
+        if not is_flash_attn_2_available():
+            why = "not installed"
+        else:
+            try:  # metadata can exist for a package that cannot be imported
+                importlib.import_module("flash_attn")
+            except Exception as err:  # noqa: BLE001 - ImportError, OSError from a mismatched CUDA build, ...
+                first = str(err).splitlines()[0] if str(err) else ""
+                why = f"installed but not importable ({type(err).__name__}: {first})"
+    if why is None:
         return "flash_attention_2"
-    log.warning("flash-attention 2 was asked for but is %s; using sdpa",
-                "not installed" if str(device).startswith("cuda") else "CUDA-only")
+    log.warning("flash-attention 2 was asked for but is %s; using sdpa", why)
     return "sdpa"
 
 
@@ -93,7 +121,9 @@ class ColIntern(nn.Module):
         self.config = config
         self.family = get_family(config.backbone)
         self.processor = self.family.make_processor(loaded.tokenizer, config)
-        self.head = nn.Linear(config.hidden_size, config.dim)  # fp32 whatever the backbone dtype
+        # fp32 whatever the backbone dtype; initialised on the CPU (its seeded generator is a CPU one, even under a
+        # CUDA default device), then moved next to the backbone
+        self.head = nn.Linear(config.hidden_size, config.dim, device="cpu")
         generator = torch.Generator().manual_seed(config.head_seed)
         with torch.no_grad():
             bound = config.hidden_size ** -0.5
@@ -101,8 +131,9 @@ class ColIntern(nn.Module):
             self.head.bias.zero_()
         self.pooler: nn.Module | None = None
         if config.embedding == "single" and config.pooling == "latent":
-            self.pooler = LatentAttentionPooler(config.hidden_size, **latent_settings(config.latent),
-                                                seed=config.head_seed)
+            with torch.device("cpu"):  # seeded by a CPU generator, like the head
+                self.pooler = LatentAttentionPooler(config.hidden_size, **latent_settings(config.latent),
+                                                    seed=config.head_seed)
         set_text_attention(self.family.language_model(self.backbone), config.attention)
         device = next(self.backbone.parameters()).device
         self.head.to(device)
@@ -124,7 +155,7 @@ class ColIntern(nn.Module):
         """
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
-        attn = resolve_attn_implementation(use_flash_attn, device)
+        attn = resolve_attn_implementation(use_flash_attn, device, torch_dtype)
         payload = load_checkpoint(ckpt) if ckpt else None
         loaded = load_backbone(model_id, dtype=torch_dtype, attn_implementation=attn, device=device)
         if payload is None:

@@ -74,25 +74,37 @@ def _as_token_list(items: Any, name: str) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def exact_fp32(device: torch.device) -> Iterator[None]:
-    """Disable TF32 matmuls on CUDA for the duration (restored afterwards): the one guard every exact score uses."""
+    """No TF32 in CUDA matmuls for the duration: the one guard every exact score (and fp32 benchmark) uses.
+
+    torch refuses to read its TF32 state through one API after it was set through the other, so the caller's state
+    is restored through the API it used: the legacy `allow_tf32` when it can be read (defaults,
+    `allow_tf32 = ...`, `set_float32_matmul_precision`), else the new `fp32_precision`. Correct from every
+    starting state (tests/test_scoring.py sets each)."""
     if device.type != "cuda":
         yield
         return
     mm = torch.backends.cuda.matmul
-    if hasattr(mm, "fp32_precision"):  # torch >= 2.9 API; mixing it with allow_tf32 is discouraged
-        old_prec = mm.fp32_precision
-        mm.fp32_precision = "ieee"
+    if not hasattr(mm, "fp32_precision"):  # torch < 2.9: the legacy flag only
+        old = mm.allow_tf32
+        mm.allow_tf32 = False
         try:
             yield
         finally:
-            mm.fp32_precision = old_prec
+            mm.allow_tf32 = old
         return
-    old = mm.allow_tf32
-    mm.allow_tf32 = False
+    try:
+        legacy = mm.allow_tf32  # readable unless the caller used the new API
+    except RuntimeError:
+        legacy = None
+    old = mm.fp32_precision
+    mm.fp32_precision = "ieee"
     try:
         yield
     finally:
-        mm.allow_tf32 = old
+        if legacy is not None:
+            mm.allow_tf32 = legacy
+        else:
+            mm.fp32_precision = old
 
 
 def _doc_buckets(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:

@@ -142,7 +142,8 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
                 log.info("--optimizer paged_adamw_8bit: paging needs CUDA; using non-paged 8-bit AdamW on %s",
                          device.type)
                 cls = bnb.optim.AdamW8bit
-            probe = torch.nn.Parameter(torch.zeros(4096, device=device))  # one step proves the kernels run here
+            # one step proves the kernels run here; 100,000 elements is where bitsandbytes starts paging
+            probe = torch.nn.Parameter(torch.zeros(100_000, device=device))
             probe.grad = torch.ones_like(probe)
             cls([probe], lr=1e-3).step()
             return cls(params, lr=lr, weight_decay=weight_decay), name
@@ -195,9 +196,17 @@ def auto_batch(args: argparse.Namespace, model, embed, params, num_negs: int, tr
         loss.backward()
 
     state_bytes = sum(p.numel() for p in params) * (8 if args.optimizer == "adamw" else 2)
-    chosen, notes = probe_batch_size(embed_step, params, max_batch=args.auto_max_batch,
-                                     target_frac=args.auto_target_frac, device=device, extra_bytes=state_bytes)
-    chosen = min(all_gather_object(chosen))
+    try:
+        chosen, notes = probe_batch_size(embed_step, params, max_batch=args.auto_max_batch,
+                                         target_frac=args.auto_target_frac, device=device, extra_bytes=state_bytes)
+        failure = None
+    except UserError as err:  # every rank must hear of it, or the others wait in the gather below forever
+        chosen, notes, failure = 0, [], str(err)
+    choices = all_gather_object((chosen, failure))
+    failures = [f for _, f in choices if f]
+    if failures:
+        raise UserError(failures[0])
+    chosen = min(c for c, _ in choices)
     torch.cuda.reset_peak_memory_stats(device)  # the summary's peak memory is training's, not the probes'
     log.info("auto_batch: micro-batch %d (%s)", chosen, "; ".join(notes))
     return chosen
@@ -352,6 +361,9 @@ class Trainer:
             log.info("%s has LoRA adapters: they stay frozen (heads-only mode); pass --lora to keep training them",
                      args.resume_ckpt)
         self.train_backbone = args.lora
+        if self.train_backbone and model.backbone.dtype == torch.float16:
+            log.warning("--dtype fp16 with --lora: backbone gradients flow in fp16 without loss scaling and can "
+                        "underflow; prefer bf16 (or fp32 on GPUs without bf16)")
         for name, param in model.backbone.named_parameters():
             param.requires_grad_(self.train_backbone and "lora_" in name)
         model.head.requires_grad_(True)

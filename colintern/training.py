@@ -486,7 +486,8 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        # the training device's generator only: a resume may see fewer (or other) GPUs than were visible here
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "python": random.getstate(),
         "numpy": {"bit_generator": np_state["bit_generator"],
                   "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
@@ -497,8 +498,18 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # checkpoints before: one state per GPU visible then
+            index = torch.cuda.current_device()
+            if index >= len(cuda):
+                log.warning("the checkpoint holds CUDA RNG states for %d GPU(s), none for cuda:%d: dropout draws "
+                            "differ from an uninterrupted run", len(cuda), index)
+                cuda = None
+            else:
+                cuda = cuda[index]
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)  # the current (training) device
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     npst = state["numpy"]
@@ -727,7 +738,9 @@ def probe_batch_size(embed_step, params: list[torch.nn.Parameter], *, max_batch:
             ok = peak <= budget
             notes.append(f"batch {b}: peak {peak / 2**30:.2f} GiB ({'fits' if ok else 'over'} "
                          f"{budget / 2**30:.2f} GiB)")
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+            if not isinstance(err, torch.cuda.OutOfMemoryError) and "out of memory" not in str(err).lower():
+                raise  # a real error, not memory (some kernels report OOM as a plain RuntimeError)
             ok = False
             notes.append(f"batch {b}: out of memory")
         finally:

@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+# The suite is the CPU suite (CI has no GPU): on a GPU machine it must still train on the CPU, in fp32, with the
+# deterministic algorithms its exactness tests rely on. GPU paths are measured by bench/gpu_suite.py.
+# COLINTERN_TEST_CUDA=1 keeps the GPUs visible.
+if os.environ.get("COLINTERN_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

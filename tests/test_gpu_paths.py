@@ -1,0 +1,177 @@
+"""GPU-only paths, simulated on the CPU (CUDA calls faked): what a first GPU user would hit. The real paths run in
+bench/gpu_suite.py the first time a GPU machine is lent."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from colintern.errors import UserError
+
+
+def test_the_test_suite_runs_on_the_cpu_even_on_a_gpu_machine():
+    if os.environ.get("COLINTERN_TEST_CUDA") == "1":
+        pytest.skip("COLINTERN_TEST_CUDA=1 keeps the GPUs visible")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A GPU of a chosen compute capability, with flash-attn's package metadata present."""
+    import transformers.utils
+
+    state = {"capability": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["capability"])
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    return state
+
+
+def test_flash_attention_only_where_it_can_run(fake_gpu, monkeypatch, caplog):
+    from colintern.model import resolve_attn_implementation
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))  # importable
+    assert resolve_attn_implementation(True, "cuda:0", torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation(False, "cuda:0", torch.bfloat16) == "sdpa"
+    assert resolve_attn_implementation(True, "cuda:0", torch.float32) == "sdpa"
+    assert "for bf16/fp16 only, not float32" in caplog.text
+    fake_gpu["capability"] = (7, 5)  # a T4 / V100-class GPU
+    assert resolve_attn_implementation(True, "cuda:0", torch.float16) == "sdpa"
+    assert "compute capability 8.0; this one has 7.5" in caplog.text
+    fake_gpu["capability"] = (8, 0)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # metadata says installed, the import fails
+    assert resolve_attn_implementation(True, "cuda:0", torch.bfloat16) == "sdpa"
+    assert "installed but not importable (ModuleNotFoundError" in caplog.text
+
+
+def test_a_faiss_gpu_index_that_refuses_attributes_is_still_used(tmp_path, monkeypatch, caplog):
+    faiss = pytest.importorskip("faiss")
+    sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "bench")))
+    from mining import write_page_store
+
+    from colintern.mining import build_faiss_index
+
+    class GpuIndex:  # like faiss 1.15 SWIG objects: no new attributes
+        __slots__ = ("cpu",)
+
+        def __init__(self, cpu):
+            self.cpu = cpu
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "GpuClonerOptions", lambda: SimpleNamespace(useFloat16=False), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, gpu, index, options: GpuIndex(index), raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    g = torch.Generator().manual_seed(0)
+    pages = [torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1) for _ in range(6)]
+    store = write_page_store(tmp_path / "store", pages)
+    caplog.set_level(logging.WARNING)
+    index, info = build_faiss_index(store, "Flat", 1, True, 0, None, show_progress=False)
+    assert isinstance(index, GpuIndex) and info["gpu"] is True and "searching on the CPU" not in caplog.text
+
+
+@pytest.fixture
+def tf32_state():
+    """Leave torch's global TF32 flags as they were found (the legacy API's defaults)."""
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("start", ["default", "legacy allow_tf32", "set_float32_matmul_precision high",
+                                   "fp32_precision tf32"])
+def test_the_tf32_guard_works_from_every_starting_state(tf32_state, start):
+    """torch refuses to read TF32 state through one API after the other set it; the guard must turn TF32 off
+    inside and give the caller back exactly the state (and the API) it had."""
+    from colintern.scoring import exact_fp32
+
+    mm = torch.backends.cuda.matmul
+    if start == "legacy allow_tf32":
+        mm.allow_tf32 = True
+    elif start == "set_float32_matmul_precision high":
+        torch.set_float32_matmul_precision("high")
+    elif start == "fp32_precision tf32":
+        mm.fp32_precision = "tf32"
+
+    def readable() -> tuple:
+        try:
+            legacy = mm.allow_tf32
+        except RuntimeError:
+            legacy = "unreadable"
+        return legacy, mm.fp32_precision
+
+    before = readable()
+    with exact_fp32(torch.device("cuda")):  # only flags are touched: no CUDA call is made
+        assert mm.fp32_precision == "ieee"
+    after = readable()
+    assert after[0] == before[0]  # the legacy flag reads (and means) what it did
+    assert (after[1] == before[1]) or (before[1] == "none" and after[1] == "ieee")  # none and ieee: no TF32
+
+
+def test_a_resume_with_fewer_gpus_restores_the_training_device(monkeypatch, caplog):
+    from colintern import training
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    base = training.rng_state()
+    training.set_rng_state({**base, "cuda": [torch.tensor([7], dtype=torch.uint8),
+                                              torch.tensor([8], dtype=torch.uint8)]})  # saved with 2 GPUs
+    assert restored == [7]
+    training.set_rng_state({**base, "cuda": torch.tensor([9], dtype=torch.uint8)})  # today's format
+    assert restored == [7, 9]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    caplog.set_level(logging.WARNING)
+    training.set_rng_state({**base, "cuda": [torch.tensor([7], dtype=torch.uint8)]})
+    assert restored == [7, 9] and "none for cuda:3" in caplog.text
+
+
+def test_an_oom_reported_as_a_plain_runtime_error_is_out_of_memory(monkeypatch):
+    from colintern.training import probe_batch_size
+
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=16 * gib))
+    for name in ("empty_cache", "reset_peak_memory_stats", "synchronize", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: gib)
+
+    def step(b: int) -> None:
+        if b >= 4:
+            raise RuntimeError("CUDA error: out of memory (a kernel's own wording)")
+
+    assert probe_batch_size(step, [], max_batch=8, target_frac=0.8, device=torch.device("cuda", 0))[0] == 3
+
+    def broken(b: int) -> None:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        probe_batch_size(broken, [], max_batch=8, target_frac=0.8, device=torch.device("cuda", 0))
+
+
+def test_auto_batch_failure_on_one_rank_stops_every_rank(monkeypatch):
+    """A rank whose probe fails must not leave the others waiting in the gather: all raise the same line."""
+    from colintern import trainer
+
+    monkeypatch.setattr(trainer, "probe_batch_size", lambda *a, **k: (8, ["batch 8: fits"]))
+    monkeypatch.setattr(trainer, "all_gather_object",
+                        lambda value: [value, (0, "auto_batch: even a batch of 1 does not fit (rank 1)")])
+    model = SimpleNamespace(processor=SimpleNamespace(worst_case_page=lambda: None))
+    args = SimpleNamespace(batch_size=4, optimizer="adamw", auto_max_batch=32, auto_target_frac=0.8, loss="ce",
+                           tau=0.02)
+    with pytest.raises(UserError, match=r"even a batch of 1 does not fit \(rank 1\)"):
+        trainer.auto_batch(args, model, None, [], 0, False, torch.device("cuda", 0))
+
+
+def test_bf16_only_on_gpus_that_have_it(monkeypatch):
+    from colintern.model import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype(None, "cuda:0") == torch.float32 and resolve_dtype("bf16", "cuda:0") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype(None, "cpu") == torch.float32
