@@ -256,6 +256,20 @@ def qwen_model(suite: Suite, dtype: torch.dtype):
     return ColIntern(loaded, config_for_backbone(loaded, "random-Qwen3-VL-2B")).to(suite.device)
 
 
+def single_vector(model):
+    """The same backbone as a single-vector (mean-pooled), bidirectional ColIntern with a fresh head."""
+    import dataclasses
+
+    from colintern.backbone import LoadedBackbone
+    from colintern.model import ColIntern
+
+    loaded = LoadedBackbone(model=model.backbone, tokenizer=model.tokenizer, family=model.config.backbone,
+                            layout="native", hidden_size=model.config.hidden_size, signature=model.signature)
+    config = dataclasses.replace(model.config, embedding="single", pooling="mean", attention="bidirectional",
+                                 n_augmentation=0)
+    return ColIntern(loaded, config).to(next(model.backbone.parameters()).device)
+
+
 def section_encode(suite: Suite) -> dict[str, Any]:
     from encode import synthetic_page
 
@@ -273,6 +287,13 @@ def section_encode(suite: Suite) -> dict[str, Any]:
         pages = {f"{t}+1 tiles" if t > 1 else "1 tile": synthetic_page(t, tile, seed=t) for t in tiles}
         rows += encode_rows(suite, model, "internvl3.5-1b" if not suite.args.dry_run else "tiny internvl", pages,
                             batches)
+        if attn == "sdpa":  # the same backbone as a single-vector bidirectional retriever (seed 002)
+            single = single_vector(model)
+            four = {k: v for k, v in pages.items() if k.startswith(str(max(tiles)))}
+            rows += [dict(r, family=r["family"] + " single/bidir")
+                     for r in encode_rows(suite, single, "internvl3.5-1b" if not suite.args.dry_run else
+                                          "tiny internvl", four, batches[-1:])]
+            del single
         del model
     model = qwen_model(suite, suite.dtype)
     page = model.processor.worst_case_page()

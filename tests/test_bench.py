@@ -362,7 +362,7 @@ def test_gpu_suite_dry_run_runs_every_section_and_counts_flops_right(tmp_path, t
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {name: r["status"] for name, r in results["sections"].items()} == {name: "ok" for name in suite.SECTIONS}
     encode_rows = results["sections"]["encode"]["rows"]
-    assert {r["family"] for r in encode_rows} == {"tiny internvl", "tiny qwen3-vl"}
+    assert {r["family"] for r in encode_rows} == {"tiny internvl", "tiny internvl single/bidir", "tiny qwen3-vl"}
     assert all(r["pages_per_s"] > 0 and 0 < r["mfu"] for r in encode_rows)
     assert results["sections"]["numerics"]["cosine_min"] > 0.9999  # fp32 against fp32 on a CPU
     maxsim = results["sections"]["maxsim"]

@@ -55,8 +55,9 @@ def test_poolings_against_float64_references():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_instruction_is_left_out_of_the_pool_and_last_reads_the_eos(tiny_model_dir):
-    model = single(tiny_model_dir, "last", instruction="Given a question, retrieve the page that answers it")
+def test_instruction_is_left_out_of_the_pool_and_last_reads_the_eos(tiny_backbone):
+    _, folder = tiny_backbone
+    model = single(folder, "last", instruction="Given a question, retrieve the page that answers it")
     proc, tok = model.processor, model.tokenizer
     text = "red page"
     formatted = proc.format_query(text)
@@ -157,3 +158,24 @@ def test_mine_with_a_multi_vector_model_then_train_and_mine_a_single_vector_one(
 
     encoder = ColInternMTEB(tiny_model_dir, ckpt=ckpt, device="cpu", show_progress=False)
     assert encoder.mteb_model_meta.model_type == ["dense"] and str(encoder.mteb_model_meta.similarity_fn_name) == "dot"
+
+
+def test_heads_only_training_of_a_latent_pooler_uses_the_hidden_state_cache(tiny_model_dir, synthetic_small_dir,
+                                                                            tmp_path):
+    """Heads only (frozen backbone): the pooler and head train on cached hidden states; the saved pooler reproduces
+    the trained model's embeddings."""
+    from colintern.checkpoint import load_checkpoint
+
+    train = load_script("train")
+    out = tmp_path / "run"
+    assert train.main(["--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"),
+                       "--embedding", "single", "--pooling", "latent", "--latent_size", "8", "--latent_heads", "2",
+                       "--batch_size", "8", "--epochs", "2", "--lr", "1e-3", "--max_tiles", "2", "--num_workers",
+                       "0", "--save_every", "0", "--out_dir", str(out)]) == 0
+    first, second = (load_checkpoint(str(out / f"colintern_heads_epoch{e}.pt")) for e in (1, 2))
+    assert second["lora"] is None and set(second["pooler"]) == set(first["pooler"])
+    assert any(not torch.equal(first["pooler"][k], second["pooler"][k]) for k in first["pooler"])  # it trained
+    assert "faster with the hidden-state cache" in (out / "training_loss.txt").read_text()
+    model = ColIntern.from_pretrained(tiny_model_dir, ckpt=str(out / "colintern_heads_epoch2.pt"))
+    again = ColIntern.from_pretrained(tiny_model_dir, ckpt=str(out / "colintern_heads_epoch2.pt"))
+    assert max_diff(model.encode_queries(QUERIES), again.encode_queries(QUERIES)) == 0.0
