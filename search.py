@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Search your PDFs and images with a trained ColIntern retriever (docs/CONTRACT.md §10).
+
+    python search.py index --ckpt outputs/train/colintern_heads_epoch2.pt --inputs manuals/ report.pdf \\
+        --index outputs/index
+    python search.py query --index outputs/index --k 5 "where is the warranty period?" "installation steps"
+    python search.py query --index outputs/index --json --explain outputs/maps "warranty period"
+    python search.py export --index outputs/index --out outputs/index.parquet
+
+index: PDFs are rendered with pypdfium2 (--dpi), images decoded; every page is encoded once with the checkpoint's
+head, LoRA and formatting and stored (float16, memory-mapped) with its source file and page. Running index again
+with more files encodes only the new pages; an interrupted run continues where it stopped; bad files (encrypted or
+corrupt PDFs, non-images) are reported and skipped (--strict stops at the first).
+query: the top --k pages of each query by exact MaxSim (the dot product for single-vector checkpoints), as a table
+or --json lines {"query", "results": [{"rank", "score", "file", "page"}]}; --explain DIR draws, per result, where on
+the page the query matched (docs/DESIGN.md "Similarity maps").
+export: every page's vectors and source as a Parquet table (file, page, sha256, vectors).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.errors import UserError  # noqa: E402
+
+log = logging.getLogger("colintern.search")
+OUT_FLAG = "--index"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    ix = sub.add_parser("index", help="add PDFs and images to an index (only new pages are encoded)")
+    ix.add_argument("--ckpt", default=None, help="ColIntern checkpoint (default: the base model with an untrained "
+                    "head, a warning says so)")
+    ix.add_argument("--model_id", default=None, help="base model (default: the checkpoint's)")
+    ix.add_argument("--inputs", nargs="+", required=True, help="PDF files, image files, or folders of them")
+    ix.add_argument("--index", required=True, help="index folder (created, or extended)")
+    ix.add_argument("--dpi", type=int, default=150, help="PDF rendering resolution (default: 150)")
+    ix.add_argument("--batch_size", type=int, default=8, help="pages per encoder batch (default: 8)")
+    ix.add_argument("--segment_pages", type=int, default=64, help="pages committed at once: the unit of resume "
+                    "(default: 64)")
+    ix.add_argument("--strict", action="store_true", help="stop at the first bad file or page")
+    q = sub.add_parser("query", help="the best pages for each query")
+    q.add_argument("--index", required=True, help="index folder")
+    q.add_argument("queries", nargs="*", help="query texts")
+    q.add_argument("--queries_file", default=None, help="more queries, one per line (UTF-8)")
+    q.add_argument("--k", type=int, default=5, help="results per query (default: 5)")
+    q.add_argument("--json", action="store_true", help="one JSON object per query instead of a table")
+    q.add_argument("--explain", default=None, metavar="DIR", help="write a similarity map (PNG) per result here")
+    ex = sub.add_parser("export", help="every page's vectors and source as Parquet")
+    ex.add_argument("--index", required=True, help="index folder")
+    ex.add_argument("--out", required=True, help="the .parquet file to write")
+    for sp in (ix, q, ex):
+        sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+        sp.add_argument("-v", "--verbose", action="store_true", help="log details")
+    args = p.parse_args(argv)
+    for name in ("dpi", "batch_size", "segment_pages", "k"):
+        if getattr(args, name, 1) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def load_model(model_id: str | None, ckpt: str | None, device: str):
+    from colintern.checkpoint import load_checkpoint
+    from colintern.model import ColIntern
+
+    if ckpt is None and model_id is None:
+        raise UserError("pass --ckpt (a trained ColIntern checkpoint) or --model_id")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise UserError(f"--ckpt {ckpt}: no such file")
+    model_id = model_id or load_checkpoint(ckpt)["config"]["base_model"]
+    if ckpt is None:
+        log.warning("no --ckpt: the base model %s with an UNTRAINED head; results will be close to random", model_id)
+    return model_id, ColIntern.from_pretrained(model_id, ckpt=ckpt, device=device)
+
+
+def index_command(args: argparse.Namespace) -> None:
+    from colintern.data import SkipReport
+    from colintern.device import resolve_device
+    from colintern.page_index import PageIndex, find_inputs, index_pages
+
+    files = find_inputs(args.inputs)
+    model_id, model = load_model(args.model_id, args.ckpt, resolve_device(args.device))
+    index = PageIndex.create_or_open(args.index, model_id, args.ckpt, model.config.to_dict(), args.dpi)
+    report = SkipReport(strict=args.strict, logger=log)
+    todo = index.plan(files, report)
+    added = index_pages(index, model, todo, report, args.batch_size, args.segment_pages,
+                        show_progress=sys.stderr.isatty())
+    print(f"indexed {added} new page(s) from {len(files)} file(s); {len(index.pages)} page(s) in {args.index}"
+          + (f"; {report.summary()}" if report.count else ""))
+
+
+def read_queries(args: argparse.Namespace) -> list[str]:
+    queries = list(args.queries)
+    if args.queries_file:
+        try:
+            text = Path(args.queries_file).read_bytes().decode("utf-8")
+        except OSError as err:
+            raise UserError(f"--queries_file {args.queries_file}: {err.strerror}") from None
+        except UnicodeDecodeError as err:
+            line = Path(args.queries_file).read_bytes()[:err.start].count(b"\n") + 1
+            raise UserError(f"{args.queries_file} line {line}: not valid UTF-8") from None
+        queries += [line.strip() for line in text.splitlines() if line.strip()]
+    if not queries:
+        raise UserError("no query: give query texts or --queries_file")
+    return queries
+
+
+def query_command(args: argparse.Namespace) -> None:
+    from colintern.device import resolve_device
+    from colintern.page_index import PageIndex
+    from colintern.scoring import maxsim_topk
+
+    queries = read_queries(args)
+    index = PageIndex.open(args.index)
+    if not index.pages:
+        raise UserError(f"--index {args.index} holds no page yet; add some with search.py index")
+    device = resolve_device(args.device)
+    _, model = load_model(index.meta["model_id"], index.meta["ckpt"], device)
+    qs = model.encode_queries(queries, show_progress=False)
+    values, ids = maxsim_topk(qs, list(index.all_vectors()), args.k, device=device)  # (n_q, k) each
+    for qi, query in enumerate(queries):
+        results = []
+        for rank, (score, i) in enumerate(zip(values[qi].tolist(), ids[qi].tolist()), start=1):
+            source = index.source(i)
+            results.append({"rank": rank, "score": round(score, 6), "file": source.file, "page": source.page})
+            if args.explain:
+                explain(index, model, i, qs[qi], query, rank, Path(args.explain) / f"q{qi + 1:03d}_r{rank:02d}.png")
+        if args.json:
+            print(json.dumps({"query": query, "results": results}, ensure_ascii=False))
+        else:
+            print(f"\n{query}")
+            for r in results:
+                print(f"  {r['rank']:>2}  {r['score']:9.4f}  {r['file']} page {r['page']}")
+
+
+def explain(index, model, i: int, query_vectors, query: str, rank: int, path: Path) -> None:
+    """One similarity map: the page re-rendered, its image tokens' boxes, the query's best similarity per box."""
+    from colintern.page_index import render_page
+    from colintern.simmap import paint, save_map, token_maps
+
+    page = index.pages[i]
+    if not page["image_tokens"]:
+        log.warning("%s page %d: no token map (single-vector checkpoint); --explain skipped", page["file"],
+                    page["page"])
+        return
+    image = render_page(index.source(i), index.meta["dpi"])
+    vectors = index.vectors(i)[page["image_start"]:page["image_start"] + page["image_tokens"]]
+    boxes = model.processor.image_token_boxes(image)
+    _, best = token_maps(query_vectors, vectors)
+    heat = paint(best, boxes, min(image.width, 1024), int(min(image.width, 1024) * image.height / image.width))
+    save_map(image, heat, f"#{rank}: {Path(page['file']).name} page {page['page']} — {query}"[:120], path)
+
+
+def export_command(args: argparse.Namespace) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from colintern.files import atomic_write
+    from colintern.page_index import PageIndex
+
+    index = PageIndex.open(args.index)
+    table = pa.table({
+        "file": [p["file"] for p in index.pages], "page": [p["page"] for p in index.pages],
+        "sha256": [p["sha256"] for p in index.pages],
+        "vectors": [index.vectors(i).numpy().tolist() for i in range(len(index.pages))],
+    })
+    atomic_write(args.out, lambda f: pq.write_table(table, f))
+    print(f"exported {len(index.pages)} page(s) to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    {"index": index_command, "query": query_command, "export": export_command}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, out_flag=OUT_FLAG))
