@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "one it was trained on (default: refuse; the checkpoint records its base weights)")
     p.add_argument("--use_flash_attn", action="store_true",
                    help="use flash-attention 2 when installed (default: sdpa)")
+    p.add_argument("--pool_factor", type=int, default=1, help="hierarchical token pooling of every page: about K "
+                   "times fewer vectors (search.py index --pool_factor); measures what it costs (default: 1, none)")
     p.add_argument("--max_tiles", type=int, default=None,
                    help="override the checkpoint's max_tiles (448-px tiles per page; changes the embeddings, so "
                         "it warns; default: the checkpoint's value, 6 for a bare base model)")
@@ -115,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError("--batch_size and --query_batch_size must be at least 1")
     if args.max_tiles is not None and args.max_tiles < 1:
         raise UserError("--max_tiles must be at least 1")
+    if args.pool_factor < 1:
+        raise UserError(f"--pool_factor must be at least 1, got {args.pool_factor}")
     return args
 
 
@@ -252,7 +256,8 @@ def load_encoder(args: argparse.Namespace) -> Any:
     return ColInternMTEB(model_id, device=args.device, ckpt=args.ckpt,
                          dtype=None if args.dtype == "auto" else args.dtype, max_tiles=args.max_tiles,
                          batch_size=args.batch_size, query_batch_size=args.query_batch_size,
-                         use_flash_attn=args.use_flash_attn, allow_other_base=args.allow_other_base)
+                         use_flash_attn=args.use_flash_attn, allow_other_base=args.allow_other_base,
+                         pool_factor=args.pool_factor)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -395,6 +400,7 @@ def evaluate(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, a
         "mteb_version": mteb.__version__,
         "dtype": encoder.dtype,
         "batch_size": args.batch_size,
+        "pool_factor": args.pool_factor,
         "main_metrics": main_metrics,
         "subsets": subset_scores,
         "model_name": encoder.mteb_model_meta.name,

@@ -39,6 +39,7 @@ from colintern.data import BadRowError, decode_image
 from colintern.device import resolve_device
 from colintern.errors import UserError
 from colintern.files import file_sha256, fingerprint
+from colintern.token_pooling import pool_tokens
 from colintern.processor import require_query_text
 from colintern.scoring import maxsim
 
@@ -145,12 +146,14 @@ class ColInternMTEB(AbsEncoder):
     def __init__(self, model_name: str, revision: str | None = None, *, device: str | None = None,
                  ckpt: str | None = None, dtype: str | None = None, max_tiles: int | None = None,
                  batch_size: int = 8, query_batch_size: int = 32, use_flash_attn: bool = False,
-                 model: Any = None, show_progress: bool = True, allow_other_base: bool = False) -> None:
+                 model: Any = None, show_progress: bool = True, allow_other_base: bool = False,
+                 pool_factor: int = 1) -> None:
         """Load model_name (hub id or local dir) + optional checkpoint, or wrap an already built `model`."""
         from colintern.model import resolve_dtype
 
         self.model_id = model_name
         self.ckpt = ckpt
+        self.pool_factor = pool_factor  # hierarchical token pooling of pages (colintern/token_pooling.py)
         self.device = resolve_device(device)
         self.dtype = str(resolve_dtype(dtype, self.device)).replace("torch.", "")
         if model is None:
@@ -167,11 +170,12 @@ class ColInternMTEB(AbsEncoder):
         config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
         self.config = config
         n_parameters = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
-        fingerprint = revision or model_fingerprint(model_name, ckpt, config, self.dtype)
+        meaning = {**config, "pool_factor": pool_factor} if pool_factor > 1 else config  # pooled pages differ
+        fingerprint = revision or model_fingerprint(model_name, ckpt, meaning, self.dtype)
         self.mteb_model_meta = colintern_model_meta(
             model_name, ckpt, revision=fingerprint, dim=int(config["dim"]), n_parameters=n_parameters,
             loader_kwargs={"dtype": dtype, "max_tiles": max_tiles, "batch_size": batch_size,
-                           "query_batch_size": query_batch_size},
+                           "query_batch_size": query_batch_size, "pool_factor": pool_factor},
             embedding=str(config.get("embedding", "multi")))
         self._warned_text_pages = False
         self._page_cache: tuple[str, list[torch.Tensor]] | None = None
@@ -262,7 +266,7 @@ class ColInternMTEB(AbsEncoder):
                 pages = [decode_image(values[i], label(i)) for i in idx]
                 embs = self.model.encode_images(pages, batch_size=self.batch_size, show_progress=False)
                 for i, emb in zip(idx, embs):
-                    out[i] = emb
+                    out[i] = pool_tokens(emb, self.pool_factor) if self.pool_factor > 1 else emb
                 bar.update(len(idx))
                 bar.set_postfix(tokens_per_page=sum(costs[i] for i in idx) // len(idx))
         log.info("%s: encoded %d pages in %.1fs", where, n, time.perf_counter() - start_time)

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ix.add_argument("--inputs", nargs="+", required=True, help="PDF files, image files, or folders of them")
     ix.add_argument("--index", required=True, help="index folder (created, or extended)")
     ix.add_argument("--dpi", type=int, default=150, help="PDF rendering resolution (default: 150)")
+    ix.add_argument("--pool_factor", type=int, default=1, help="hierarchical token pooling: about K times fewer "
+                    "vectors per page (docs/BENCHMARKS.md measures what it keeps; no similarity maps) (default: 1)")
     ix.add_argument("--batch_size", type=int, default=8, help="pages per encoder batch (default: 8)")
     ix.add_argument("--segment_pages", type=int, default=64, help="pages committed at once: the unit of resume "
                     "(default: 64)")
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
         sp.add_argument("-v", "--verbose", action="store_true", help="log details")
     args = p.parse_args(argv)
-    for name in ("dpi", "batch_size", "segment_pages", "k"):
+    for name in ("dpi", "batch_size", "segment_pages", "k", "pool_factor"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
@@ -89,7 +91,8 @@ def index_command(args: argparse.Namespace) -> None:
 
     files = find_inputs(args.inputs)
     model_id, model = load_model(args.model_id, args.ckpt, resolve_device(args.device))
-    index = PageIndex.create_or_open(args.index, model_id, args.ckpt, model.config.to_dict(), args.dpi)
+    index = PageIndex.create_or_open(args.index, model_id, args.ckpt, model.config.to_dict(), args.dpi,
+                                     args.pool_factor)
     report = SkipReport(strict=args.strict, logger=log)
     todo = index.plan(files, report)
     added = index_pages(index, model, todo, report, args.batch_size, args.segment_pages,
@@ -149,8 +152,8 @@ def explain(index, model, i: int, query_vectors, query: str, rank: int, path: Pa
 
     page = index.pages[i]
     if not page["image_tokens"]:
-        log.warning("%s page %d: no token map (single-vector checkpoint); --explain skipped", page["file"],
-                    page["page"])
+        log.warning("%s page %d: no token map (a single-vector checkpoint, or a pooled index); --explain skipped",
+                    page["file"], page["page"])
         return
     image = render_page(index.source(i), index.meta["dpi"])
     vectors = index.vectors(i)[page["image_start"]:page["image_start"] + page["image_tokens"]]

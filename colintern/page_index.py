@@ -27,6 +27,7 @@ from PIL import Image
 
 from colintern.errors import UserError
 from colintern.files import atomic_write_json, file_sha256, fsync_dir
+from colintern.token_pooling import pool_tokens
 
 log = logging.getLogger("colintern.search")
 
@@ -122,7 +123,7 @@ class PageIndex:
 
     @classmethod
     def create_or_open(cls, folder: str | Path, model_id: str, ckpt: str | None, config: dict[str, Any],
-                       dpi: int) -> "PageIndex":
+                       dpi: int, pool_factor: int = 1) -> "PageIndex":
         """Open an index built with the same model, checkpoint and config, or create an empty one."""
         folder = Path(folder)
         ckpt_sha = file_sha256(ckpt) if ckpt else None
@@ -132,9 +133,10 @@ class PageIndex:
             if meta["ckpt_sha256"] != ckpt_sha or meta["config"] != config:
                 raise UserError(f"--index {folder} was built with another model or checkpoint ({meta['model_id']} "
                                 f"+ {meta['ckpt']}); use a new --index folder for this one")
-            if meta["dpi"] != dpi:
-                raise UserError(f"--index {folder} renders PDFs at {meta['dpi']} dpi; pass --dpi {meta['dpi']} or "
-                                "use a new --index folder")
+            for flag, value in (("dpi", dpi), ("pool_factor", pool_factor)):
+                if meta.get(flag, 1) != value:
+                    raise UserError(f"--index {folder} was built with --{flag} {meta.get(flag, 1)}; pass the same "
+                                    "or use a new --index folder")
             return index
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--index {folder} is a file, not a folder; choose another --index")
@@ -142,7 +144,8 @@ class PageIndex:
             raise UserError(f"--index {folder} is not empty and holds no index; choose an empty or new folder")
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"version": INDEX_VERSION, "model_id": model_id, "ckpt": ckpt and str(Path(ckpt).resolve()),
-                "ckpt_sha256": ckpt_sha, "config": config, "dpi": dpi, "segments": [], "files": {}, "hidden": []}
+                "ckpt_sha256": ckpt_sha, "config": config, "dpi": dpi, "pool_factor": pool_factor, "segments": [],
+                "files": {}, "hidden": []}
         atomic_write_json(folder / "index.json", meta)
         return cls(folder, meta)
 
@@ -268,8 +271,13 @@ def index_pages(index: PageIndex, model: Any, todo: list[PageSource], report: An
                     report.add(f"{source.file} page {source.page}", f"cannot render: {err}")
             if chunk:
                 vectors = model.encode_images(images, batch_size=batch_size, show_progress=False)
-                index.commit([(s, v, *image_tokens_of(model, img), img.size)
-                              for s, v, img in zip(chunk, vectors, images)])
+                factor = index.meta.get("pool_factor", 1)
+                if factor > 1:  # pooled vectors no longer sit on image tokens: no similarity map
+                    index.commit([(s, pool_tokens(v, factor), 0, 0, img.size)
+                                  for s, v, img in zip(chunk, vectors, images)])
+                else:
+                    index.commit([(s, v, *image_tokens_of(model, img), img.size)
+                                  for s, v, img in zip(chunk, vectors, images)])
             done += len(chunk)
             bar.update(len(todo[first:first + segment_pages]))
             bar.set_postfix(pages_per_s=f"{done / max(time.perf_counter() - start, 1e-9):.1f}")

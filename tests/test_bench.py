@@ -4,6 +4,7 @@ preprocessing (the bottleneck fix the encoding benchmark led to) giving identica
 from __future__ import annotations
 
 import json
+import os
 import math
 import sys
 import threading
@@ -369,3 +370,15 @@ def test_gpu_suite_dry_run_runs_every_section_and_counts_flops_right(tmp_path, t
     assert maxsim["colintern_err"]["max_abs_err"] < 1e-4 and maxsim["speedup"] > 0
     assert all(r["status"] == "ok" for r in results["sections"]["train"]["rows"])
     assert (tmp_path / "out" / "results.md").read_text().startswith("# GPU suite (dry run): ")
+
+
+def test_token_pooling_bench_keeps_k1_and_counts_bytes(tmp_path, tiny_model_dir, synthetic_small_dir):
+    pooling = load_bench("token_pooling")
+    out = tmp_path / "pool.json"
+    assert pooling.main(["--model_id", tiny_model_dir, "--eval_dir", os.path.join(synthetic_small_dir, "eval"),
+                         "--factors", "1", "3", "--json_out", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pool_factor"] for r in rows] == [1, 3] and rows[0]["ndcg_at_5_kept"] == 1.0
+    assert rows[1]["vectors_per_page"] < rows[0]["vectors_per_page"] / 2.5
+    assert rows[0]["bytes_per_page"] == rows[0]["vectors_per_page"] * 128 * 2
+    assert (tmp_path / "p.png").stat().st_size > 5000

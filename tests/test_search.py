@@ -174,3 +174,38 @@ def test_bad_inputs_are_one_line(tiny_model_dir, ckpt, docs, tmp_path, capsys):
     code, _, err = run(capsys, "query", "--index", tmp_path / "nowhere", "x")
     assert code == 2 and err.strip() == f"error: --index {tmp_path / 'nowhere'}: no index.json; build one with " \
                                         "search.py index"
+
+
+def test_token_pooling_keeps_k1_and_cuts_vectors_by_k():
+    from colintern.token_pooling import pool_tokens
+
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
+    assert torch.equal(pool_tokens(vectors, 1), vectors)
+    for k in (2, 3, 4):
+        pooled = pool_tokens(vectors, k)
+        assert pooled.shape == (-(-50 // k), 16)
+    # two tight groups pooled by 5: their two means, exactly
+    a, b = torch.zeros(5, 4), torch.zeros(5, 4)
+    a[:, 0], b[:, 1] = 1.0, 1.0
+    a[:, 2] = torch.linspace(-0.01, 0.01, 5)
+    pooled = pool_tokens(torch.cat([a, b]), 5)
+    assert sorted(pooled[:, 0].tolist()) == pytest.approx([0.0, 1.0]) and pooled[:, 2].abs().max() < 1e-6
+
+
+def test_a_pooled_index_stores_about_k_times_fewer_vectors(tiny_model_dir, ckpt, docs, tmp_path, capsys):
+    from colintern.page_index import PageIndex
+
+    sizes = {}
+    for k in (1, 3):
+        index = tmp_path / f"k{k}"
+        assert run(capsys, "index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--inputs", docs / "a.pdf",
+                   "--index", index, "--dpi", 72, "--pool_factor", k)[0] == 0
+        opened = PageIndex.open(index)
+        sizes[k] = [p["length"] for p in opened.pages]
+    assert [-(-n // 3) for n in sizes[1]] == sizes[3]
+    code, out, _ = run(capsys, "query", "--index", tmp_path / "k3", "--k", 2, "--json", "alpha")
+    assert code == 0 and len(json.loads(out)["results"]) == 2
+    code, _, err = run(capsys, "index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--inputs", docs / "b.pdf",
+                       "--index", tmp_path / "k3", "--dpi", 72)
+    assert code == 2 and "was built with --pool_factor 3; pass the same or use a new --index folder" in err
