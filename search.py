@@ -60,7 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ex = sub.add_parser("export", help="every page's vectors and source as Parquet")
     ex.add_argument("--index", required=True, help="index folder")
     ex.add_argument("--out", required=True, help="the .parquet file to write")
-    for sp in (ix, q, ex):
+    em = sub.add_parser("export_model", help="a checkpoint as one publishable model folder (LoRA merged)")
+    em.add_argument("--ckpt", required=True, help="ColIntern checkpoint")
+    em.add_argument("--model_id", default=None, help="base model (default: the checkpoint's)")
+    em.add_argument("--out", required=True, help="the folder to write (new or empty); then --model_id FOLDER, or "
+                    "ColIntern.from_pretrained(FOLDER), loads it")
+    for sp in (ix, q, ex, em):
         sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
         sp.add_argument("-v", "--verbose", action="store_true", help="log details")
     args = p.parse_args(argv)
@@ -180,10 +185,20 @@ def export_command(args: argparse.Namespace) -> None:
     print(f"exported {len(index.pages)} page(s) to {args.out}")
 
 
+def export_model_command(args: argparse.Namespace) -> None:
+    from colintern.device import resolve_device
+    from colintern.export import export_model
+
+    model_id, model = load_model(args.model_id, args.ckpt, resolve_device(args.device))
+    out = export_model(model, args.out, model_id)
+    print(f"exported {args.ckpt} on {model_id} to {out}: load it with --model_id {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    {"index": index_command, "query": query_command, "export": export_command}[args.command](args)
+    {"index": index_command, "query": query_command, "export": export_command,
+     "export_model": export_model_command}[args.command](args)
     return 0
 
 

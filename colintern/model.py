@@ -27,6 +27,7 @@ from colintern.checkpoint import check_compatible, load_checkpoint
 from colintern.config import ColInternConfig
 from colintern.device import resolve_device
 from colintern.errors import UserError
+from colintern.export import HEAD_FILE
 from colintern.families import get_family, load_backbone
 from colintern.pooling import LatentAttentionPooler, latent_settings, pool, set_text_attention
 
@@ -154,6 +155,9 @@ class ColIntern(nn.Module):
         what the checkpoint means is applied with a warning.
         """
         device = resolve_device(device)
+        if ckpt is None and os.path.isfile(os.path.join(model_id, HEAD_FILE)):  # an exported ColIntern folder
+            ckpt = os.path.join(model_id, HEAD_FILE)
+            log.info("%s is an exported ColIntern model: loading its head and config from %s", model_id, HEAD_FILE)
         torch_dtype = resolve_dtype(dtype, device)
         attn = resolve_attn_implementation(use_flash_attn, device, torch_dtype)
         payload = load_checkpoint(ckpt) if ckpt else None

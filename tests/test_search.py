@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from colintern import ColIntern
 from colintern.checkpoint import save_checkpoint
 from colintern.cli import run_cli
-from helpers import load_script
+from helpers import load_script, max_diff
 
 search = load_script("search")
 
@@ -209,3 +209,29 @@ def test_a_pooled_index_stores_about_k_times_fewer_vectors(tiny_model_dir, ckpt,
     code, _, err = run(capsys, "index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--inputs", docs / "b.pdf",
                        "--index", tmp_path / "k3", "--dpi", 72)
     assert code == 2 and "was built with --pool_factor 3; pass the same or use a new --index folder" in err
+
+
+def test_export_model_is_one_folder_with_the_checkpoints_embeddings(tiny_backbone, tmp_path, capsys):
+    """LoRA merged into the base weights, the head and config beside them: ColIntern.from_pretrained(FOLDER) gives
+    the checkpoint's embeddings (within 1e-5), with no adapter left."""
+    name, folder = tiny_backbone
+    model = ColIntern.from_pretrained(folder, max_tiles=2, max_visual_tokens=64, dim=32)
+    model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0, include_vision=True)
+    with torch.no_grad():
+        for n, p in model.backbone.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(str(ckpt), **model.checkpoint_parts())
+    out = tmp_path / "exported"
+    code, printed, err = run(capsys, "export_model", "--ckpt", ckpt, "--model_id", folder, "--out", out)
+    assert code == 0, err
+    assert printed.strip() == f"exported {ckpt} on {folder} to {out}: load it with --model_id {out}"
+    exported = ColIntern.from_pretrained(str(out))
+    original = ColIntern.from_pretrained(folder, ckpt=str(ckpt))
+    assert exported.lora_config is None and not any("lora_" in n for n, _ in exported.backbone.named_parameters())
+    pages, queries = [page(0), page(3)], ["a red page", "delta"]
+    assert max_diff(exported.encode_images(pages), original.encode_images(pages)) < 1e-5
+    assert max_diff(exported.encode_queries(queries), original.encode_queries(queries)) < 1e-5
+    code, _, err = run(capsys, "export_model", "--ckpt", ckpt, "--model_id", folder, "--out", out)
+    assert code == 2 and "exists and is not an empty folder" in err
