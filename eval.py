@@ -322,7 +322,7 @@ def evaluate(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, a
     """Run mteb on the tasks, write runs and summary.json into run_dir; return the summary."""
     import mteb
 
-    from colintern.evaluation import K_VALUES, retrieval_metrics, task_qrels, top_run
+    from colintern.evaluation import K_VALUES, language_averages, retrieval_metrics, task_qrels, top_run
 
     predictions = run_dir / ".predictions"
     shutil.rmtree(predictions, ignore_errors=True)
@@ -390,6 +390,7 @@ def evaluate(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, a
     if len(set(main_metrics.values())) > 1:
         log.warning("tasks have different main metrics (%s); summary main_metric is %s",
                     ", ".join(sorted(set(main_metrics.values()))), main_metric)
+    languages, english = language_averages(subset_scores, by_name, task_scores)
     summary = {
         "model": encoder.model_id,
         "ckpt": args.ckpt,
@@ -403,6 +404,8 @@ def evaluate(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, a
         "pool_factor": args.pool_factor,
         "main_metrics": main_metrics,
         "subsets": subset_scores,
+        "languages": languages,  # per language, over tasks (ViDoRe V3); "average" is the all-language number
+        "average_english": english,
         "model_name": encoder.mteb_model_meta.name,
         "model_revision": encoder.mteb_model_meta.revision,
         "config": encoder.config,
@@ -425,9 +428,16 @@ def format_table(summary: dict) -> str:
         main = summary["main_metrics"].get(name, summary["main_metric"])
         rows.append([name, f"{main}={scores.get(main, float('nan')):.4f}",
                      *[f"{scores.get(k, float('nan')):.4f}" for k, _ in TABLE_METRICS]])
-    avg = summary["average"]
     main = summary["main_metric"]
-    rows.append(["average", f"{main}={avg.get(main, float('nan')):.4f}",
+    languages = summary.get("languages") or {}
+    extra = [(f"language {code}", scores) for code, scores in languages.items()] if len(languages) > 1 else []
+    if extra and summary.get("average_english"):
+        extra.append(("average, English only", summary["average_english"]))
+    for label, scores in extra:
+        rows.append([label, f"{main}={scores.get(main, float('nan')):.4f}",
+                     *[f"{scores.get(k, float('nan')):.4f}" for k, _ in TABLE_METRICS]])
+    avg = summary["average"]
+    rows.append(["average" + (" (all languages)" if extra else ""), f"{main}={avg.get(main, float('nan')):.4f}",
                  *[f"{avg.get(k, float('nan')):.4f}" for k, _ in TABLE_METRICS]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

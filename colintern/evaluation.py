@@ -34,32 +34,74 @@ def _table_digest(root: Path) -> str:
     """12 hex digits over the BEIR tables' bytes (the dataset 'revision' recorded in mteb's result files)."""
     digest = hashlib.sha256()
     for name in ("corpus", "queries", "qrels"):
-        for path in sorted(root.glob(f"{name}.*")) + sorted(root.glob(f"{name}/*")):
+        for path in sorted(root.rglob(f"{name}.*")) + sorted(root.rglob(f"{name}/*")):
             if path.is_file():
                 digest.update(path.name.encode())
                 digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
-def local_task(path: str, name: str | None = None) -> Any:
-    """An mteb AbsTaskRetrieval over a local BEIR-layout set; its data is loaded (and checked) now.
+LANGUAGE_CODES = {"english": "eng-Latn", "french": "fra-Latn", "spanish": "spa-Latn", "german": "deu-Latn",
+                  "italian": "ita-Latn", "portuguese": "por-Latn", "dutch": "nld-Latn", "japanese": "jpn-Jpan",
+                  "chinese": "zho-Hans"}
 
-    A malformed set (missing table, bad row, duplicate id, qrel to an unknown page or query, unreadable image)
-    raises a UserError naming the directory, file and line.
-    """
+
+def language_code(subset: str) -> str:
+    """A subset folder's language: a known name (english, french, ...) or an ISO code written as the name."""
+    if subset.lower() in LANGUAGE_CODES:
+        return LANGUAGE_CODES[subset.lower()]
+    if len(subset) == 8 and subset[3] == "-":  # e.g. eng-Latn
+        return subset
+    raise UserError(f"language subset {subset!r}: name it after its language (english, french, ...) or its ISO "
+                    "code (eng-Latn)")
+
+
+def _load_beir_subset(root: Path, path: str) -> tuple[Any, Any, dict[str, dict[str, int]], int]:
+    """(corpus dataset, queries dataset, qrels, unjudged queries) of one BEIR-layout folder."""
     import datasets
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.abstasks.task_metadata import TaskMetadata
 
     from colintern.data import load_beir_dir
 
-    root = Path(path).resolve()
     try:
         corpus, queries, qrels = load_beir_dir(str(root))
     except UserError as err:
         message = str(err)
         where = "--local_dataset" if str(root) in message or str(path) in message else f"--local_dataset {path}"
         raise UserError(f"{where}: {message}") from None
+    images = [{"bytes": ref, "path": None} if isinstance(ref, bytes) else {"bytes": None, "path": ref}
+              for ref in corpus.values()]
+    corpus_ds = datasets.Dataset.from_dict(
+        {"id": list(corpus), "image": images},
+        features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()}))
+    queries_ds = datasets.Dataset.from_dict({"id": list(queries), "text": list(queries.values())})
+    return corpus_ds, queries_ds, qrels, sum(1 for q in queries if q not in qrels)
+
+
+def local_task(path: str, name: str | None = None) -> Any:
+    """An mteb AbsTaskRetrieval over a local BEIR-layout set; its data is loaded (and checked) now.
+
+    A folder holding corpus/queries/qrels is one English set. A folder of such folders named after languages
+    (english/, french/, ... or ISO codes) is one multilingual task with a subset per language, as ViDoRe V3 is:
+    the summary then reports each language and the English-only average beside the all-language one.
+    A malformed set (missing table, bad row, duplicate id, qrel to an unknown page or query, unreadable image)
+    raises a UserError naming the directory, file and line.
+    """
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    root = Path(path).resolve()
+    has_tables = any(root.glob("corpus.*")) or (root / "corpus").is_dir()
+    subsets = sorted(p.name for p in root.iterdir() if p.is_dir() and (any(p.glob("corpus.*")) or
+                                                                       (p / "corpus").is_dir())) \
+        if root.is_dir() and not has_tables else []
+    folders = {s: root / s for s in subsets} if subsets else {"default": root}
+    data = {}
+    for subset, folder in folders.items():
+        corpus_ds, queries_ds, qrels, unjudged = _load_beir_subset(folder, path)
+        if unjudged:
+            log.warning("%s: %d queries have no qrels and are not evaluated", folder, unjudged)
+        data[subset] = {"test": {"corpus": corpus_ds, "queries": queries_ds,
+                                 "relevant_docs": {q: dict(d) for q, d in qrels.items()}, "top_ranked": None}}
     task_name = name or root.name
     metadata = TaskMetadata(
         name=task_name,
@@ -69,7 +111,7 @@ def local_task(path: str, name: str | None = None) -> Any:
         category="t2i",
         modalities=["text", "image"],
         eval_splits=["test"],
-        eval_langs=["eng-Latn"],
+        eval_langs={s: [language_code(s)] for s in subsets} if subsets else ["eng-Latn"],
         main_score="ndcg_at_5",
         license="not specified",
         annotations_creators="derived",
@@ -77,24 +119,12 @@ def local_task(path: str, name: str | None = None) -> Any:
         dialect=[],
         bibtex_citation="",
     )
-    images = [{"bytes": ref, "path": None} if isinstance(ref, bytes) else {"bytes": None, "path": ref}
-              for ref in corpus.values()]
-    corpus_ds = datasets.Dataset.from_dict(
-        {"id": list(corpus), "image": images},
-        features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()}))
-    queries_ds = datasets.Dataset.from_dict({"id": list(queries), "text": list(queries.values())})
-    unjudged = [q for q in queries if q not in qrels]
-    if unjudged:
-        log.warning("%s: %d of %d queries have no qrels and are not evaluated (e.g. %r)", task_name, len(unjudged),
-                    len(queries), unjudged[0])
 
     class LocalBeirRetrieval(AbsTaskRetrieval):
         """A local BEIR-layout directory (docs/CONTRACT.md §7) as an mteb retrieval task."""
 
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-            self.dataset = {"default": {"test": {"corpus": corpus_ds, "queries": queries_ds,
-                                                 "relevant_docs": {q: dict(d) for q, d in qrels.items()},
-                                                 "top_ranked": None}}}
+            self.dataset = data
             self.data_loaded = True
 
     LocalBeirRetrieval.metadata = metadata
@@ -102,6 +132,34 @@ def local_task(path: str, name: str | None = None) -> Any:
     task = LocalBeirRetrieval()
     task.load_data()
     return task
+
+
+def language_averages(subset_scores: dict[str, dict[str, dict[str, float]]], tasks: dict[str, Any],
+                      task_scores: dict[str, dict[str, float]]) -> tuple[dict[str, dict[str, float]],
+                                                                          dict[str, float] | None]:
+    """(per language code: the mean over tasks of that language's scores; the English-only average).
+
+    A multilingual task contributes each subset to its language; a monolingual one its score to its single
+    language. The all-language average is the summary's "average" (the official ViDoRe V3 number)."""
+    by_language: dict[str, list[dict[str, float]]] = {}
+    for name, scores in task_scores.items():
+        langs = tasks[name].metadata.eval_langs
+        if isinstance(langs, dict) and name in subset_scores:
+            for subset, metrics in subset_scores[name].items():
+                code = (langs.get(subset.split("/")[0]) or ["und"])[0]
+                by_language.setdefault(code, []).append(metrics)
+        else:
+            codes = langs if isinstance(langs, list) else [c for v in langs.values() for c in v]
+            if len(codes) == 1:
+                by_language.setdefault(codes[0], []).append(scores)
+
+    def mean(items: list[dict[str, float]]) -> dict[str, float]:
+        keys = [k for k in items[0] if all(k in d for d in items)]
+        return {k: math.fsum(d[k] for d in items) / len(items) for k in keys}
+
+    languages = {code: mean(items) for code, items in sorted(by_language.items())}
+    english = [m for code, items in by_language.items() if code.startswith("eng") for m in items]
+    return languages, mean(english) if english else None
 
 
 def use_local_copy(task: Any, path: str) -> Any:

@@ -458,3 +458,31 @@ def test_bad_task_data(tmp_path, capsys):
     rc = ev.run_cli(ev.main, ["--model_id", "x/y", "--tasks", "VidoreDocVQARetrieval", "--task_data",
                               f"VidoreInfoVQARetrieval={tmp_path}", "--out_dir", str(tmp_path)])
     assert_user_error(rc, capsys.readouterr().err, "VidoreInfoVQARetrieval is not among the selected tasks")
+
+
+def test_a_two_language_local_set_reports_each_language_and_the_english_average(tiny_model_dir, tmp_path, capsys):
+    """ViDoRe V3 reporting offline: a local folder of per-language BEIR sets is one multilingual task; the summary
+    gives each language, the English-only average and the all-language average (the official number)."""
+    root = tmp_path / "two_languages"
+    make_beir(root / "english")
+    french = make_beir(root / "french")
+    write_jsonl(french / "queries.jsonl", [{"query-id": q, "query": f"la page {t}"} for q, t in QUERIES.items()])
+    assert ev.main(["--model_id", tiny_model_dir, "--local_dataset", str(root), "--out_dir", str(tmp_path / "out"),
+                    "--device", "cpu", "--batch_size", "2"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "base" / "summary.json").read_text())
+    subsets = summary["subsets"]["two_languages"]
+    assert sorted(subsets) == ["english", "french"] and sorted(summary["languages"]) == ["eng-Latn", "fra-Latn"]
+    for metric in ("ndcg_at_5", "recall_at_5"):
+        assert summary["languages"]["eng-Latn"][metric] == subsets["english"][metric]
+        assert summary["average_english"][metric] == subsets["english"][metric]
+        assert summary["average"][metric] == pytest.approx((subsets["english"][metric] + subsets["french"][metric]) / 2)
+    assert "language fra-Latn" in printed and "average, English only" in printed and "average (all languages)" in printed
+
+
+def test_vidore_v3_benchmark_names_resolve():
+    for name in ("ViDoRe(v3)", "ViDoRe(v3.1)"):
+        tasks = [t.metadata.name for t in ev.get_benchmark(name).tasks]
+        assert tasks and all(t.startswith("Vidore3") for t in tasks), (name, tasks)
+        langs = ev.get_benchmark(name).tasks[0].metadata.eval_langs
+        assert isinstance(langs, dict) and langs["english"] == ["eng-Latn"]  # per-language subsets
