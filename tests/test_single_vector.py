@@ -158,6 +158,12 @@ def test_mine_with_a_multi_vector_model_then_train_and_mine_a_single_vector_one(
 
     encoder = ColInternMTEB(tiny_model_dir, ckpt=ckpt, device="cpu", show_progress=False)
     assert encoder.mteb_model_meta.model_type == ["dense"] and str(encoder.mteb_model_meta.similarity_fn_name) == "dot"
+    evaluate = load_script("eval")
+    assert evaluate.main(["--ckpt", ckpt, "--model_id", tiny_model_dir, "--local_dataset",
+                          os.path.join(synthetic_small_dir, "eval"), "--out_dir", str(tmp_path / "eval"),
+                          "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "eval" / "colintern_heads_step2" / "summary.json").read_text())
+    assert summary["config"]["embedding"] == "single" and 0.0 <= summary["average"]["ndcg_at_5"] <= 1.0
 
 
 def test_heads_only_training_of_a_latent_pooler_uses_the_hidden_state_cache(tiny_model_dir, synthetic_small_dir,
