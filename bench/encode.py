@@ -53,6 +53,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MFU_TARGET = 0.40  # target: >= 40 % of the GPU's measured bf16 matmul rate
 
 
+def build_on(device: torch.device, dtype: torch.dtype, build):
+    """build() with its parameters created directly on `device` in `dtype` (no full-size CPU fp32 copy first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return build()
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def random_internvl35_1b(tokenizer_dir: str, device: torch.device, dtype: torch.dtype, attn: str, seed: int):
     """ColIntern on a randomly initialised InternVL3.5-1B backbone, built directly on the device."""
     from transformers import InternVLModel
@@ -63,13 +74,7 @@ def random_internvl35_1b(tokenizer_dir: str, device: torch.device, dtype: torch.
     tokenizer = load_tokenizer(tokenizer_dir)  # any InternVL tokenizer: its ids only need to be < 151936
     config = internvl35_1b_config(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), attn)  # colintern.tiny
     torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            backbone = InternVLModel(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    backbone = build_on(device, dtype, lambda: InternVLModel(config).eval())
     text = config.text_config
     loaded = LoadedBackbone(model=backbone, tokenizer=tokenizer, family="internvl", layout="native",
                             hidden_size=text.hidden_size, tile_size=448, image_tokens_per_tile=256,

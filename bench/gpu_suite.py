@@ -95,6 +95,24 @@ class Suite:
     def size(self, real: Any, dry: Any) -> Any:
         return dry if self.args.dry_run else real
 
+    def tiny(self, family: str) -> str:
+        """A tiny model folder of that family (dry runs), built once."""
+        path = self.work / f"tiny_{family}"
+        if not path.exists():
+            from colintern.families import get_family
+
+            get_family(family).build_tiny(str(path), seed=0)
+        return str(path)
+
+    def tokenizer_dir(self) -> Path:
+        """A folder with the toy tokenizer (its special-token ids fit the real vocabularies), built once."""
+        path = self.work / "tokenizer"
+        if not path.exists():
+            from colintern.toy_tokenizer import build_tokenizer
+
+            build_tokenizer(str(path))
+        return path
+
 
 # ------------------------------------------------------------------------------------------------ sections
 
@@ -235,6 +253,8 @@ def internvl_model(suite: Suite, dtype: torch.dtype, attn: str = "sdpa"):
 
 def qwen_model(suite: Suite, dtype: torch.dtype):
     """A random Qwen3-VL-2B on the device (dry run: the tiny model)."""
+    from encode import build_on
+
     from colintern.backbone import load_tokenizer
     from colintern.model import ColIntern, config_for_backbone
     from colintern.qwen3vl import backbone_class, describe_qwen3vl, qwen3vl_2b_config, qwen3vl_token_ids
@@ -245,13 +265,7 @@ def qwen_model(suite: Suite, dtype: torch.dtype):
     tokenizer = load_tokenizer(str(suite.tokenizer_dir()))
     config = qwen3vl_2b_config(qwen3vl_token_ids(tokenizer))
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(suite.device):
-            backbone = backbone_class()(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    backbone = build_on(suite.device, dtype, lambda: backbone_class()(config).eval())
     loaded = describe_qwen3vl(backbone, tokenizer, {})
     return ColIntern(loaded, config_for_backbone(loaded, "random-Qwen3-VL-2B")).to(suite.device)
 
@@ -528,8 +542,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as work:
         suite = Suite(args, device, Path(work))
-        suite.tiny = _tiny_models(Path(work))
-        suite.tokenizer_dir = _tokenizer_dir(Path(work))
         for name, (section, estimate) in SECTIONS.items():
             suite.run(name, section, estimate)
     suite.results["total_s"] = round(time.perf_counter() - suite.start, 1)
@@ -539,33 +551,6 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
     return 0
-
-
-def _tiny_models(work: Path) -> Callable[[str], str]:
-    """tiny(family) -> a tiny model folder of that family, built once."""
-    built: dict[str, str] = {}
-
-    def tiny(family: str) -> str:
-        if family not in built:
-            from colintern.families import get_family
-
-            built[family] = get_family(family).build_tiny(str(work / f"tiny_{family}"), seed=0)
-        return built[family]
-
-    return tiny
-
-
-def _tokenizer_dir(work: Path) -> Callable[[], Path]:
-    """A folder with the toy tokenizer (its special-token ids fit the real vocabularies)."""
-    def folder() -> Path:
-        path = work / "tokenizer"
-        if not path.exists():
-            from colintern.toy_tokenizer import build_tokenizer
-
-            build_tokenizer(str(path))
-        return path
-
-    return folder
 
 
 if __name__ == "__main__":

@@ -296,7 +296,7 @@ class LocalEvaluator:
 
     METRICS = ("ndcg_at_5", "ndcg_at_10", "recall_at_5")
 
-    def __init__(self, path: str, pool_factor: int = 1):
+    def __init__(self, path: str):
         from colintern.data import decode_image, load_beir_dir
 
         corpus, self.queries, self.qrels = load_beir_dir(path)
@@ -304,19 +304,16 @@ class LocalEvaluator:
         self.page_ids = list(corpus)
         self.pages = [decode_image(corpus[cid], f"{path}: corpus-id {cid!r}") for cid in self.page_ids]
         self.query_ids = [q for q in self.queries if q in self.qrels]
-        self.pool_factor = pool_factor  # pages pooled as search.py index --pool_factor stores them
-        self.last_page_vectors = 0  # vectors per page on average, in the last call
 
     def __call__(self, model: Any, batch_size: int = 8) -> dict[str, float]:
+        docs = model.encode_images(self.pages, batch_size=batch_size, show_progress=False)
+        qs = model.encode_queries([self.queries[q] for q in self.query_ids], show_progress=False)
+        return self.score(qs, docs)
+
+    def score(self, qs: list[Any], docs: list[Any]) -> dict[str, float]:
+        """The metrics of query vectors `qs` (in query_ids order) against page vectors `docs` (page_ids order)."""
         from colintern.scoring import maxsim
 
-        from colintern.token_pooling import pool_tokens
-
-        docs = model.encode_images(self.pages, batch_size=batch_size, show_progress=False)
-        if self.pool_factor > 1:
-            docs = [pool_tokens(d, self.pool_factor) for d in docs]
-        self.last_page_vectors = sum(d.shape[0] for d in docs) / len(docs)
-        qs = model.encode_queries([self.queries[q] for q in self.query_ids], show_progress=False)
         scores = maxsim(qs, docs)  # (n_queries, n_pages) exact
         results = {q: dict(zip(self.page_ids, row.tolist())) for q, row in zip(self.query_ids, scores)}
         metrics = retrieval_metrics(self.qrels, top_run(results, k=100))

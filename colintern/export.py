@@ -54,19 +54,16 @@ def export_model(model: Any, out: str | Path, source_model_id: str) -> Path:
         extra = resolve_file(source_model_id, "preprocessor_config.json", required=False)
         if extra:
             shutil.copy(extra, tmp / "preprocessor_config.json")
-        config = model.config
-        config.base_model = str(out.resolve())
+        model.config.base_model = str(out.resolve())
+        # the merged weights are this folder's own: record their fingerprint, so the head only pairs with them
+        model.config.base_weights = weights_fingerprint(str(tmp))
         model.lora_config = None
-        parts = model.checkpoint_parts()
-        save_checkpoint(str(tmp / HEAD_FILE), **parts)
+        save_checkpoint(str(tmp / HEAD_FILE), **model.checkpoint_parts())
         if out.exists():
             out.rmdir()  # an empty folder (checked above)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # the merged weights are this folder's own: record their fingerprint, so the head only pairs with them
-    config.base_weights = weights_fingerprint(str(out))
-    save_checkpoint(str(out / HEAD_FILE), **model.checkpoint_parts())
     log.info("exported %s (%d LoRA layers merged) to %s", source_model_id, n, out)
     return out

@@ -272,25 +272,22 @@ def index_pages(index: PageIndex, model: Any, todo: list[PageSource], report: An
             if chunk:
                 vectors = model.encode_images(images, batch_size=batch_size, show_progress=False)
                 factor = index.meta.get("pool_factor", 1)
-                if factor > 1:  # pooled vectors no longer sit on image tokens: no similarity map
-                    index.commit([(s, pool_tokens(v, factor), 0, 0, img.size)
-                                  for s, v, img in zip(chunk, vectors, images)])
-                else:
-                    index.commit([(s, v, *image_tokens_of(model, img), img.size)
-                                  for s, v, img in zip(chunk, vectors, images)])
+                index.commit([(s, pool_tokens(v, factor), *image_tokens_of(model, img, factor), img.size)
+                              for s, v, img in zip(chunk, vectors, images)])
             done += len(chunk)
             bar.update(len(todo[first:first + segment_pages]))
             bar.set_postfix(pages_per_s=f"{done / max(time.perf_counter() - start, 1e-9):.1f}")
     return done
 
 
-def image_tokens_of(model: Any, page: Image.Image) -> tuple[int, int]:
+def image_tokens_of(model: Any, page: Image.Image, pool_factor: int = 1) -> tuple[int, int]:
     """(index of the first image-token vector among the page's kept vectors, number of image tokens): where the
-    similarity map of a page reads its per-token scores. Single-vector models have no token map: (0, 0).
+    similarity map of a page reads its per-token scores. Single-vector models, and pooled pages (whose vectors no
+    longer sit on image tokens), have no token map: (0, 0).
     Kept vectors start at the first image token unless keep_page_tokens is "all", which keeps the prompt before
     it too (the same tokens for every page)."""
     cfg = model.config
-    if cfg.embedding == "single":
+    if cfg.embedding == "single" or pool_factor > 1:
         return 0, 0
     start = 0
     if cfg.keep_page_tokens == "all":

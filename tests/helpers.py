@@ -36,3 +36,12 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """Largest absolute difference between two lists of same-shaped tensors (the shapes must match)."""
     assert [x.shape for x in a] == [y.shape for y in b]
     return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def perturb_lora(model, std: float) -> None:
+    """peft starts every LoRA B at zero (the adapters change nothing); draw them from N(0, std^2) with torch's
+    global generator so that the adapters act on the output."""
+    with torch.no_grad():
+        for name, param in model.backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)

@@ -82,7 +82,7 @@ def test_train_on_a_full_disk_stops_in_one_line_and_resumes(tiny_model_dir, synt
         last = max(load_checkpoint(str(p))["training"]["step"] for p in saved)  # every one is whole
         remount("8m")  # space is freed
         assert run_cli(train.main, argv + ["--resume_ckpt", "latest"], out_flag=train.OUT_FLAG) == 0
-        assert f"global step 8" in capsys.readouterr().out
+        assert "global step 8" in capsys.readouterr().out
         steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, 9)) and last < 8
 

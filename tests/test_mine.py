@@ -22,7 +22,7 @@ from colintern.checkpoint import save_checkpoint
 from colintern.config import ColInternConfig
 from colintern.data import ImageResolver, load_page_dataset, parse_pseudo_path, read_triples_jsonl
 from colintern.errors import UserError
-from helpers import load_script
+from helpers import load_script, perturb_lora
 
 REPO = Path(__file__).resolve().parents[1]
 N_SOURCE_ROWS = 36  # 12 synthetic pages x 3 queries
@@ -38,10 +38,7 @@ def ckpt(tiny_model_dir, tmp_path_factory) -> str:
     m = ColIntern.from_pretrained(tiny_model_dir, max_tiles=2)
     m.add_lora(4, 8, 0.0)
     torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.backbone.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    perturb_lora(m, 0.05)
     path = str(tmp_path_factory.mktemp("mine_ckpt") / "colintern_heads_epoch1.pt")
     save_checkpoint(path, **m.checkpoint_parts(), training=None, metrics={})
     return path

@@ -14,7 +14,7 @@ from PIL import Image
 from colintern import ColIntern, UserError
 from colintern.checkpoint import load_checkpoint, save_checkpoint
 from colintern.config import ColInternConfig
-from helpers import noisy_page, max_diff
+from helpers import noisy_page, max_diff, perturb_lora
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,10 +125,7 @@ def test_checkpoint_round_trip_with_lora_reproduces_embeddings(tiny_model_dir, t
     m = ColIntern.from_pretrained(tiny_model_dir, max_tiles=2, dim=64, head_seed=3)
     m.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
     torch.manual_seed(0)
-    with torch.no_grad():  # make the adapters non-trivial (LoRA B starts at zero)
-        for name, p in m.backbone.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    perturb_lora(m, 0.05)
     assert not any("lora_" in n for n, _ in m.backbone.vision_tower.named_parameters())
     path = str(tmp_path / "colintern_heads_step1.pt")
     save_checkpoint(path, **m.checkpoint_parts(), training={"step": 1}, metrics={"loss": 0.5})

@@ -7,6 +7,7 @@ import torch
 
 from colintern import sanity
 from colintern.checkpoint import save_checkpoint
+from helpers import perturb_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,10 +24,7 @@ def test_greedy_equals_generate_and_the_lora_reaches_the_generator(tiny_backbone
     assert ours == theirs and len(ours) >= 1
 
     model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
-    with torch.no_grad():
-        for n, p in model.backbone.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    perturb_lora(model, 0.5)
     ckpt = tmp_path / "lora.pt"
     save_checkpoint(str(ckpt), **model.checkpoint_parts())
     plain, _ = sanity.generation_model(folder, None, "cpu", torch.float32)

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from colintern import ColIntern
 from colintern.checkpoint import save_checkpoint
 from colintern.cli import run_cli
-from helpers import load_script, max_diff
+from helpers import load_script, max_diff, perturb_lora
 
 search = load_script("search")
 
@@ -217,10 +217,7 @@ def test_export_model_is_one_folder_with_the_checkpoints_embeddings(tiny_backbon
     name, folder = tiny_backbone
     model = ColIntern.from_pretrained(folder, max_tiles=2, max_visual_tokens=64, dim=32)
     model.add_lora(r=4, lora_alpha=8, lora_dropout=0.0, include_vision=True)
-    with torch.no_grad():
-        for n, p in model.backbone.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    perturb_lora(model, 0.05)
     ckpt = tmp_path / "ckpt.pt"
     save_checkpoint(str(ckpt), **model.checkpoint_parts())
     out = tmp_path / "exported"
