@@ -364,7 +364,9 @@ def section_maxsim(suite: Suite) -> dict[str, Any]:
     qi, di, ref = reference_sample(qs, docs, suite.size(200, 20), g)
     device = suite.device
     repeats = suite.size(3, 1)
-    ours_t, ours = time_it(lambda: maxsim(qs, docs, device=device), repeats, device)
+    docs_here = [d.to(device) for d in docs]  # pages already on the GPU, as the other side's are (its pads below)
+    ours_t, ours = time_it(lambda: maxsim(qs, docs_here, device=device), repeats, device)
+    ours_cpu_t, _ = time_it(lambda: maxsim(qs, docs, device=device), repeats, device)
     their_fn, theirs_name = mteb_or_restated()
     q_pad = pad_sequence([q.to(device) for q in qs], batch_first=True)
     chunk = suite.size(50, 8)  # pages per call: the padded (Q, D, Lq, Ld) tensor must fit in memory
@@ -372,8 +374,15 @@ def section_maxsim(suite: Suite) -> dict[str, Any]:
               for i in range(0, len(docs), chunk)]
     their_t, theirs = time_it(lambda: torch.cat([their_fn(q_pad, d) for d in d_pads], dim=1), repeats, device)
     speedup = statistics.median(their_t) / statistics.median(ours_t)
-    return {"queries": n_q, "pages": n_d, "against": theirs_name, "colintern_s": ours_t, "other_s": their_t,
-            "speedup": speedup, "colintern_err": errors(ours, qi, di, ref), "other_err": errors(theirs, qi, di, ref),
+    tiles = []  # (padded doc tokens per bucket, query tokens per GEMM): is the default tile the right one here?
+    for doc_chunk, query_chunk in suite.size([(16384, 4096), (65536, 4096), (16384, 16384), (65536, 16384)],
+                                             [(512, 64), (2048, 256)]):
+        t, _ = time_it(lambda: maxsim(qs, docs_here, device=device, doc_chunk=doc_chunk, query_chunk=query_chunk),
+                       2, device)
+        tiles.append({"doc_chunk": doc_chunk, "query_chunk": query_chunk, "seconds": min(t)})
+    flop = 2 * sum(q.shape[0] for q in qs) * sum(d.shape[0] for d in docs) * qs[0].shape[1]
+    return {"tiles": tiles, "colintern_tflops": flop / statistics.median(ours_t) / 1e12,"queries": n_q, "pages": n_d, "against": theirs_name, "colintern_s": ours_t,
+            "colintern_pages_in_cpu_memory_s": ours_cpu_t, "other_s": their_t, "speedup": speedup, "colintern_err": errors(ours, qi, di, ref), "other_err": errors(theirs, qi, di, ref),
             "meets_target": speedup >= TARGETS["maxsim_speedup"]}
 
 
@@ -388,13 +397,27 @@ def section_mining(suite: Suite) -> dict[str, Any]:
     store = write_page_store(suite.work / "store", pages)
     pairs = [Pair(row=i, text=f"query {i}", page=i % n_pages) for i in range(n_queries)]
     positives = {p.text: np.asarray([p.page]) for p in pairs}
-    which = np.arange(n_queries)
-    pos = positive_scores(qs, which, pairs, store, suite.device)
-    seconds, result = timed(lambda: exact_search(qs, which, pairs, pos, positives, store, maxsim, suite.device, 20,
-                                                 0, 0.95), suite.device)
+    batch = suite.size(250, 10)  # queries per search batch (mine.py --search_batch): each batch scans the store
+
+    def search() -> list:
+        out = []
+        for start in range(0, n_queries, batch):
+            which = np.arange(start, min(start + batch, n_queries))
+            part = [pairs[i] for i in which]
+            batch_qs = [qs[i] for i in which]  # the batch's own queries, as Miner.search_batch passes them
+            local = np.arange(len(which))
+            pos = positive_scores(batch_qs, local, part, store, suite.device)
+            out += exact_search(batch_qs, local, part, pos, positives, store, maxsim, suite.device, 20, 0, 0.95)
+        return out
+
+    streamed_s, streamed = timed(search, suite.device)
+    resident = store.make_resident(suite.device, None if suite.device.type == "cuda" else 1 << 40)
+    seconds, result = timed(search, suite.device)
+    same = all(np.array_equal(a[0], b[0]) for a, b in zip(streamed, result))
     per_query = seconds / n_queries
-    return {"pages": n_pages, "page_tokens": store.n_tokens, "queries": n_queries, "search_s": seconds,
-            "queries_per_s": n_queries / seconds,
+    return {"pages": n_pages, "page_tokens": store.n_tokens, "queries": n_queries, "search_batch": batch,
+            "streamed_s": streamed_s, "resident": resident, "search_s": seconds, "queries_per_s": n_queries / seconds,
+            "resident_equals_streamed": same,
             "colpali_train_set_hours": per_query * 118_695 * (118_695 / n_pages) / 3600,
             "negatives_per_query": float(np.mean([len(r[0]) for r in result]))}
 
@@ -412,11 +435,14 @@ def section_train(suite: Suite) -> dict[str, Any]:
     triples = write_triples(suite.work / "data", n_rows, suite.size(896, 112))
     steps = suite.size(6, 2)
     configs = suite.size(
-        [("lora_gc", 8, []), ("lora_gc", 32, []), ("gradcache", 32, ["--grad_cache", "--grad_accum", "4"]),
-         ("auto_batch", 0, ["--auto_batch"])],
-        [("lora_gc", 2, []), ("gradcache", 4, ["--grad_cache", "--grad_accum", "2"])])
+        [("lora_gc", 8, []), ("lora_gc", 32, []), ("lora_no_gc", 32, ["--no_gradient_checkpointing"]),
+         ("gradcache", 32, ["--grad_cache", "--grad_accum", "4"]), ("auto_batch", 0, ["--auto_batch"])],
+        [("lora_gc", 2, []), ("lora_no_gc", 2, ["--no_gradient_checkpointing"]),
+         ("gradcache", 4, ["--grad_cache", "--grad_accum", "2"])])
     if "runs" in suite.results["sections"].get("env", {}).get("optional", {}).get("bitsandbytes", ""):
         configs.append(("paged_adamw_8bit", suite.size(8, 2), ["--optimizer", "paged_adamw_8bit"]))
+    if suite.args.train_configs:
+        configs = [c for c in configs if f"{c[0]}_{c[1]}" in suite.args.train_configs]
     rows = []
     for name, batch, extra in configs:
         out = suite.work / f"train_{name}_{batch}"
@@ -424,8 +450,10 @@ def section_train(suite: Suite) -> dict[str, Any]:
             batch // 2 if "--grad_cache" in extra else batch
         argv = ["--model_id", model_dir, "--train_jsonl", str(triples), "--root", str(triples.parent),
                 "--out_dir", str(out), "--batch_size", str(max(1, micro)), "--max_steps", str(steps),
-                "--save_every", "0", "--num_workers", suite.size("2", "0"), "--lora", "--gradient_checkpointing", "--seed", "0",
-                "--max_tiles", suite.size("4", "2"), "--device", str(suite.device), "--no_page_check", *extra]
+                "--save_every", "0", "--num_workers", suite.size("4", "0"), "--lora",
+                *([] if "--no_gradient_checkpointing" in extra else ["--gradient_checkpointing"]), "--seed", "0",
+                "--max_tiles", suite.size("4", "2"), "--device", str(suite.device), "--no_page_check",
+                *[a for a in extra if a != "--no_gradient_checkpointing"]]
         reset_peak(suite.device)
         chosen = []
         catcher = _Catch(chosen)
@@ -447,6 +475,185 @@ def section_train(suite: Suite) -> dict[str, Any]:
     best = max((r["pairs_per_s"] for r in rows if r.get("status") == "ok"), default=None)
     return {"rows": rows, "best_pairs_per_s": best,
             "meets_target": None if best is None else best >= TARGETS["train_pairs_per_s"]}
+
+
+def section_gpu_paths(suite: Suite) -> dict[str, Any]:
+    """ColIntern's GPU-only code paths, run for real on the tiny model (CPU tests only simulate them): each check
+    records what it observed and whether that is what the CPU simulation promised."""
+    checks: dict[str, dict[str, Any]] = {}
+    for name, check in (("tf32_guard", _check_tf32_guard), ("head_seed_under_cuda_default", _check_head_seed),
+                        ("paged_optimizer_resume", _check_paged_resume), ("compile_heads", _check_compile_heads),
+                        ("fp16_lora_warning", _check_fp16_lora), ("mine_on_gpu", _check_mine_on_gpu)):
+        try:
+            checks[name] = check(suite)
+        except Exception as err:  # noqa: BLE001 - one broken path is a row, the others still run
+            checks[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:400]}
+        log.info("gpu path %s: %s", name, checks[name])
+    return {"checks": checks, "all_ok": all(c.get("ok") for c in checks.values())}
+
+
+def _check_tf32_guard(suite: Suite) -> dict[str, Any]:
+    """maxsim stays float32-exact after a caller enabled TF32 through either API, and leaves that choice alone."""
+    from scoring import errors, ragged, reference_sample
+
+    from colintern.scoring import maxsim
+
+    g = torch.Generator().manual_seed(0)
+    qs, docs = ragged(16, 5, 30, 128, g), ragged(64, 50, 400, 128, g)
+    qi, di, ref = reference_sample(qs, docs, 100, g)
+    mm = torch.backends.cuda.matmul
+    mm.allow_tf32 = True  # the legacy switch
+    legacy_err = errors(maxsim(qs, docs, device=suite.device), qi, di, ref)["max_abs_err"]
+    legacy_kept = mm.allow_tf32 is True
+    mm.allow_tf32 = False
+    old = mm.fp32_precision
+    mm.fp32_precision = "tf32"  # the new API, as H100 notebooks set it
+    new_err = errors(maxsim(qs, docs, device=suite.device), qi, di, ref)["max_abs_err"]
+    new_kept = mm.fp32_precision == "tf32"
+    mm.fp32_precision = old
+    return {"ok": max(legacy_err, new_err) < 1e-4 and legacy_kept and new_kept, "max_abs_err_legacy": legacy_err,
+            "max_abs_err_new_api": new_err, "caller_state_kept": [legacy_kept, new_kept]}
+
+
+def _check_head_seed(suite: Suite) -> dict[str, Any]:
+    """The projection head is seeded by a CPU generator: the same weights under a CUDA default device."""
+    from colintern.model import ColIntern
+
+    tiny = suite.tiny("internvl")
+    on_cpu = ColIntern.from_pretrained(tiny, device="cpu", dtype="fp32").head.state_dict()
+    torch.set_default_device(suite.device)
+    try:
+        on_gpu = ColIntern.from_pretrained(tiny, device=str(suite.device), dtype="fp32").head.state_dict()
+    finally:
+        torch.set_default_device("cpu")
+    diff = max(float((on_cpu[k] - on_gpu[k].cpu()).abs().max()) for k in on_cpu)
+    return {"ok": diff == 0.0, "max_abs_diff": diff}
+
+
+def _check_paged_resume(suite: Suite) -> dict[str, Any]:
+    """A paged 8-bit AdamW saved and loaded (weights_only, like a checkpoint) pages again after
+    repage_optimizer_states, and continues bit for bit like the run that was never interrupted."""
+    import io
+
+    import bitsandbytes as bnb
+
+    from colintern.trainer import repage_optimizer_states
+
+    g = torch.Generator(device=suite.device).manual_seed(0)
+    start = torch.randn(300_000, device=suite.device, generator=g)
+    grads = [torch.randn(300_000, device=suite.device, generator=g) for _ in range(4)]
+
+    def optimizer(values: torch.Tensor):
+        p = torch.nn.Parameter(values.clone())
+        return p, bnb.optim.PagedAdamW8bit([p], lr=1e-3)
+
+    p_ref, o_ref = optimizer(start)
+    for grad in grads[:2]:
+        p_ref.grad = grad.clone()
+        o_ref.step()
+    buf = io.BytesIO()
+    torch.save(o_ref.state_dict(), buf)
+    middle = p_ref.detach().clone()
+    for grad in grads[2:]:
+        p_ref.grad = grad.clone()
+        o_ref.step()
+    results = {}
+    for repage in (False, True):
+        buf.seek(0)
+        p, o = optimizer(middle)
+        o.load_state_dict(torch.load(buf, map_location="cpu", weights_only=True))
+        moved = repage_optimizer_states(o) if repage else 0
+        for grad in grads[2:]:
+            p.grad = grad.clone()
+            o.step()
+        results[repage] = {"paged": bool(getattr(o.state[p]["state1"], "is_paged", False)), "moved": moved,
+                           "equal_to_uninterrupted": torch.equal(p.detach(), p_ref.detach())}
+    pages_here = suite.device.type == "cuda"  # bitsandbytes pages on CUDA only
+    return {"ok": results[True]["paged"] == pages_here and results[True]["equal_to_uninterrupted"],
+            "without_repage": results[False], "with_repage": results[True]}
+
+
+def _tiny_train(suite: Suite, name: str, extra: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """train.py on the tiny model and small local pages, in this process; (result, its log messages)."""
+    from train_step import run_in_this_process
+
+    data = suite.work / "tiny_data"
+    if not data.exists():
+        write_triples(data, 16, 112)
+    out = suite.work / f"tiny_{name}"
+    argv = ["--model_id", suite.tiny("internvl"), "--train_jsonl", str(data / "train.jsonl"), "--root", str(data),
+            "--out_dir", str(out), "--batch_size", "4", "--max_steps", "3", "--save_every", "0", "--seed", "0",
+            "--device", str(suite.device), "--no_page_check", *extra]
+    messages: list[str] = []
+    handler = _Collect(messages)
+    logging.getLogger("colintern").addHandler(handler)
+    try:
+        result = run_in_this_process(argv, str(suite.device))
+    finally:
+        logging.getLogger("colintern").removeHandler(handler)
+    result["out_dir"] = str(out)
+    return result, messages
+
+
+def _check_compile_heads(suite: Suite) -> dict[str, Any]:
+    backend = ["--compile_backend", "eager"] if suite.args.dry_run else []  # a CPU dry run compiles no C++
+    result, messages = _tiny_train(suite, "compile", ["--compile_heads", "--lora", *backend])
+    compiled = any(m.startswith("compiled the projection head") for m in messages)
+    failed = [m for m in messages if "torch.compile failed" in m]
+    losses = [r["loss"] for r in result["metrics"]]
+    return {"ok": compiled and not failed and all(math.isfinite(x) for x in losses), "compiled": compiled,
+            "failures": failed, "losses": losses}
+
+
+def _check_fp16_lora(suite: Suite) -> dict[str, Any]:
+    result, messages = _tiny_train(suite, "fp16", ["--dtype", "fp16", "--lora"])
+    warned = any("--dtype fp16 with --lora" in m for m in messages)
+    losses = [r["loss"] for r in result["metrics"]]
+    return {"ok": warned and all(math.isfinite(x) for x in losses), "warned": warned, "losses": losses}
+
+
+def _check_mine_on_gpu(suite: Suite) -> dict[str, Any]:
+    """mine.py --device cuda (exact, store resident) against --device cpu, fp32 on both: the same negatives."""
+    import importlib.util
+
+    train_result, _ = _tiny_train(suite, "for_mine", [])
+    ckpt = sorted(Path(train_result["out_dir"]).glob("colintern_heads_*.pt"))[-1]
+    spec = importlib.util.spec_from_file_location("colintern_mine_script", Path(__file__).resolve().parents[1] /
+                                                  "mine.py")
+    mine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mine)
+    data = suite.work / "tiny_data"
+    negatives: dict[int, list] = {}
+    messages: list[str] = []
+    for n, device in enumerate((str(suite.device), "cpu")):
+        out = suite.work / f"mined_{n}.jsonl"
+        handler = _Collect(messages)
+        logging.getLogger("colintern").addHandler(handler)
+        try:
+            code = mine.main(["--model_id", suite.tiny("internvl"), "--ckpt", str(ckpt), "--train_jsonl",
+                              str(data / "train.jsonl"), "--root", str(data), "--out_jsonl", str(out), "--k", "5",
+                              "--method", "exact", "--device", device, "--dtype", "fp32"])
+        finally:
+            logging.getLogger("colintern").removeHandler(handler)
+        if code:
+            raise UserError(f"mine.py --device {device} exited with {code}")
+        negatives[n] = [json.loads(line)["negs"] for line in out.read_text().splitlines() if line.strip()]
+    gpu, cpu = negatives[0], negatives[1]
+    overlap = statistics.mean(len(set(a) & set(b)) / len(set(a) | set(b)) if a or b else 1.0 for a, b in zip(gpu, cpu))
+    resident = any(m.startswith("page store resident on cuda") for m in messages) or suite.device.type != "cuda"
+    return {"ok": resident and len(gpu) == len(cpu) and overlap >= 0.9, "store_resident": resident,
+            "rows": len(gpu), "negatives_jaccard_gpu_vs_cpu": overlap}
+
+
+class _Collect(logging.Handler):
+    """Every colintern log message of a call, for the checks above."""
+
+    def __init__(self, found: list[str]):
+        super().__init__(logging.DEBUG)
+        self.found = found
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.found.append(record.getMessage())
 
 
 def write_triples(folder: Path, n_rows: int, size: int) -> Path:
@@ -498,7 +705,7 @@ def markdown(results: dict[str, Any]) -> str:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
             lines.append(f"| {r['family']} | {r['attn']} | {r['pages']} | {r['batch']} | {r['seq_len']} | "
                          f"{r['gflop_per_page']:.3g} | {r['pages_per_s']:.1f} | {mfu} | {r['peak_mem_gib']:.2f} |")
-    for name in ("numerics", "maxsim", "mining"):
+    for name in ("numerics", "maxsim", "mining", "gpu_paths"):
         record = sections.get(name, {})
         if record.get("status") == "ok":
             shown = {k: v for k, v in record.items() if k not in ("status", "estimate_s", "seconds")}
@@ -512,6 +719,15 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(suite: Suite, out: Path) -> str:
+    """results.json and results.md as they stand now; returns the markdown."""
+    suite.results["total_s"] = round(time.perf_counter() - suite.start, 1)
+    atomic_write_json(out / "results.json", suite.results)
+    text = markdown(suite.results)
+    atomic_write_text(out / "results.md", text)
+    return text
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/gpu_suite.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -523,13 +739,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default: 480, 8 minutes)")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=None,
                    help="run only these sections (default: all, in order)")
+    p.add_argument("--train_configs", nargs="+", default=None, metavar="NAME_BATCH",
+                   help="train section: only these configurations, e.g. lora_gc_32 lora_no_gc_32 (default: all)")
     return p.parse_args(argv)
 
 
 SECTIONS: dict[str, tuple[Callable[[Suite], dict[str, Any]], float]] = {
     "env": (section_env, 5), "ceiling": (section_ceiling, 10), "encode": (section_encode, 120),
     "numerics": (section_numerics, 30), "maxsim": (section_maxsim, 30), "mining": (section_mining, 60),
-    "train": (section_train, 200),
+    "gpu_paths": (section_gpu_paths, 60), "train": (section_train, 200),
 }
 
 
@@ -544,10 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         suite = Suite(args, device, Path(work))
         for name, (section, estimate) in SECTIONS.items():
             suite.run(name, section, estimate)
-    suite.results["total_s"] = round(time.perf_counter() - suite.start, 1)
-    atomic_write_json(out / "results.json", suite.results)
-    text = markdown(suite.results)
-    atomic_write_text(out / "results.md", text)
+            write_results(suite, out)  # after every section: a run killed at its time limit keeps what it measured
+    text = write_results(suite, out)
     print(text)
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
     return 0

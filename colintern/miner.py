@@ -233,12 +233,38 @@ def load_corpus(args: argparse.Namespace, report: Any) -> Corpus:
                   paths_doc="<dataset>/<split>/doc_<row>.png pseudo-paths (row = the page's representative row)")
 
 
+class LocalRows:
+    """The few `datasets.Dataset` calls mining makes (len, column access, row access, select, select_columns), over
+    in-memory columns: mining local pages needs no `datasets` package (the GPU machines of docs/BENCHMARKS.md have
+    none). Image values are {"path", "bytes"} dicts, as datasets.Image(decode=False) gives them."""
+
+    def __init__(self, columns: dict[str, list]):
+        self.columns = columns
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()), []))
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, str):
+            return self.columns[key]
+        return {name: values[key] for name, values in self.columns.items()}
+
+    def select_columns(self, names: list[str]) -> "LocalRows":
+        return LocalRows({name: self.columns[name] for name in names})
+
+    def select(self, indices: Any) -> "LocalRows":
+        rows = list(indices)
+        return LocalRows({name: [values[i] for i in rows] for name, values in self.columns.items()})
+
+
 def local_corpus(triples_path: str, root: str | None, pages_dir: str | None, report: Any) -> Corpus:
     """Local pages: each triple's query asks for its positive (queries and positives are the file's); the pages
     are every distinct pos and neg path, plus with pages_dir every image file under it. Output paths are written
     as the file writes them (relative to --root), so train.py --train_jsonl OUT --root DIR reads them back."""
-    import datasets
-
     from colintern.data import BadRowError, parse_pseudo_path, read_triples_jsonl
 
     base = Path(root) if root else Path(".")
@@ -280,9 +306,7 @@ def local_corpus(triples_path: str, root: str | None, pages_dir: str | None, rep
             add(None, rel, rel)
     if not n_queries:
         raise UserError(f"{triples_path}: no triple has a usable positive page ({report.summary()})")
-    features = datasets.Features({"query": datasets.Value("string"), "image": datasets.Image(decode=False),
-                                  "image_filename": datasets.Value("string")})
-    dataset = datasets.Dataset.from_dict(rows, features=features)
+    dataset = LocalRows(rows)
     log.info("local corpus %s: %d queries, %d distinct pages", triples_path, n_queries, len(set(rows["image_filename"])))
     return Corpus(dataset, str(Path(triples_path).resolve()), None, str(triples_path), where=wheres.__getitem__,
                   path_of_row=rows["image_filename"].__getitem__, page_only=frozenset(range(n_queries, len(wheres))),
@@ -429,6 +453,8 @@ class Miner:
         from colintern.scoring import maxsim
 
         args = self.args
+        if self.device.startswith("cuda"):
+            self.store.make_resident(self.device)  # once: later batches scan the copy already on the GPU
         return exact_search(qs, which, batch, pos, self.pair_plan.positives, self.store, maxsim, self.device,
                             args.k, args.skip_top, self.fn_filter)
 

@@ -328,6 +328,8 @@ class PageStore:
         self.local_starts = local_starts
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)])  # (n_pages+1,) global token offsets
         self.n_tokens = int(self.starts[-1])
+        self._resident: list[torch.Tensor | None] = []  # make_resident's copies of self.maps
+        self._resident_on: torch.device | None = None
 
     @property
     def n_valid(self) -> int:
@@ -358,18 +360,43 @@ class PageStore:
             buf[r, len(a):] = a[-1]
         return torch.from_numpy(buf).to(device).float()
 
+    def make_resident(self, device: Any, budget_bytes: int | None = None) -> bool:
+        """Keep every part on device (fp16, as stored) for all later scans, if it fits; True when it does.
+
+        Exact mining scans the whole store once per search batch: on a GPU, streaming it from disk each time
+        re-uploads the store hundreds of times (colpali_train_set: ~30 GB per batch). budget_bytes defaults to
+        half of the device's free memory on CUDA; elsewhere resident copies are only made when a budget is given.
+        """
+        device = torch.device(device)
+        if self._resident_on == device:
+            return True
+        need = self.n_tokens * self.dim * 2
+        if budget_bytes is None:
+            budget_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 0
+        if need > budget_bytes:
+            log.info("page store: %.2f GiB does not fit the %.2f GiB budget on %s; streamed from disk for every "
+                     "search batch", need / 2**30, budget_bytes / 2**30, device)
+            return False
+        self._resident = [None if mm is None else torch.from_numpy(np.asarray(mm)).to(device) for mm in self.maps]
+        self._resident_on = device
+        log.info("page store resident on %s: %.2f GiB (fp16)", device, need / 2**30)
+        return True
+
     def iter_parts(self, device: Any = "cpu") -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
         """(valid page ids of a part, their (L, dim) float32 tensors on device), part after part.
 
         One part is read (and moved to the device) as one contiguous block; the pages are views into it.
-        This is the streaming scan of the exact method: one part in memory at a time.
+        This is the streaming scan of the exact method: one part in memory at a time, unless make_resident
+        put the store on this device (then each part is only widened to float32 there, which is exact).
         """
+        device = torch.device(device)
         for j, meta in enumerate(self.parts):
             ids = np.arange(meta["first_page"], meta["first_page"] + meta["n_pages"])
             ids = ids[self.valid[ids]]
             if not len(ids):
                 continue
-            block = torch.from_numpy(np.asarray(self.maps[j])).to(device=device, dtype=torch.float32)  # (T_j, dim)
+            stored = self._resident[j] if self._resident_on == device else torch.from_numpy(np.asarray(self.maps[j]))
+            block = stored.to(device=device, dtype=torch.float32)  # (T_j, dim)
             yield ids, list(torch.split(block, self.lengths[ids].tolist()))
 
     def iter_token_chunks(self, chunk: int = 1 << 18) -> Iterator[np.ndarray]:

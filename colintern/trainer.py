@@ -40,8 +40,8 @@ from colintern.gradcache import gradcache_backward
 from colintern.losses import late_interaction_loss
 from colintern.reporting import Reporter
 from colintern.training import (LOSS_TXT, METRICS_JSONL, Embedder, FailOnSave, Fingerprint, HiddenCache, MicroBatches,
-                                Plan, append_line, check_pages, diff_args, fault, format_loss_line, load_hub_examples,
-                                load_jsonl_examples, lr_factor, make_loader, make_plan, prepare_logs,
+                                Plan, append_line, check_pages, diff_args, fault, format_loss_line, is_out_of_memory,
+                                load_hub_examples, load_jsonl_examples, lr_factor, make_loader, make_plan, prepare_logs,
                                 probe_batch_size, rng_state, seed_everything, set_rng_state, step_loss)
 
 log = logging.getLogger("colintern.train")
@@ -154,8 +154,37 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
 
 
+class CompiledOrEager:
+    """The compiled embedding head, falling back to the eager one for good at the first failure.
+
+    torch.compile recompiles when a call brings new guards (a batch of 1 at an epoch's end, a longer page, another
+    dtype), so a compiler failure can surface mid-training, not only in the warm-up: it warns once and the step
+    runs eagerly (the same function, so the same numbers). Out-of-memory errors are not compiler failures and
+    propagate (auto_batch's probe and the training loop handle them)."""
+
+    def __init__(self, compiled, eager) -> None:
+        self.compiled, self.eager = compiled, eager
+
+    def __call__(self, hidden: torch.Tensor, keep: torch.Tensor):
+        if self.compiled is not None:
+            try:
+                return self.compiled(hidden, keep)
+            except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
+                if is_out_of_memory(err):
+                    raise
+                self.compiled = None
+                warn_compile_failed(err)
+        return self.eager(hidden, keep)
+
+
+def warn_compile_failed(err: BaseException) -> None:
+    log.warning("--compile_heads: torch.compile failed (%s: %s); using the eager head", type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "")
+
+
 def compile_embed(model, backend: str, device: torch.device):
-    """torch.compile the embedding head; a failure (e.g. no C++ compiler) warns and keeps the eager head."""
+    """torch.compile the embedding head; a failure (e.g. no C++ compiler), now or at a later recompilation, warns
+    and keeps the eager head."""
     try:
         compiled = torch.compile(model.embed, backend=backend, dynamic=True)
         hidden = torch.zeros(2, 3, model.config.hidden_size, dtype=next(model.backbone.parameters()).dtype,
@@ -164,12 +193,35 @@ def compile_embed(model, backend: str, device: torch.device):
         compiled(hidden, keep)[0].sum().backward()  # compile forward and backward now, not mid-step
         model.head.zero_grad(set_to_none=True)
         log.info("compiled the projection head (torch.compile backend %s)", backend)
-        return compiled
+        return CompiledOrEager(compiled, model.embed)
     except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
         model.head.zero_grad(set_to_none=True)
-        log.warning("--compile_heads: torch.compile failed (%s: %s); using the eager head", type(err).__name__,
-                    str(err).splitlines()[0] if str(err) else "")
+        warn_compile_failed(err)
         return model.embed
+
+
+def repage_optimizer_states(optimizer) -> int:
+    """Put a resumed bitsandbytes paged optimizer's big states back into paged memory; returns how many.
+
+    bitsandbytes' load_state_dict keeps the loaded states as ordinary tensors and its first step moves them onto the
+    GPU, so without this a same-phase resume silently stops paging (the memory the user chose the optimizer for).
+    get_state_buffer is the allocator the optimizer itself uses for a fresh state (paged from 100,000 elements on
+    CUDA, ordinary elsewhere)."""
+    if not getattr(optimizer, "is_paged", False):
+        return 0
+    moved = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key in ("state1", "state2"):
+                value = state.get(key)
+                if not isinstance(value, torch.Tensor) or getattr(value, "is_paged", False) or p.numel() < 100_000:
+                    continue
+                buffer = optimizer.get_state_buffer(p, dtype=value.dtype)
+                buffer.copy_(value.reshape(buffer.shape))
+                state[key] = buffer
+                moved += bool(getattr(buffer, "is_paged", False))
+    return moved
 
 
 def auto_batch(args: argparse.Namespace, model, embed, params, num_negs: int, train_backbone: bool,
@@ -454,6 +506,8 @@ class Trainer:
                                                            partial(lr_factor, total=phase.steps, warmup=warmup))
         if self.same_phase:
             self.optimizer.load_state_dict(state.optimizer)
+            if repage_optimizer_states(self.optimizer):
+                log.info("resumed the paged optimizer's states into paged memory")
             self.scheduler.load_state_dict(state.scheduler)
             state.optimizer = state.scheduler = None  # loaded; save() takes fresh ones
         last_epoch = phase.start_epoch + math.ceil(phase.steps / phase.steps_per_epoch) - 1

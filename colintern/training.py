@@ -712,6 +712,12 @@ class Embedder:
 # auto-batch: the largest micro-batch whose forward+backward fits in a share of GPU memory
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's OutOfMemoryError, or the plain RuntimeError("CUDA out of memory") some kernels raise instead."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                             and "out of memory" in str(err).lower())
+
+
 def probe_batch_size(embed_step, params: list[torch.nn.Parameter], *, max_batch: int,
                      target_frac: float, device: torch.device, extra_bytes: int = 0) -> tuple[int, list[str]]:
     """Largest b <= max_batch with peak memory of embed_step(b) (forward + backward) <= target_frac of the GPU.
@@ -738,9 +744,9 @@ def probe_batch_size(embed_step, params: list[torch.nn.Parameter], *, max_batch:
             ok = peak <= budget
             notes.append(f"batch {b}: peak {peak / 2**30:.2f} GiB ({'fits' if ok else 'over'} "
                          f"{budget / 2**30:.2f} GiB)")
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
-            if not isinstance(err, torch.cuda.OutOfMemoryError) and "out of memory" not in str(err).lower():
-                raise  # a real error, not memory (some kernels report OOM as a plain RuntimeError)
+        except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(err):
+                raise  # a real error, not memory
             ok = False
             notes.append(f"batch {b}: out of memory")
         finally:

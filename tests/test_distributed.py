@@ -122,10 +122,34 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results["mismatch"] = None
         except ValueError as err:
             results["mismatch"] = str(err)
+        results["auto_batch"] = _auto_batch_with_a_failing_rank(rank)
         distributed.barrier()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         distributed.cleanup()
+
+
+def _auto_batch_with_a_failing_rank(rank: int) -> str | None:
+    """--auto_batch where rank 1's probe finds nothing that fits: the real gloo gather must make both ranks raise
+    (a rank left waiting in the gather would hang the run). The probe is faked; the gather is real."""
+    from types import SimpleNamespace
+
+    from colintern import trainer
+    from colintern.errors import UserError
+
+    def probe(*args, **kwargs):
+        if rank == 1:
+            raise UserError("auto_batch: even a batch of 1 does not fit in GPU memory")
+        return 8, ["batch 8: fits"]
+
+    trainer.probe_batch_size = probe
+    model = SimpleNamespace(processor=SimpleNamespace(worst_case_page=lambda: None))
+    args = SimpleNamespace(batch_size=4, optimizer="adamw", auto_max_batch=32, auto_target_frac=0.8)
+    try:
+        trainer.auto_batch(args, model, None, [], 0, False, torch.device("cuda", rank))
+    except UserError as err:
+        return str(err)
+    return None
 
 
 def _free_port() -> int:
@@ -209,3 +233,7 @@ def test_world_size_one_is_identity(monkeypatch):
 def test_shape_errors():
     with pytest.raises(ValueError, match="emb \\(B, L, D\\)"):
         distributed.gather_padded(torch.zeros(2, 3), torch.ones(2, 3))
+
+
+def test_an_auto_batch_probe_failure_on_one_rank_stops_both_ranks(rank_results):
+    assert [r["auto_batch"] for r in rank_results] == ["auto_batch: even a batch of 1 does not fit in GPU memory"] * 2

@@ -175,3 +175,91 @@ def test_bf16_only_on_gpus_that_have_it(monkeypatch):
     assert resolve_dtype(None, "cuda:0") == torch.float32 and resolve_dtype("bf16", "cuda:0") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype(None, "cpu") == torch.float32
+
+
+def _store(tmp_path, n_pages: int = 7):
+    sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "bench")))
+    from mining import write_page_store
+
+    g = torch.Generator().manual_seed(1)
+    pages = [torch.nn.functional.normalize(torch.randn(3 + i % 4, 8, generator=g), dim=-1) for i in range(n_pages)]
+    return write_page_store(tmp_path / "store", pages, pages_per_part=3), pages
+
+
+def test_a_resident_page_store_is_read_once_and_scans_the_same_vectors(tmp_path, caplog):
+    """GPU exact mining keeps the store on the device: later scans must not touch the memory maps again, and
+    must yield the same float32 vectors (fp16 -> fp32 is exact)."""
+    store, pages = _store(tmp_path)
+    streamed = [(ids.tolist(), [d.clone() for d in docs]) for ids, docs in store.iter_parts("cpu")]
+    caplog.set_level(logging.INFO)
+    assert not store.make_resident("cpu", budget_bytes=store.n_tokens * store.dim * 2 - 1)
+    assert "does not fit" in caplog.text
+    assert store.make_resident("cpu", budget_bytes=store.n_tokens * store.dim * 2)
+    store.maps = [None] * len(store.maps)  # a scan that read the maps again would fail now
+    for _ in range(2):
+        resident = [(ids.tolist(), docs) for ids, docs in store.iter_parts("cpu")]
+        assert [ids for ids, _ in resident] == [ids for ids, _ in streamed]
+        for (_, a), (_, b) in zip(resident, streamed):
+            assert all(torch.equal(x, y) and x.dtype == torch.float32 for x, y in zip(a, b))
+    assert torch.equal(resident[0][1][0], pages[0].half().float())
+
+
+def test_a_compiler_failure_at_a_later_recompilation_falls_back_to_eager(caplog):
+    from colintern.trainer import CompiledOrEager
+
+    calls = []
+
+    def eager(hidden, keep):
+        return hidden * 2, keep
+
+    def compiled(hidden, keep):
+        calls.append(hidden.shape)
+        if len(calls) > 1:  # the warm-up shape compiled; a new shape recompiles and the compiler breaks
+            raise RuntimeError("InductorError: C++ compile error")
+        return eager(hidden, keep)
+
+    embed = CompiledOrEager(compiled, eager)
+    x = torch.ones(2, 3, 4)
+    caplog.set_level(logging.WARNING)
+    assert torch.equal(embed(x, None)[0], x * 2)
+    y = torch.ones(1, 5, 4)
+    assert torch.equal(embed(y, None)[0], y * 2) and torch.equal(embed(y, None)[0], y * 2)
+    assert len(calls) == 2 and caplog.text.count("torch.compile failed (RuntimeError: InductorError") == 1
+
+    def out_of_memory(hidden, keep):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # auto_batch's probe must still see an OOM
+        CompiledOrEager(out_of_memory, eager)(x, None)
+
+
+def test_a_same_phase_resume_of_a_paged_optimizer_pages_again():
+    """bitsandbytes' load_state_dict leaves ordinary tensors; repage_optimizer_states copies the big ones back into
+    buffers from the optimizer's own allocator (paged on CUDA), values unchanged, small ones untouched."""
+    from colintern.trainer import repage_optimizer_states
+
+    big, small = torch.nn.Parameter(torch.zeros(100_000)), torch.nn.Parameter(torch.zeros(10))
+
+    class PagedOptimizer(torch.optim.Optimizer):
+        is_paged = True
+
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def get_state_buffer(self, p, dtype=torch.float32):
+            buffer = torch.zeros_like(p, dtype=dtype)
+            buffer.is_paged = p.numel() >= 100_000  # what bitsandbytes' F.get_paged marks on CUDA
+            return buffer
+
+    opt = PagedOptimizer([big, small])
+    s1, s2 = torch.arange(100_000, dtype=torch.uint8), torch.rand(100_000)
+    opt.state[big] = {"state1": s1.clone(), "state2": s2.clone(), "step": 3}
+    opt.state[small] = {"state1": torch.ones(10)}
+    assert repage_optimizer_states(opt) == 2
+    assert all(getattr(opt.state[big][k], "is_paged", False) for k in ("state1", "state2"))
+    assert torch.equal(opt.state[big]["state1"], s1) and opt.state[big]["state1"].dtype == torch.uint8
+    assert torch.equal(opt.state[big]["state2"], s2) and opt.state[big]["step"] == 3
+    assert not getattr(opt.state[small]["state1"], "is_paged", False)
+    assert repage_optimizer_states(opt) == 0  # already paged
+    PagedOptimizer.is_paged = False
+    assert repage_optimizer_states(opt) == 0

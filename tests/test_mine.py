@@ -429,3 +429,26 @@ def test_mine_local_pages_from_a_triples_file_and_a_folder(tiny_model_dir, tmp_p
     assert skipped == [] and all(resolver.locate(p)[0] is not None for t in triples_back for p in [t.pos, *t.negs])
     with pytest.raises(UserError, match="pass only one of --hub_name and --train_jsonl"):
         mine.main([str(a) for a in argv + ["--hub_name", "x"]])
+
+
+def test_local_pages_need_no_datasets_package(tmp_path, monkeypatch):
+    """mine.py on a triples file builds its corpus without `datasets` (the GPU machines have none)."""
+    import sys
+
+    from PIL import Image
+
+    from colintern.data import SkipReport
+    from colintern.miner import local_corpus
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # any `import datasets` now raises ImportError
+    (tmp_path / "p").mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8), "white").save(tmp_path / "p" / f"{name}.png")
+    triples = tmp_path / "t.jsonl"
+    triples.write_text('{"query": "qa", "pos": "p/a.png", "negs": ["p/c.png"]}\n{"query": "qb", "pos": "p/b.png"}\n')
+    corpus = local_corpus(str(triples), str(tmp_path), None, SkipReport(strict=False))
+    rows = corpus.dataset
+    assert len(rows) == 3 and rows.column_names == ["query", "image", "image_filename"]
+    assert rows["query"] == ["qa", "qb", None] and rows["image_filename"] == ["p/a.png", "p/b.png", "p/c.png"]
+    assert rows[2]["image"] == {"path": str((tmp_path / "p" / "c.png").resolve()), "bytes": None}
+    assert rows.select([1]).select_columns(["query"])["query"] == ["qb"]
