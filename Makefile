@@ -9,12 +9,14 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: venv test demo ablate gpu-suite clean
 
 # torch first (torch==2.13.0: the CPU build on a machine without CUDA; torchvision is never installed),
-# so that nothing in requirements.txt pulls another torch build.
+# so that nothing in requirements.txt pulls another torch build. FAISS likewise: faiss-cpu only where no faiss is
+# importable, so reinstalling never puts the CPU build back over a user's faiss-gpu (same `faiss` module).
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -c "import faiss" 2>/dev/null || $(PY) -m pip install -q faiss-cpu==1.15.1
 	touch $@
 
 venv: $(VENV)/.installed

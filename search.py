@@ -6,6 +6,8 @@
     python search.py query --index outputs/index --k 5 "where is the warranty period?" "installation steps"
     python search.py query --index outputs/index --json --explain outputs/maps "warranty period"
     python search.py export --index outputs/index --out outputs/index.parquet
+    python search.py index ... --backend qdrant --url http://localhost:6333     # also into a Qdrant server
+    python search.py query --index outputs/index --backend qdrant --url http://localhost:6333 "warranty period"
 
 index: PDFs are rendered with pypdfium2 (--dpi), images decoded; every page is encoded once with the checkpoint's
 head, LoRA and formatting and stored (float16, memory-mapped) with its source file and page. Running index again
@@ -13,7 +15,10 @@ with more files encodes only the new pages; an interrupted run continues where i
 corrupt PDFs, non-images) are reported and skipped (--strict stops at the first).
 query: the top --k pages of each query by exact MaxSim (the dot product for single-vector checkpoints), as a table
 or --json lines {"query", "results": [{"rank", "score", "file", "page"}]}; --explain DIR draws, per result, where on
-the page the query matched (docs/DESIGN.md "Similarity maps").
+the page the query matched (docs/DESIGN.md "Similarity maps"). Large indexes: --first_stage faiss (auto above
+2 M page tokens) finds candidates with FAISS and re-ranks them exactly; --check_recall says what that lost.
+--backend qdrant: the pages are also kept in a Qdrant collection (--url a server or cluster, --path its embedded
+local mode) and queries are answered by Qdrant's native MaxSim; the index folder stays the record.
 export: every page's vectors and source as a Parquet table (file, page, sha256, vectors).
 """
 from __future__ import annotations
@@ -65,11 +70,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     em.add_argument("--model_id", default=None, help="base model (default: the checkpoint's)")
     em.add_argument("--out", required=True, help="the folder to write (new or empty); then --model_id FOLDER, or "
                     "ColIntern.from_pretrained(FOLDER), loads it")
+    q.add_argument("--first_stage", choices=["auto", "exact", "faiss"], default="auto",
+                   help="embedded backend: exact MaxSim against every page, or a FAISS token search whose candidates "
+                   "are re-ranked exactly; auto: FAISS above 2,000,000 page tokens (default: auto)")
+    q.add_argument("--candidates", type=int, default=256, help="--first_stage faiss: pages re-ranked per query "
+                   "(default: 256)")
+    q.add_argument("--token_k", type=int, default=64, help="--first_stage faiss: nearest page tokens per query token "
+                   "(default: 64)")
+    q.add_argument("--nprobe", type=int, default=32, help="--first_stage faiss: IVF lists searched (default: 32)")
+    q.add_argument("--faiss_factory", default="auto", help="--first_stage faiss: FAISS index_factory string; auto: "
+                   "Flat up to 200,000 page tokens, else IVF<about 4 sqrt(tokens), at most 4096>,PQ32 (default: auto)")
+    q.add_argument("--check_recall", action="store_true", help="also search exactly and log the recall@k of the "
+                   "FAISS first stage or of Qdrant against it")
+    q.add_argument("--exact_scan", action="store_true", help="--backend qdrant with --url: score every point "
+                   "instead of Qdrant's HNSW graph (local mode always does)")
+    for sp in (ix, q):
+        sp.add_argument("--backend", choices=["embedded", "qdrant"], default="embedded",
+                        help="embedded: the index folder alone; qdrant: also a Qdrant collection, which answers the "
+                        "queries (default: embedded)")
+        sp.add_argument("--url", default=None, help="--backend qdrant: server or cluster URL, e.g. "
+                        "http://localhost:6333 (API key from $QDRANT_API_KEY)")
+        sp.add_argument("--path", default=None, help="--backend qdrant: folder of Qdrant's embedded local mode")
+        sp.add_argument("--collection", default=None, help="--backend qdrant: collection name (default: the one "
+                        "the index used before, else colintern_<index folder name>)")
     for sp in (ix, q, ex, em):
         sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
         sp.add_argument("-v", "--verbose", action="store_true", help="log details")
     args = p.parse_args(argv)
-    for name in ("dpi", "batch_size", "segment_pages", "k", "pool_factor"):
+    for name in ("dpi", "batch_size", "segment_pages", "k", "pool_factor", "candidates", "token_k", "nprobe"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
@@ -104,6 +132,16 @@ def index_command(args: argparse.Namespace) -> None:
                         show_progress=sys.stderr.isatty())
     print(f"indexed {added} new page(s) from {len(files)} file(s); {len(index.pages)} page(s) in {args.index}"
           + (f"; {report.summary()}" if report.count else ""))
+    if args.backend == "qdrant":
+        from colintern.qdrant_store import QdrantPages
+
+        store = QdrantPages(index, args.url, args.path, args.collection)
+        try:
+            sent = store.sync(show_progress=sys.stderr.isatty())
+        finally:
+            store.close()
+        print(f"Qdrant collection {store.collection} at {store.where}: {sent} page(s) sent, "
+              f"{len(index.pages)} in all")
 
 
 def read_queries(args: argparse.Namespace) -> list[str]:
@@ -125,7 +163,6 @@ def read_queries(args: argparse.Namespace) -> list[str]:
 def query_command(args: argparse.Namespace) -> None:
     from colintern.device import resolve_device
     from colintern.page_index import PageIndex
-    from colintern.scoring import maxsim_topk
 
     queries = read_queries(args)
     index = PageIndex.open(args.index)
@@ -134,7 +171,7 @@ def query_command(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     _, model = load_model(index.meta["model_id"], index.meta["ckpt"], device)
     qs = model.encode_queries(queries, show_progress=False)
-    values, ids = maxsim_topk(qs, list(index.all_vectors()), args.k, device=device)  # (n_q, k) each
+    values, ids = ranked_pages(args, index, qs, device)  # (n_q, k) each
     for qi, query in enumerate(queries):
         results = []
         for rank, (score, i) in enumerate(zip(values[qi].tolist(), ids[qi].tolist()), start=1):
@@ -148,6 +185,35 @@ def query_command(args: argparse.Namespace) -> None:
             print(f"\n{query}")
             for r in results:
                 print(f"  {r['rank']:>2}  {r['score']:9.4f}  {r['file']} page {r['page']}")
+
+
+def ranked_pages(args: argparse.Namespace, index, qs: list, device: str):
+    """(n_q, k) scores and page positions from the chosen backend (and first stage), with --check_recall."""
+    from colintern.page_search import FaissFirstStage, TokenView, choose_first_stage, exact_topk, recall_at_k
+
+    if args.backend == "qdrant":
+        from colintern.qdrant_store import QdrantPages
+
+        store = QdrantPages(index, args.url, args.path, args.collection)
+        try:
+            values, ids = store.topk([q.numpy() for q in qs], args.k, exact_scan=args.exact_scan)
+        finally:
+            store.close()
+        what = f"Qdrant ({store.collection})"
+    else:
+        method, why = choose_first_stage(args.first_stage, TokenView(index).n_tokens)
+        log.info("first stage: %s (%s)", method, why)
+        if method == "exact":
+            return exact_topk(index, qs, args.k, device)
+        stage = FaissFirstStage(index, args.nprobe, args.token_k, args.candidates, args.faiss_factory,
+                                show_progress=sys.stderr.isatty())
+        values, ids = stage.topk(qs, args.k, device)
+        what = f"the FAISS first stage ({stage.info['factory']}, {args.candidates} candidates)"
+    if args.check_recall:
+        _, exact_ids = exact_topk(index, qs, args.k, device)
+        log.info("recall@%d of %s against exact MaxSim on these %d queries: %.4f", args.k, what, len(qs),
+                 recall_at_k(ids, exact_ids))
+    return values, ids
 
 
 def explain(index, model, i: int, query_vectors, query: str, rank: int, path: Path) -> None:

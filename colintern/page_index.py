@@ -32,6 +32,7 @@ from colintern.token_pooling import pool_tokens
 log = logging.getLogger("colintern.search")
 
 INDEX_VERSION = 1
+PAGES_PER_SEGMENT_MAX = 1_000_000  # page uids are segment * this + position in the segment
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
 
@@ -156,9 +157,10 @@ class PageIndex:
         segment = len(self.tokens)
         self.tokens.append(raw.reshape(-1, dim))
         hidden = {(h[0], h[1]) for h in self.meta.get("hidden", [])}
-        for page in pages:
+        for n, page in enumerate(pages):
             if (page["sha256"], page["page"]) not in hidden:
-                self.pages.append({**page, "segment": segment})
+                # uid: stable when pages before it are hidden (a changed file), unlike the position in self.pages
+                self.pages.append({**page, "segment": segment, "uid": segment * PAGES_PER_SEGMENT_MAX + n})
 
     def _remove_leftovers(self) -> None:
         """Segment folders index.json does not name: a crash after writing them; their pages are redone."""
@@ -255,7 +257,9 @@ def index_pages(index: PageIndex, model: Any, todo: list[PageSource], report: An
 
     from colintern.data import BadRowError
 
-    done = 0
+    from colintern.training import fault
+
+    done = committed = 0
     start = time.perf_counter()
     with tqdm(total=len(todo), desc="index pages", unit="page", dynamic_ncols=True,
               disable=not show_progress) as bar:
@@ -274,6 +278,8 @@ def index_pages(index: PageIndex, model: Any, todo: list[PageSource], report: An
                 factor = index.meta.get("pool_factor", 1)
                 index.commit([(s, pool_tokens(v, factor), *image_tokens_of(model, img, factor), img.size)
                               for s, v, img in zip(chunk, vectors, images)])
+                committed += 1
+                fault("kill", committed)  # tests: COLINTERN_FAULT=kill@N is a SIGKILL after the N-th segment
             done += len(chunk)
             bar.update(len(todo[first:first + segment_pages]))
             bar.set_postfix(pages_per_s=f"{done / max(time.perf_counter() - start, 1e-9):.1f}")

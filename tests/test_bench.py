@@ -369,6 +369,11 @@ def test_gpu_suite_dry_run_runs_every_section_and_counts_flops_right(tmp_path, t
     maxsim = results["sections"]["maxsim"]
     assert maxsim["colintern_err"]["max_abs_err"] < 1e-4 and maxsim["speedup"] > 0
     assert all(r["status"] == "ok" for r in results["sections"]["train"]["rows"])
+    assert results["sections"]["mining"]["resident_equals_streamed"] is True
+    checks = results["sections"]["gpu_paths"]["checks"]  # on a CPU: the same code paths, CPU expectations
+    assert {name: c["ok"] for name, c in checks.items()} == {name: True for name in checks} and len(checks) == 6
+    assert checks["fp16_lora_warning"]["warned"] and checks["compile_heads"]["compiled"]
+    assert checks["mine_on_gpu"]["negatives_jaccard_gpu_vs_cpu"] == 1.0
     assert (tmp_path / "out" / "results.md").read_text().startswith("# GPU suite (dry run): ")
 
 

@@ -263,3 +263,40 @@ def test_a_same_phase_resume_of_a_paged_optimizer_pages_again():
     assert repage_optimizer_states(opt) == 0  # already paged
     PagedOptimizer.is_paged = False
     assert repage_optimizer_states(opt) == 0
+
+
+def test_head_and_pooler_are_seeded_on_the_cpu_under_another_default_device(tiny_model_dir, monkeypatch):
+    """Under torch.set_default_device("cuda") a layer built without a device lands on the GPU, where the seeded CPU
+    generator cannot fill it. Simulated with the meta device around ColIntern's constructor (the backbone is loaded
+    first, as from_pretrained refuses a meta default): the head and latent pooler must be the usual CPU weights."""
+    from colintern.model import ColIntern
+
+    plain = ColIntern.from_pretrained(tiny_model_dir, device="cpu", embedding="single", pooling="latent")
+    init = ColIntern.__init__
+
+    def init_under_meta(self, *args, **kwargs):
+        torch.set_default_device("meta")
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            torch.set_default_device("cpu")
+
+    monkeypatch.setattr(ColIntern, "__init__", init_under_meta)
+    other = ColIntern.from_pretrained(tiny_model_dir, device="cpu", embedding="single", pooling="latent")
+    assert other.head.weight.device.type == "cpu" and torch.equal(other.head.weight, plain.head.weight)
+    for (name, a), (_, b) in zip(plain.pooler.state_dict().items(), other.pooler.state_dict().items()):
+        assert b.device.type == "cpu" and torch.equal(a, b), name
+
+
+def test_mine_under_torchrun_pins_each_process_to_its_own_gpu(monkeypatch):
+    """mine.py sharded with torchrun: process LOCAL_RANK=1 must allocate on cuda:1, not on cuda:0 of rank 0."""
+    from colintern import miner
+
+    pinned = []
+    monkeypatch.setattr(miner, "resolve_device", lambda spec: "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", pinned.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert miner.mining_device("auto") == "cuda:1" and pinned == ["cuda:1"]
+    monkeypatch.setattr(miner, "resolve_device", lambda spec: "cpu")
+    assert miner.mining_device("cpu") == "cpu" and pinned == ["cuda:1"]

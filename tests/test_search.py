@@ -232,3 +232,124 @@ def test_export_model_is_one_folder_with_the_checkpoints_embeddings(tiny_backbon
     assert max_diff(exported.encode_queries(queries), original.encode_queries(queries)) < 1e-5
     code, _, err = run(capsys, "export_model", "--ckpt", ckpt, "--model_id", folder, "--out", out)
     assert code == 2 and "exists and is not an empty folder" in err
+
+
+def query_json(capsys, index, *extra) -> list[dict]:
+    code, out, err = run(capsys, "query", "--index", index, "--k", 6, "--json", *extra, "a red page with the word alpha",
+                         "blue gamma", "yellow omega")
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def same_results(a: list[dict], b: list[dict], tol: float) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert [(r["file"], r["page"]) for r in x["results"]] == [(r["file"], r["page"]) for r in y["results"]]
+        assert max(abs(r["score"] - s["score"]) for r, s in zip(x["results"], y["results"])) <= tol
+
+
+def test_qdrant_local_mode_returns_the_embedded_top_k_and_follows_the_index(tiny_model_dir, ckpt, docs, tmp_path,
+                                                                          capsys):
+    """Qdrant's native MaxSim over the same stored vectors: the same pages in the same order, scores within 1e-3;
+    a rerun sends nothing; a changed file's old pages leave the collection and its new ones enter it."""
+    pytest.importorskip("qdrant_client")
+    import shutil
+
+    folder = tmp_path / "docs"
+    shutil.copytree(docs, folder)
+    index, qdrant = tmp_path / "index", tmp_path / "qdrant"
+    base = ["index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--inputs", folder, "--index", index, "--dpi", 72,
+            "--segment_pages", 4, "--backend", "qdrant", "--path", qdrant]
+    code, out, err = run(capsys, *base)
+    assert code == 0, err
+    assert out.splitlines()[-1] == f"Qdrant collection colintern_index at {qdrant}: 6 page(s) sent, 6 in all"
+    embedded = query_json(capsys, index)
+    same_results(query_json(capsys, index, "--backend", "qdrant", "--path", qdrant), embedded, 1e-3)
+    assert run(capsys, *base)[1].splitlines()[-1].endswith(": 0 page(s) sent, 6 in all")
+    page(5).rotate(90).save(folder / "c.png")  # c.png changed: its old page is hidden, the new one indexed
+    assert run(capsys, *base)[1].splitlines()[-1].endswith(": 1 page(s) sent, 6 in all")
+    same_results(query_json(capsys, index, "--backend", "qdrant", "--path", qdrant), query_json(capsys, index), 1e-3)
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(path=str(qdrant))
+    assert client.count("colintern_index", exact=True).count == 6
+    client.close()
+    # a second index may not write into this one's collection
+    other = ["index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--inputs", folder / "c.png", "--index",
+             tmp_path / "other", "--dpi", 72, "--backend", "qdrant", "--path", qdrant, "--collection", "colintern_index"]
+    code, _, err = run(capsys, *other)
+    assert code == 2 and err.strip().endswith("holds another index's pages; pass another --collection")
+    assert "Traceback" not in err
+    code, _, err = run(capsys, "query", "--index", index, "--backend", "qdrant", "x")
+    assert code == 2 and "give --url URL (a server) or --path DIR" in err and "Traceback" not in err
+
+
+def test_the_faiss_first_stage_equals_exact_when_its_candidates_cover_the_index(tiny_model_dir, ckpt, docs, tmp_path,
+                                                                              capsys, caplog):
+    pytest.importorskip("faiss")
+    import logging
+
+    index = tmp_path / "index"
+    assert run(capsys, "index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--inputs", docs, "--index", index,
+               "--dpi", 72)[0] == 0
+    exact = query_json(capsys, index, "--first_stage", "exact")
+    caplog.set_level(logging.INFO, logger="colintern.search")
+    same_results(query_json(capsys, index, "--first_stage", "faiss", "--candidates", 6, "--check_recall"), exact, 1e-5)
+    assert "recall@6 of the FAISS first stage (Flat, 6 candidates) against exact MaxSim on these 3 queries: 1.0000" \
+        in caplog.text
+    from colintern.page_index import PageIndex
+    from colintern.page_search import FaissFirstStage, recall_at_k
+
+    opened = PageIndex.open(index)
+    model = ColIntern.from_pretrained(tiny_model_dir, ckpt=ckpt)
+    qs = model.encode_queries(["a red page with the word alpha", "blue gamma"])
+    few = FaissFirstStage(opened, candidates=2, token_k=1, show_progress=False)
+    values, ids = few.topk(qs, 2, "cpu")  # two candidates per query: the top-2 of those, scored exactly
+    for q, row_v, row_i in zip(qs, values, ids):
+        for v, i in zip(row_v, row_i):
+            want = float((q.double() @ opened.vectors(int(i)).double().T).max(1).values.sum())
+            assert abs(v - want) < 1e-4
+    assert recall_at_k(np.array([[1, 2], [3, 4]]), np.array([[2, 1], [3, 5]])) == 0.75
+
+
+def test_an_index_killed_mid_run_resumes_without_duplicate_pages(tiny_model_dir, ckpt, docs, tmp_path):
+    """A real SIGKILL after the second committed segment, then the same command again."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from colintern.page_index import PageIndex
+
+    index = tmp_path / "index"
+    cmd = [sys.executable, str(Path(search.__file__)), "index", "--ckpt", ckpt, "--model_id", tiny_model_dir,
+           "--inputs", str(docs), "--index", str(index), "--dpi", "72", "--segment_pages", "2", "--device", "cpu"]
+    env = {**os.environ, "COLINTERN_FAULT": "kill@2", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    assert len(PageIndex.open(index).pages) == 4
+    env.pop("COLINTERN_FAULT")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.startswith("indexed 2 new page(s) from 3 file(s); 6 page(s)")
+    keys = [(p["sha256"], p["page"]) for p in PageIndex.open(index).pages]
+    assert len(keys) == len(set(keys)) == 6 and not list(index.glob(".seg-*"))
+
+
+def test_exact_search_in_groups_equals_one_pass_with_ties_to_the_lower_page(tmp_path):
+    """exact_topk widens a few pages at a time and merges: the same top-k as maxsim_topk over everything, ties
+    included (duplicate pages score the same: the lower page comes first)."""
+    from colintern.page_index import PageIndex, PageSource
+    from colintern.page_search import exact_topk
+    from colintern.scoring import maxsim_topk
+
+    g = torch.Generator().manual_seed(0)
+    pages = [torch.nn.functional.normalize(torch.randn(3 + i % 5, 16, generator=g), dim=-1).half().float()
+             for i in range(9)]
+    pages[7] = pages[2].clone()  # a tie
+    index = PageIndex.create_or_open(tmp_path / "ix", "synthetic", None, {"dim": 16}, 72)
+    index.commit([(PageSource(f"p{i}.png", str(i), 1, "image"), v, 0, 0, (1, 1)) for i, v in enumerate(pages)])
+    qs = [torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1) for _ in range(3)] + [pages[2][:2]]
+    want_v, want_i = maxsim_topk(qs, pages, 5, device="cpu")
+    for group in (1, 10, 1 << 20):
+        values, ids = exact_topk(index, qs, 5, "cpu", group_tokens=group)
+        assert np.array_equal(ids, want_i.numpy()) and np.allclose(values, want_v.numpy(), atol=1e-6)
+    assert ids[3, 0] == 2 and ids[3, 1] == 7

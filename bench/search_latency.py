@@ -1,0 +1,235 @@
+"""Query latency of search.py's backends on an index of real InternVL shape, on this machine, in one run.
+
+    python bench/search_latency.py --json_out outputs/bench/search_latency.json        # 10,000 pages (~20 min)
+    python bench/search_latency.py --pages 300 --queries 5 --qdrant_pages 100 --pooled_pages 100   # a smoke run
+
+The index: --pages pages of 128-d unit token vectors, 1,000-2,600 tokens each (mean ~1,800, InternVL3.5 at 4+1
+tiles), written as a search.py index folder (fp16 segments) without a model. Tokens are noisy copies of "visual
+words" of the page's topic (as bench/mining.py's clustered corpus); a query is ~25 noisy copies of tokens of its
+target page, so exact search has a right answer and an approximate one can miss it (pure random vectors would make
+every page tie). Rows, each with build seconds, bytes per page, median ms per query and recall@10 against exact:
+  exact     search.py's exact MaxSim over every page (colintern.page_search.exact_topk): the ceiling, ~115 GFLOP
+            per query at 10,000 pages
+  faiss     the FAISS first stage (IVF-PQ over every page token) + exact re-rank of --candidates pages
+  pooled    exact over the pages pooled with --pool_factor 3, on the first --pooled_pages pages (Ward pooling costs
+            ~0.16 s per page here), beside exact on the same pages
+  qdrant    Qdrant's embedded local mode (pure Python/numpy: every vector in memory) on the first --qdrant_pages
+            pages, beside exact on the same pages. A Qdrant server (Rust, HNSW) is not available on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import env  # noqa: E402
+
+from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.files import atomic_write_json  # noqa: E402
+
+log = logging.getLogger("colintern.bench.search_latency")
+DIM = 128
+
+
+class Corpus:
+    """Deterministic pages and queries: page u is regenerated from its own seed, so queries need no stored copy."""
+
+    def __init__(self, seed: int = 0, n_words: int = 8192, n_topics: int = 64, topic_words: int = 256):
+        rng = np.random.default_rng(seed)
+        words = rng.standard_normal((n_words, DIM)).astype(np.float32)
+        self.words = words / np.linalg.norm(words, axis=1, keepdims=True)
+        self.vocab = np.stack([rng.choice(n_words, topic_words, replace=False) for _ in range(n_topics)])
+        self.seed = seed
+
+    def page(self, u: int) -> np.ndarray:
+        """(L, 128) float32 unit vectors, L in [1000, 2600]."""
+        rng = np.random.default_rng([self.seed, u])
+        n = int(rng.integers(1000, 2601))
+        own = self.vocab[u % len(self.vocab)][rng.integers(0, self.vocab.shape[1], n)]
+        ids = np.where(rng.random(n) < 0.8, own, rng.integers(0, len(self.words), n))
+        x = self.words[ids] + 0.35 / math.sqrt(DIM) * rng.standard_normal((n, DIM)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def query(self, i: int, n_pages: int) -> tuple[torch.Tensor, int]:
+        """(~25, 128) query for target page i * 7919 % n_pages, and that page."""
+        target = (i * 7919) % n_pages
+        rng = np.random.default_rng([self.seed, 10**9 + i])
+        page = self.page(target)
+        picks = page[rng.integers(0, len(page), int(rng.integers(20, 31)))]
+        x = picks + 0.5 / math.sqrt(DIM) * rng.standard_normal(picks.shape).astype(np.float32)
+        return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True)), target
+
+
+def build_index(folder: Path, corpus: Corpus, n_pages: int, pool_factor: int = 1):
+    """A search.py index folder of the first n_pages pages (pooled when pool_factor > 1)."""
+    from tqdm.auto import tqdm
+
+    from colintern.page_index import PageIndex, PageSource
+    from colintern.token_pooling import pool_tokens
+
+    index = PageIndex.create_or_open(folder, "synthetic", None, {"dim": DIM}, 150, pool_factor)
+    batch = []
+    for u in tqdm(range(n_pages), desc=f"build index (K={pool_factor})", unit="page", disable=not sys.stderr.isatty()):
+        vectors = pool_tokens(torch.from_numpy(corpus.page(u)), pool_factor)
+        batch.append((PageSource(f"doc{u // 100}.pdf", f"sha{u // 100}", u % 100 + 1, "pdf"), vectors, 0, 0, (1, 1)))
+        if len(batch) == 256:
+            index.commit(batch)
+            batch = []
+    if batch:
+        index.commit(batch)
+    return index
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def timed_queries(search: Callable[[list[torch.Tensor]], tuple[np.ndarray, np.ndarray]],
+                  qs: list[torch.Tensor]) -> tuple[list[float], np.ndarray]:
+    """Each query alone (the latency a user sees): seconds per query and the (n_q, 10) ids."""
+    seconds, ids = [], []
+    for q in qs:
+        t0 = time.perf_counter()
+        _, i = search([q])
+        seconds.append(time.perf_counter() - t0)
+        ids.append(i[0])
+    return seconds, np.stack(ids)
+
+
+def row(name: str, pages: int, build_s: float, bytes_per_page: float, seconds: list[float], ids: np.ndarray,
+        exact_ids: np.ndarray, targets: list[int], **extra: Any) -> dict[str, Any]:
+    from colintern.page_search import recall_at_k
+
+    out = {"backend": name, "pages": pages, "build_s": round(build_s, 2), "bytes_per_page": round(bytes_per_page),
+           "ms_per_query_median": round(1000 * statistics.median(seconds), 1),
+           "ms_per_query_max": round(1000 * max(seconds), 1), "recall_at_10_vs_exact": recall_at_k(ids, exact_ids),
+           "target_in_top_10": float(np.mean([t in r for t, r in zip(targets, ids.tolist())])), **extra}
+    log.info("%s", out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pages", type=int, default=10_000, help="pages in the index (default: 10000)")
+    p.add_argument("--queries", type=int, default=20, help="queries timed one by one (default: 20)")
+    p.add_argument("--candidates", type=int, default=256, help="FAISS first stage: pages re-ranked (default: 256)")
+    p.add_argument("--token_k", type=int, default=64, help="FAISS first stage: tokens per query token (default: 64)")
+    p.add_argument("--nprobe", type=int, default=32, help="FAISS first stage: IVF lists searched (default: 32)")
+    p.add_argument("--pooled_pages", type=int, default=1000, help="pages of the pooled comparison (default: 1000)")
+    p.add_argument("--qdrant_pages", type=int, default=500, help="pages of the Qdrant local-mode comparison "
+                   "(default: 500)")
+    p.add_argument("--work", default=None, help="folder for the index folders (default: a temporary folder, removed)")
+    p.add_argument("--json_out", default="outputs/bench/search_latency.json", help="results (default: %(default)s)")
+    args = p.parse_args(argv)
+    setup_logging()
+    from colintern.page_search import FaissFirstStage, exact_topk
+
+    corpus = Corpus()
+    work = Path(args.work or tempfile.mkdtemp(prefix="search_latency_"))
+    rows: list[dict[str, Any]] = []
+    try:
+        queries = [corpus.query(i, args.pages) for i in range(args.queries)]
+        qs, targets = [q for q, _ in queries], [t for _, t in queries]
+        t0 = time.perf_counter()
+        index = build_index(work / "full", corpus, args.pages)
+        build_s = time.perf_counter() - t0
+        size = disk_bytes(work / "full") / args.pages
+        n_tokens = sum(p["length"] for p in index.pages)
+        exact_s, exact_ids = timed_queries(lambda q: exact_topk(index, q, 10, "cpu"), qs)
+        rows.append(row("exact", args.pages, build_s, size, exact_s, exact_ids, exact_ids, targets,
+                        page_tokens=n_tokens, gflop_per_query=round(2 * DIM * n_tokens * 25 / 1e9, 1)))
+        t0 = time.perf_counter()
+        stage = FaissFirstStage(index, args.nprobe, args.token_k, args.candidates, show_progress=sys.stderr.isatty())
+        faiss_build = time.perf_counter() - t0
+        faiss_bytes = sum(f.stat().st_size for f in (work / "full").glob("faiss-*.index")) / args.pages
+        faiss_s, faiss_ids = timed_queries(lambda q: stage.topk(q, 10, "cpu"), qs)
+        rows.append(row("faiss + exact re-rank", args.pages, faiss_build, size + faiss_bytes, faiss_s, faiss_ids,
+                        exact_ids, targets, factory=stage.info["factory"], nprobe=args.nprobe,
+                        candidates=args.candidates, token_k=args.token_k, faiss_bytes_per_page=round(faiss_bytes)))
+        del stage
+        rows += pooled_rows(args, corpus, work, qs, targets)
+        rows += qdrant_rows(args, corpus, work, qs, targets)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {"env": env(torch.device("cpu")), "args": vars(args), "rows": rows}
+    atomic_write_json(Path(args.json_out), result)
+    print(markdown(rows))
+    print(f"written: {args.json_out}")
+    return 0
+
+
+def pooled_rows(args, corpus: Corpus, work: Path, qs, targets) -> list[dict[str, Any]]:
+    """Exact over the first --pooled_pages pages, unpooled and pooled with K = 3 (targets outside are dropped)."""
+    from colintern.page_search import exact_topk
+
+    n = min(args.pooled_pages, args.pages)
+    keep = [i for i, t in enumerate(targets) if t < n] or list(range(len(qs)))
+    qs, targets = [qs[i] for i in keep], [targets[i] for i in keep]
+    rows = []
+    exact_ids = None
+    for factor in (1, 3):
+        t0 = time.perf_counter()
+        index = build_index(work / f"pooled{factor}_{n}", corpus, n, factor)
+        build_s = time.perf_counter() - t0
+        seconds, ids = timed_queries(lambda q: exact_topk(index, q, 10, "cpu"), qs)
+        exact_ids = ids if exact_ids is None else exact_ids
+        rows.append(row(f"exact, pool factor {factor}", n, build_s, disk_bytes(work / f"pooled{factor}_{n}") / n,
+                        seconds, ids, exact_ids, targets))
+    return rows
+
+
+def qdrant_rows(args, corpus: Corpus, work: Path, qs, targets) -> list[dict[str, Any]]:
+    """Qdrant local mode against exact on the first --qdrant_pages pages."""
+    try:
+        import qdrant_client  # noqa: F401
+    except ImportError:
+        log.info("qdrant-client not installed: no Qdrant row")
+        return []
+    from colintern.page_search import exact_topk
+    from colintern.qdrant_store import QdrantPages
+
+    n = min(args.qdrant_pages, args.pages)
+    keep = [i for i, t in enumerate(targets) if t < n] or list(range(len(qs)))
+    qs, targets = [qs[i] for i in keep], [targets[i] for i in keep]
+    index = build_index(work / f"qd_index_{n}", corpus, n)
+    exact_s, exact_ids = timed_queries(lambda q: exact_topk(index, q, 10, "cpu"), qs)
+    rows = [row("exact (Qdrant's pages)", n, 0.0, disk_bytes(work / f"qd_index_{n}") / n, exact_s, exact_ids,
+                exact_ids, targets)]
+    store = QdrantPages(index, path=str(work / "qdrant"))
+    try:
+        t0 = time.perf_counter()
+        store.sync(show_progress=sys.stderr.isatty())
+        build_s = time.perf_counter() - t0
+        seconds, ids = timed_queries(lambda q: store.topk([x.numpy() for x in q], 10), qs)
+    finally:
+        store.close()
+    rows.append(row("qdrant local mode", n, build_s, disk_bytes(work / "qdrant") / n, seconds, ids, exact_ids,
+                    targets))
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| backend | pages | build s | bytes/page | ms/query (median) | recall@10 vs exact | target in top 10 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['pages']:,} | {r['build_s']} | {r['bytes_per_page']:,} | "
+                     f"{r['ms_per_query_median']} | {r['recall_at_10_vs_exact']:.3f} | {r['target_in_top_10']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, out_flag="--json_out"))

@@ -1,0 +1,165 @@
+"""Query-time search over a search.py index folder: exact MaxSim, or a FAISS first stage + exact re-rank.
+
+    exact   every query against every page (colintern.scoring.maxsim_topk): the ceiling, no approximation
+    faiss   each query token retrieves its token_k nearest page tokens from a FAISS index over every page token
+            (IVF-PQ above AUTO_EXACT_MAX_TOKENS, built once and cached in the index folder); the best `candidates`
+            pages by the approximate score are re-ranked by exact MaxSim. The same first stage as mine.py's
+            (colintern.mining.faiss_candidates), over the index seen as a page store (TokenView).
+    auto    exact up to AUTO_FAISS_MIN_TOKENS page tokens, FAISS above (docs/BENCHMARKS.md, "Search latency").
+
+`--check_recall` also runs exact search and logs the FAISS result's recall@k against it: the number to watch when
+choosing --nprobe / --candidates.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from colintern.page_index import PageIndex
+
+log = logging.getLogger("colintern.search")
+
+# Above this many page tokens a query answered by the FAISS first stage is faster than exact MaxSim on a CPU
+# (bench/search_latency.py: exact costs ~2 * 128 * 25 FLOP per page token and query; FAISS IVF-PQ about constant).
+AUTO_FAISS_MIN_TOKENS = 2_000_000
+
+
+class TokenView:
+    """The visible pages of an index as the page store the mining FAISS functions read: token vectors in page
+    order (global token id -> page), lengths, and padded fp32 blocks for the exact re-rank."""
+
+    def __init__(self, index: PageIndex):
+        self.index = index
+        self.dim = int(index.meta["config"]["dim"])
+        self.lengths = np.asarray([p["length"] for p in index.pages], dtype=np.int64)  # (n_pages,)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)])  # (n_pages+1,) global token offsets
+        self.n_tokens = int(self.starts[-1])
+        self.n_valid = len(index.pages)
+        self.valid_ids = np.arange(self.n_valid)
+        self.spec = type("Spec", (), {"n_pages": self.n_valid})()
+
+    def page_array(self, u: int) -> np.ndarray:
+        page = self.index.pages[u]
+        return self.index.tokens[page["segment"]][page["offset"]:page["offset"] + page["length"]]  # (L, dim) fp16
+
+    def iter_token_chunks(self, chunk: int = 1 << 18) -> Iterator[np.ndarray]:
+        """Every page token in global token order, float32 (n, dim) chunks of about `chunk` rows."""
+        buffer: list[np.ndarray] = []
+        rows = 0
+        for u in range(self.n_valid):
+            buffer.append(self.page_array(u))
+            rows += len(buffer[-1])
+            if rows >= chunk:
+                yield np.concatenate(buffer).astype(np.float32)
+                buffer, rows = [], 0
+        if buffer:
+            yield np.concatenate(buffer).astype(np.float32)
+
+    def sample_tokens(self, n: int, seed: int = 0) -> np.ndarray:
+        """n token vectors drawn uniformly without replacement (float32), to train an IVF index."""
+        picks = np.sort(np.random.default_rng(seed).choice(self.n_tokens, size=min(n, self.n_tokens), replace=False))
+        pages = self.token_pages(picks)
+        return np.stack([self.page_array(int(u))[t - self.starts[u]] for t, u in zip(picks, pages)]).astype(np.float32)
+
+    def token_pages(self, token_ids: np.ndarray) -> np.ndarray:
+        """Global token ids -> page ids (-1 for FAISS's -1 "no result")."""
+        pages = np.searchsorted(self.starts, token_ids, side="right") - 1
+        return np.where(token_ids < 0, -1, pages)
+
+    def padded(self, ids: np.ndarray, device: Any = "cpu") -> torch.Tensor:
+        """(n, Lmax, dim) float32 pages, each padded with copies of its own last token (exact for MaxSim)."""
+        lmax = int(self.lengths[ids].max())
+        buf = np.empty((len(ids), lmax, self.dim), dtype=np.float16)  # (n, Lmax, dim)
+        for r, u in enumerate(ids):
+            a = self.page_array(int(u))
+            buf[r, :len(a)] = a
+            buf[r, len(a):] = a[-1]
+        return torch.from_numpy(buf).to(device).float()
+
+
+def exact_topk(index: PageIndex, qs: list[torch.Tensor], k: int, device: Any,
+               group_tokens: int = 1 << 21) -> tuple[np.ndarray, np.ndarray]:
+    """(n_q, k) scores and page ids by exact MaxSim against every page (best first, ties: lower page id).
+
+    Pages are widened to float32 a group of about group_tokens tokens at a time (1 GiB at dim 128) and the
+    running top-k is merged group by group, so a large index never sits in memory as float32 all at once."""
+    from colintern.scoring import maxsim_topk
+
+    view = TokenView(index)
+    values = np.empty((len(qs), 0), dtype=np.float32)
+    ids = np.empty((len(qs), 0), dtype=np.int64)
+    start = 0
+    while start < view.n_valid:
+        end = start + max(1, int(np.searchsorted(np.cumsum(view.lengths[start:]), group_tokens, side="right")))
+        docs = [torch.from_numpy(view.page_array(u).astype(np.float32)) for u in range(start, end)]
+        v, i = maxsim_topk(qs, docs, k, device=device)  # (n_q, <= k), ties: lower id first
+        values, ids = np.concatenate([values, v.numpy()], 1), np.concatenate([ids, i.numpy() + start], 1)
+        order = np.argsort(-values, axis=1, kind="stable")[:, :k]  # earlier groups (lower ids) first among ties
+        values, ids = np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1)
+        start = end
+    return values, ids
+
+
+class FaissFirstStage:
+    """FAISS over every page token of the index (cached in the folder), then exact MaxSim over the candidates."""
+
+    def __init__(self, index: PageIndex, nprobe: int = 32, token_k: int = 64, candidates: int = 256,
+                 factory: str = "auto", use_gpu: bool = False, show_progress: bool = True):
+        from colintern.mining import build_faiss_index
+
+        self.view, self.token_k, self.candidates = TokenView(index), token_k, candidates
+        factory = search_factory(self.view.n_tokens) if factory == "auto" else factory
+        state = json.dumps([index.meta["segments"], index.meta.get("hidden", []), factory]).encode()
+        cache = Path(index.folder) / f"faiss-{hashlib.sha1(state).hexdigest()[:12]}.index"
+        for stale in Path(index.folder).glob("faiss-*.index"):
+            if stale != cache:  # built for pages (or a factory) that have changed since
+                stale.unlink(missing_ok=True)
+        self.faiss, self.info = build_faiss_index(self.view, factory, nprobe, use_gpu, 0, cache, show_progress)
+        log.info("FAISS first stage: %s over %s page tokens (%s), %d candidates per query re-ranked exactly",
+                 self.info["factory"], f"{self.view.n_tokens:,}", "cached" if cache.is_file() else "in memory",
+                 candidates)
+
+    def topk(self, qs: list[torch.Tensor], k: int, device: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(n_q, k) scores and page ids: exact scores of the best candidates (ties: lower page id)."""
+        from colintern.mining import faiss_candidates, own_candidate_scores
+
+        k = min(k, self.view.n_valid)
+        found = faiss_candidates(self.faiss, [q.float().numpy() for q in qs], self.view, self.token_k,
+                                 max(self.candidates, k))
+        values, ids = np.empty((len(qs), k), dtype=np.float32), np.empty((len(qs), k), dtype=np.int64)
+        for r, (q, cand) in enumerate(zip(qs, found)):
+            scores = own_candidate_scores(q, cand, self.view, device)
+            order = np.lexsort((cand, -scores))[:k]
+            values[r], ids[r] = scores[order], cand[order]
+        return values, ids
+
+
+def search_factory(n_tokens: int) -> str:
+    """The FAISS index of --first_stage faiss: exact "Flat" for small indexes, else IVF-PQ (32 bytes per token) with
+    about 4 sqrt(n) lists, capped at 4,096: assigning every token to its list costs n x lists dot products at build
+    time (18 M tokens x 16,384 lists would take ~20 min on 2 cores), and nprobe lists of 4,096 keep a query fast."""
+    if n_tokens <= 200_000:
+        return "Flat"
+    lists = min(4096, int(2 ** round(math.log2(4 * math.sqrt(n_tokens)))))
+    return f"IVF{lists},PQ32"
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |found top-k ∩ exact top-k| / k."""
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / max(1, len(b)) for a, b in zip(found, exact)]))
+
+
+def choose_first_stage(asked: str, n_tokens: int) -> tuple[str, str]:
+    """--first_stage auto -> ("exact" | "faiss", why)."""
+    if asked != "auto":
+        return asked, "asked for"
+    if n_tokens <= AUTO_FAISS_MIN_TOKENS:
+        return "exact", f"{n_tokens:,} page tokens <= {AUTO_FAISS_MIN_TOKENS:,}"
+    return "faiss", f"{n_tokens:,} page tokens > {AUTO_FAISS_MIN_TOKENS:,}"
