@@ -19,7 +19,6 @@ every page tie). Rows, each with build seconds, bytes per page, median ms per qu
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import shutil
@@ -159,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("faiss + exact re-rank", args.pages, faiss_build, size + faiss_bytes, faiss_s, faiss_ids,
                         exact_ids, targets, factory=stage.info["factory"], nprobe=args.nprobe,
                         candidates=args.candidates, token_k=args.token_k, faiss_bytes_per_page=round(faiss_bytes)))
-        del stage
         rows += pooled_rows(args, corpus, work, qs, targets)
         rows += qdrant_rows(args, corpus, work, qs, targets)
     finally:
@@ -194,9 +192,9 @@ def pooled_rows(args, corpus: Corpus, work: Path, qs, targets) -> list[dict[str,
 
 def qdrant_rows(args, corpus: Corpus, work: Path, qs, targets) -> list[dict[str, Any]]:
     """Qdrant local mode against exact on the first --qdrant_pages pages."""
-    try:
-        import qdrant_client  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("qdrant_client") is None:
         log.info("qdrant-client not installed: no Qdrant row")
         return []
     from colintern.page_search import exact_topk

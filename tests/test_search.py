@@ -353,3 +353,51 @@ def test_exact_search_in_groups_equals_one_pass_with_ties_to_the_lower_page(tmp_
         values, ids = exact_topk(index, qs, 5, "cpu", group_tokens=group)
         assert np.array_equal(ids, want_i.numpy()) and np.allclose(values, want_v.numpy(), atol=1e-6)
     assert ids[3, 0] == 2 and ids[3, 1] == 7
+
+
+def page_texts(pdf) -> list[str]:
+    import pypdfium2 as pdfium
+
+    document = pdfium.PdfDocument(str(pdf))
+    try:
+        return [" ".join(document[i].get_textpage().get_text_range().split()) for i in range(len(document))]
+    finally:
+        document.close()
+
+
+def test_a_trained_model_finds_each_real_pdf_page_from_its_own_text(tiny_model_dir, tmp_path, capsys):
+    """Real rendered PDF pages (six pages of the GNU Libtasn1 manual, tests/fixtures/real_pages.pdf): train the tiny
+    model on queries made from each page's own text, index the PDF, and each page is the top-1 result of its query.
+    The untrained checkpoint of the same model is the control (it ranks by chance)."""
+    from pathlib import Path
+
+    from colintern.page_index import PageSource, render_page
+
+    pdf = Path(__file__).parent / "fixtures" / "real_pages.pdf"
+    texts = page_texts(pdf)
+    queries = [" ".join(text.split()[4:16]) for text in texts]  # words of the page, past its running head
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for i, query in enumerate(queries):
+        render_page(PageSource(str(pdf), "", i + 1, "pdf"), 40).save(data / f"p{i}.png")
+        lines += [json.dumps({"query": query, "pos": f"p{i}.png"}),
+                  json.dumps({"query": " ".join(texts[i].split()[16:28]), "pos": f"p{i}.png"})]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    train = load_script("train")
+    out = tmp_path / "train"
+    assert train.main(["--model_id", tiny_model_dir, "--train_jsonl", str(data / "train.jsonl"), "--root", str(data),
+                       "--out_dir", str(out), "--batch_size", "6", "--epochs", "30", "--lr", "2e-3", "--lora",
+                       "--tau", "0.05", "--seed", "0", "--device", "cpu", "--save_every", "0",
+                       "--no_page_check"]) == 0
+    trained = sorted(out.glob("colintern_heads_*.pt"))[-1]
+    top1 = {}
+    for name, ckpt in (("trained", trained), ("untrained", None)):
+        index = tmp_path / f"index_{name}"
+        argv = ["index", "--model_id", tiny_model_dir, "--inputs", pdf, "--index", index, "--dpi", 40]
+        assert run(capsys, *argv, *(["--ckpt", ckpt] if ckpt else []))[0] == 0
+        code, stdout, _ = run(capsys, "query", "--index", index, "--k", 1, "--json", *queries)
+        assert code == 0
+        top1[name] = [json.loads(line)["results"][0]["page"] for line in stdout.splitlines()]
+    assert top1["trained"] == [1, 2, 3, 4, 5, 6], top1
+    assert top1["untrained"] != top1["trained"]
