@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="replace an existing run directory's results instead of refusing (finished) or resuming "
                         "(interrupted)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details (debug level; default: progress and results)")
+    g = p.add_argument_group("image-text retrieval (seed 004; a checkpoint of train.py --task itr)")
+    g.add_argument("--itr_dataset", default=None, metavar="DIR", help="a folder holding itr.jsonl (e.g. python -m "
+                   "colintern.scenes OUT writes OUT/eval): T2I and I2T R@1/5/10, twin accuracy, box IoU/GIoU/L1 beside "
+                   "the mean-box prior, relation accuracy/macro-F1 beside the shuffled-image control (default: none)")
+    g.add_argument("--itm_rerank", type=int, default=0, metavar="K", help="with --itr_dataset: also re-rank each "
+                   "caption's top K images by the matching head (default: 0 = off)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.query_batch_size < 1:
         raise UserError("--batch_size and --query_batch_size must be at least 1")
@@ -456,6 +462,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(list_benchmarks()))
         return 0
     run_dir = run_dir_for(args)
+    if args.itr_dataset:  # seed 004: its own metrics, not mteb's
+        from colintern import itr_eval
+
+        summary = itr_eval.run(args)
+        prepare_run_dir(run_dir, args.overwrite)
+        write_json(run_dir / "summary.json", summary)
+        print(itr_eval.format_table(summary))
+        print(f"wrote {run_dir / 'summary.json'}")
+        return 0
     hub_tasks, local_tasks, benchmark = select_tasks(args)
     copies = {item.partition("=")[0] for item in args.task_data}
     hub_tasks = load_hub_data(hub_tasks, copies)

@@ -46,6 +46,9 @@ OUT_FLAG = "--out_dir"  # named in one-line errors about the output location (fu
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["retrieval", "itr"], default="retrieval", help="retrieval: page retrieval "
+                   "(this help); itr: image-text retrieval with contrastive, matching, box and relation heads "
+                   "(seed 004; its flags: train.py --task itr --help) (default: retrieval)")
     g = p.add_argument_group("model and data")
     g.add_argument("--model_id", required=True, help="base model: hub id or local directory (InternVL3.5, "
                    "original internvl_chat or transformers-native, or Qwen3-VL)")
@@ -215,6 +218,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", choices=["retrieval", "itr"], default="retrieval")
+    if task.parse_known_args(given)[0].task == "itr":  # seed 004: its own flags (train.py --task itr --help)
+        from colintern.itr_train import main as itr_main
+
+        return itr_main(given)
     args = parse_args(argv)
     dist = init_distributed(resolve_device(args.device, flag=args.device_flag))
     setup_logging(args.verbose, quiet=not dist.is_main)

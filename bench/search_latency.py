@@ -10,7 +10,7 @@ target page, so exact search has a right answer and an approximate one can miss 
 every page tie). Rows, each with build seconds, bytes per page, median ms per query and recall@10 against exact:
   exact     search.py's exact MaxSim over every page (colintern.page_search.exact_topk): the ceiling, ~115 GFLOP
             per query at 10,000 pages
-  faiss     the FAISS first stage (IVF-PQ over every page token) + exact re-rank of --candidates pages
+  faiss     the FAISS first stage (IVF-PQ over every page token) + exact re-rank, for each --faiss_grid setting
   pooled    exact over the pages pooled with --pool_factor 3, on the first --pooled_pages pages (Ward pooling costs
             ~0.16 s per page here), beside exact on the same pages
   qdrant    Qdrant's embedded local mode (pure Python/numpy: every vector in memory) on the first --qdrant_pages
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pages", type=int, default=10_000, help="pages in the index (default: 10000)")
     p.add_argument("--queries", type=int, default=20, help="queries timed one by one (default: 20)")
-    p.add_argument("--candidates", type=int, default=256, help="FAISS first stage: pages re-ranked (default: 256)")
-    p.add_argument("--token_k", type=int, default=64, help="FAISS first stage: tokens per query token (default: 64)")
-    p.add_argument("--nprobe", type=int, default=32, help="FAISS first stage: IVF lists searched (default: 32)")
+    p.add_argument("--faiss_grid", nargs="+", default=["32,256,64", "64,512,128", "128,1024,256"],
+                   metavar="NPROBE,CANDIDATES,TOKEN_K", help="FAISS first-stage settings to time on the one index "
+                   "(default: %(default)s)")
     p.add_argument("--pooled_pages", type=int, default=1000, help="pages of the pooled comparison (default: 1000)")
     p.add_argument("--qdrant_pages", type=int, default=500, help="pages of the Qdrant local-mode comparison "
                    "(default: 500)")
@@ -151,15 +151,23 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("exact", args.pages, build_s, size, exact_s, exact_ids, exact_ids, targets,
                         page_tokens=n_tokens, gflop_per_query=round(2 * DIM * n_tokens * 25 / 1e9, 1)))
         t0 = time.perf_counter()
-        stage = FaissFirstStage(index, args.nprobe, args.token_k, args.candidates, show_progress=sys.stderr.isatty())
+        stage = FaissFirstStage(index, show_progress=sys.stderr.isatty())
         faiss_build = time.perf_counter() - t0
         faiss_bytes = sum(f.stat().st_size for f in (work / "full").glob("faiss-*.index")) / args.pages
-        faiss_s, faiss_ids = timed_queries(lambda q: stage.topk(q, 10, "cpu"), qs)
-        rows.append(row("faiss + exact re-rank", args.pages, faiss_build, size + faiss_bytes, faiss_s, faiss_ids,
-                        exact_ids, targets, factory=stage.info["factory"], nprobe=args.nprobe,
-                        candidates=args.candidates, token_k=args.token_k, faiss_bytes_per_page=round(faiss_bytes)))
-        rows += pooled_rows(args, corpus, work, qs, targets)
-        rows += qdrant_rows(args, corpus, work, qs, targets)
+        for setting in args.faiss_grid:  # one index, searched with each (nprobe, candidates, token_k)
+            nprobe, stage.candidates, stage.token_k = (int(v) for v in setting.split(","))
+            if "IVF" in stage.info["factory"]:
+                import faiss
+
+                faiss.extract_index_ivf(stage.faiss).nprobe = nprobe
+            faiss_s, faiss_ids = timed_queries(lambda q: stage.topk(q, 10, "cpu"), qs)
+            rows.append(row(f"faiss + exact re-rank (nprobe {nprobe}, {stage.candidates} candidates, token_k "
+                            f"{stage.token_k})", args.pages, faiss_build, size + faiss_bytes, faiss_s, faiss_ids,
+                            exact_ids, targets, factory=stage.info["factory"], nprobe=nprobe,
+                            candidates=stage.candidates, token_k=stage.token_k,
+                            faiss_bytes_per_page=round(faiss_bytes)))
+        rows += pooled_rows(args, corpus, work)
+        rows += qdrant_rows(args, corpus, work)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -170,13 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def pooled_rows(args, corpus: Corpus, work: Path, qs, targets) -> list[dict[str, Any]]:
-    """Exact over the first --pooled_pages pages, unpooled and pooled with K = 3 (targets outside are dropped)."""
+def subset_queries(args, corpus: Corpus, n: int) -> tuple[list[torch.Tensor], list[int]]:
+    """--queries queries whose target pages are among the first n."""
+    queries = [corpus.query(i, n) for i in range(args.queries)]
+    return [q for q, _ in queries], [t for _, t in queries]
+
+
+def pooled_rows(args, corpus: Corpus, work: Path) -> list[dict[str, Any]]:
+    """Exact over the first --pooled_pages pages, unpooled and pooled with K = 3."""
     from colintern.page_search import exact_topk
 
     n = min(args.pooled_pages, args.pages)
-    keep = [i for i, t in enumerate(targets) if t < n] or list(range(len(qs)))
-    qs, targets = [qs[i] for i in keep], [targets[i] for i in keep]
+    qs, targets = subset_queries(args, corpus, n)
     rows = []
     exact_ids = None
     for factor in (1, 3):
@@ -190,7 +203,7 @@ def pooled_rows(args, corpus: Corpus, work: Path, qs, targets) -> list[dict[str,
     return rows
 
 
-def qdrant_rows(args, corpus: Corpus, work: Path, qs, targets) -> list[dict[str, Any]]:
+def qdrant_rows(args, corpus: Corpus, work: Path) -> list[dict[str, Any]]:
     """Qdrant local mode against exact on the first --qdrant_pages pages."""
     import importlib.util
 
@@ -201,8 +214,7 @@ def qdrant_rows(args, corpus: Corpus, work: Path, qs, targets) -> list[dict[str,
     from colintern.qdrant_store import QdrantPages
 
     n = min(args.qdrant_pages, args.pages)
-    keep = [i for i, t in enumerate(targets) if t < n] or list(range(len(qs)))
-    qs, targets = [qs[i] for i in keep], [targets[i] for i in keep]
+    qs, targets = subset_queries(args, corpus, n)
     index = build_index(work / f"qd_index_{n}", corpus, n)
     exact_s, exact_ids = timed_queries(lambda q: exact_topk(index, q, 10, "cpu"), qs)
     rows = [row("exact (Qdrant's pages)", n, 0.0, disk_bytes(work / f"qd_index_{n}") / n, exact_s, exact_ids,
