@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo ablate gpu-suite clean
+.PHONY: venv test demo ablate itr-demo gpu-suite clean
 
 # torch first (torch==2.13.0: the CPU build on a machine without CUDA; torchvision is never installed),
 # so that nothing in requirements.txt pulls another torch build. FAISS likewise: faiss-cpu only where no faiss is
@@ -30,6 +30,11 @@ demo: venv
 # The seed-002 single-vector grid (pooling x attention, 2 seeds) on the tiny model and synthetic pages, on a CPU.
 ablate: venv
 	$(PY) -m colintern.ablate --out outputs/ablate
+
+# Seed 004 on the tiny model and generated scenes, on a CPU: single-stage against two-stage at equal steps, evaluated
+# after every epoch, with the comparison and efficiency tables (about 5 minutes on 2 cores).
+itr-demo: venv
+	$(PY) -m colintern.itr_demo --out outputs/itr_demo
 
 # On a machine with a CUDA GPU, with that machine's own python (torch, transformers, peft, accelerate; no venv
 # needed): the one prepared measurement, about 8 minutes, results in outputs/bench/gpu_suite/ (docs/BENCHMARKS.md).

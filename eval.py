@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--itr_dataset", default=None, metavar="DIR", help="a folder holding itr.jsonl (e.g. python -m "
                    "colintern.scenes OUT writes OUT/eval): T2I and I2T R@1/5/10, twin accuracy, box IoU/GIoU/L1 beside "
                    "the mean-box prior, relation accuracy/macro-F1 beside the shuffled-image control (default: none)")
+    g.add_argument("--coco_images", default=None, help="with a COCO captions JSON as --itr_dataset: its images")
+    g.add_argument("--coco_instances", default=None, help="with a COCO captions JSON: its instances JSON (boxes)")
     g.add_argument("--itm_rerank", type=int, default=0, metavar="K", help="with --itr_dataset: also re-rank each "
                    "caption's top K images by the matching head (default: 0 = off)")
     args = p.parse_args(argv)

@@ -110,6 +110,69 @@ def read_itr_jsonl(path: str | Path, report: Any) -> list[ItrRow]:
     return rows
 
 
+def read_coco(captions_json: str | Path, images_dir: str | Path, report: Any,
+              instances_json: str | Path | None = None) -> list[ItrRow]:
+    """COCO captions (+ optionally instances) as rows: one per image with all its captions (they describe each
+    other: the image id is the key); with instances, the two largest boxes become subject and object ([x, y, w, h]
+    pixels normalised by the image size) and the phrase names their categories. COCO labels no spatial relation, so
+    rows carry none (the relation loss skips them). A caption of an unknown image is reported and skipped."""
+    def load(path: str | Path) -> dict:
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: not a readable COCO annotation file ({err})") from None
+
+    data = load(captions_json)
+    try:
+        images = {im["id"]: im for im in data["images"]}
+        captions: dict[Any, list[str]] = {}
+        for n, ann in enumerate(data["annotations"]):
+            if ann.get("image_id") not in images or not str(ann.get("caption", "")).strip():
+                report.add(f"{captions_json} annotation {n}", "caption of an unknown image, or empty")
+                continue
+            captions.setdefault(ann["image_id"], []).append(str(ann["caption"]).strip())
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{captions_json}: missing COCO field {err}") from None
+    boxes: dict[Any, list[tuple[float, list[float], str]]] = {}
+    if instances_json:
+        inst = load(instances_json)
+        names = {c["id"]: c["name"] for c in inst.get("categories", [])}
+        for ann in inst.get("annotations", []):
+            im = images.get(ann.get("image_id"))
+            if im is None:
+                continue
+            x, y, w, h = ann["bbox"]
+            box = [x / im["width"], y / im["height"], (x + w) / im["width"], (y + h) / im["height"]]
+            boxes.setdefault(ann["image_id"], []).append((w * h, box, names.get(ann.get("category_id"), "object")))
+    rows = []
+    for image_id, texts in captions.items():
+        path = Path(images_dir) / images[image_id]["file_name"]
+        if not path.is_file():
+            report.add(f"{captions_json} image {image_id}", f"missing image: file not found: {path}")
+            continue
+        two = sorted(boxes.get(image_id, []), key=lambda t: -t[0])[:2]
+        rows.append(ItrRow(image=str(path.resolve()), image_id=str(image_id), captions=texts, key=f"coco:{image_id}",
+                           phrase=f"the {two[0][2]} and the {two[1][2]}" if len(two) == 2 else None,
+                           subject_box=two[0][1] if len(two) == 2 else None,
+                           object_box=two[1][1] if len(two) == 2 else None))
+    if not rows:
+        raise UserError(f"{captions_json}: no usable image ({report.summary()})")
+    return rows
+
+
+def read_rows(path: str | Path, report: Any, coco_images: str | None = None,
+              coco_instances: str | None = None) -> list[ItrRow]:
+    """An itr.jsonl file (or a folder holding one), or a COCO captions JSON with --coco_images."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "itr.jsonl"
+    if path.suffix == ".json":
+        if not coco_images:
+            raise UserError(f"{path} is a COCO annotation file: also pass --coco_images DIR (its images)")
+        return read_coco(path, coco_images, report, coco_instances)
+    return read_itr_jsonl(path, report)
+
+
 def _row(item: Any, base: Path, where: str) -> ItrRow:
     from colintern.data import BadRowError
 

@@ -143,14 +143,14 @@ def run(args: Any) -> dict[str, Any]:
     from colintern.data import SkipReport
     from colintern.device import resolve_device
     from colintern.errors import UserError
-    from colintern.itr import ImageText, read_itr_jsonl
+    from colintern.itr import ImageText, read_rows
 
     if not args.ckpt:
         raise UserError("--itr_dataset needs --ckpt: an image-text checkpoint of train.py --task itr")
     data = Path(args.itr_dataset)
-    path = data / "itr.jsonl" if data.is_dir() else data
     t0 = time.perf_counter()
-    rows = read_itr_jsonl(path, SkipReport(strict=getattr(args, "strict", False), logger=log))
+    rows = read_rows(data, SkipReport(strict=getattr(args, "strict", False), logger=log), args.coco_images,
+                     args.coco_instances)
     m = ImageText.from_pretrained(args.model_id, args.ckpt, device=resolve_device(args.device))
     payload = load_checkpoint(args.ckpt)
     tasks = evaluate_itr(m, rows, args.itm_rerank, payload.get("box_prior"), args.batch_size)

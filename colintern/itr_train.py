@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from colintern.errors import UserError
-from colintern.itr import Features, ItrConfig, ItrHeads, ItrRow, load_backbone_for_itr, read_itr_jsonl
+from colintern.itr import Features, ItrConfig, ItrHeads, ItrRow, load_backbone_for_itr, read_rows
 from colintern.itr_losses import (box_losses, clamp_temperature_, itc_loss, itm_loss, relation_loss,
                                   sample_itm_negatives)
 
@@ -47,7 +47,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--task", choices=["itr"], default="itr", help="itr: image-text retrieval with multi-task heads")
     p.add_argument("--model_id", required=True, help="base model: hub id or local directory (frozen)")
     p.add_argument("--train_itr", required=True, help="rows {image, caption(s), phrase, subject, object, relation} "
-                   "(docs/CONTRACT.md §12), e.g. python -m colintern.scenes OUT writes OUT/train/itr.jsonl")
+                   "(docs/CONTRACT.md §12), e.g. python -m colintern.scenes OUT writes OUT/train/itr.jsonl; or a COCO "
+                   "captions JSON (with --coco_images)")
+    p.add_argument("--coco_images", default=None, help="with a COCO captions JSON as --train_itr: its image folder")
+    p.add_argument("--coco_instances", default=None, help="with a COCO captions JSON: its instances JSON (the two "
+                   "largest boxes train the box head; COCO has no relation labels)")
     p.add_argument("--out_dir", default="outputs/itr", help="checkpoints and logs (default: outputs/itr)")
     p.add_argument("--stage", choices=["1", "2", "single"], default="single", help="1: ITC only; 2: every loss, from "
                    "a stage-1 --resume_ckpt; single: every loss from step 1 (default: single)")
@@ -81,6 +85,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out_dir")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--report_to", nargs="+", choices=["none", "tensorboard", "wandb"], default=["none"],
+                   help="also send every step's metrics to TensorBoard and/or Weights & Biases (the seed's --use_wandb; "
+                   "WANDB_MODE=offline works); metrics.jsonl is always written (default: none)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "dim", "fusion_dim", "fusion_layers", "fusion_heads", "max_tiles"):
@@ -139,7 +146,7 @@ class ItrTrainer:
         self.out = Path(args.out_dir)
         self.device = resolve_device(args.device)
         self.report = SkipReport(strict=args.strict, logger=log)
-        self.rows: list[ItrRow] = read_itr_jsonl(args.train_itr, self.report)
+        self.rows: list[ItrRow] = read_rows(args.train_itr, self.report, args.coco_images, args.coco_instances)
         payload = self._resume_payload()
         cfg = ItrConfig.from_dict(payload["itr"]) if payload else ItrConfig(
             dim=args.dim, fusion_dim=args.fusion_dim, fusion_layers=args.fusion_layers,
@@ -273,10 +280,15 @@ class ItrTrainer:
         from colintern.training import append_line, fault
 
         args, state = self.args, self.state
+        from colintern.reporting import Reporter
+
         for path in self.to_remove:
             path.unlink(missing_ok=True)
         self._trim_metrics()
         self._write_run_info()
+        reporter = Reporter([k for k in args.report_to if k != "none"], str(self.out),
+                            f"{self.out.name}-phase{state.phase}", f"{self.out.name}-{state.fingerprint[:12]}",
+                            {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))})
         per_epoch = len(self.items) // args.batch_size
         t_start = time.perf_counter()
         while state.step < state.steps:
@@ -299,6 +311,7 @@ class ItrTrainer:
                        "temp": float(self.heads.temperature.detach()), "lr": self.scheduler.get_last_lr()[0],
                        "seconds": seconds, "pairs_per_s": len(batch) / max(seconds, 1e-9)}
                 append_line(str(self.out), "metrics.jsonl", json.dumps(row))
+                reporter.log(row, state.step)
                 if args.save_every and state.step % args.save_every == 0:
                     self.save(f"colintern_heads_step{state.step}.pt", row)
                 fault("kill", state.step)
@@ -306,7 +319,9 @@ class ItrTrainer:
                 state.epoch += 1
                 state.position = 0
                 self.save(f"colintern_heads_epoch{state.epoch}.pt", row)
+        reporter.close()
         wall = time.perf_counter() - t_start
+        self._write_run_info(peak_memory())
         return (f"done: phase {state.phase} (stage {state.stage}), {state.step} steps, {state.epoch} epoch(s) in "
                 f"{wall:.1f} s; last checkpoint {self.out / f'colintern_heads_epoch{state.epoch}.pt'}")
 
@@ -345,7 +360,7 @@ class ItrTrainer:
                    "metrics": metrics}
         atomic_torch_save(payload, str(self.out / name))
 
-    def _write_run_info(self) -> None:
+    def _write_run_info(self, peak: dict[str, Any] | None = None) -> None:
         from colintern.files import atomic_write_json
 
         trainable = sum(p.numel() for p in self.heads.parameters())
@@ -354,8 +369,18 @@ class ItrTrainer:
             "task": "itr", "stage": self.state.stage, "phase": self.state.phase, "model_id": self.args.model_id,
             "train_itr": self.args.train_itr, "rows": len(self.rows), "captions": len(self.items),
             "trainable_params": trainable, "total_params": trainable + frozen, "image_tokens": self.cfg.image_tokens,
-            "feature_seconds": round(self.feature_seconds, 2), "itr": self.cfg.to_dict(),
+            "feature_seconds": round(self.feature_seconds, 2), "itr": self.cfg.to_dict(), **(peak or {}),
             "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))}})
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak memory of this process: the CUDA allocator's on a GPU, else the resident set size (Linux: KiB)."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return {"peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "peak_mem_kind": "cuda allocated"}
+    import resource
+
+    return {"peak_mem_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "peak_mem_kind": "process RSS"}
 
 
 def main(argv: list[str]) -> int:

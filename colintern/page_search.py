@@ -110,7 +110,7 @@ def exact_topk(index: PageIndex, qs: list[torch.Tensor], k: int, device: Any,
 class FaissFirstStage:
     """FAISS over every page token of the index (cached in the folder), then exact MaxSim over the candidates."""
 
-    def __init__(self, index: PageIndex, nprobe: int = 32, token_k: int = 64, candidates: int = 256,
+    def __init__(self, index: PageIndex, nprobe: int = 64, token_k: int = 128, candidates: int = 512,
                  factory: str = "auto", use_gpu: bool = False, show_progress: bool = True):
         from colintern.mining import build_faiss_index
 

@@ -159,3 +159,69 @@ def test_qwen3_vl_backbone_trains_and_evaluates(scene_dir, tiny_qwen_dir, tmp_pa
                        "112", "--device", "cpu", "--batch_size", "16"]) == 0
     tasks = summary_of(out / "colintern_heads_epoch1.pt", tiny_qwen_dir, small, tmp_path, "q")["tasks"]
     assert set(tasks) == {"eval_t2i", "eval_i2t", "eval_grounding"} and 0 <= tasks["eval_t2i"]["recall_at_1"] <= 1
+
+
+def test_the_itr_demo_tables_are_the_summaries_and_the_logs(tmp_path, capsys):
+    """make itr-demo, reduced: 2 epochs single-stage against 1 + 1 two-stage; every number of both tables comes
+    from the eval summaries and metrics.jsonl, and every step is printed as a command."""
+    from colintern import itr_demo
+
+    out = tmp_path / "demo"
+    assert run_cli(itr_demo.main, ["--out", str(out), "--epochs", "2", "--stage1_epochs", "1", "--n_train", "96",
+                                   "--n_eval", "8", "--threads", "1"], out_flag="--out") == 0
+    printed = capsys.readouterr().out
+    assert printed.count("\n$ ") == 11 and "train.py --task itr" in printed and "--stage 2" in printed
+    report = out / "report"
+    single, two = (json.loads((out / "eval" / f"{n}_e2" / "summary.json").read_text())["tasks"]
+                   for n in ("single", "two"))
+    table = (report / "comparison.md").read_text()
+    for task, scores in single.items():
+        for metric, value in scores.items():
+            change = two[task][metric] - value
+            assert f"| {task} | {metric} | {value:.4f} | {two[task][metric]:.4f} | {change:+.4f} |" in table
+    rows = {r["run"]: r for r in json.loads((report / "efficiency.json").read_text())}
+    for label, folders, prefix in (("Single", ["single"], "single_e"), ("Two-Stage", ["stage1", "stage2"], "two_e")):
+        r1 = [json.loads((out / "eval" / f"{prefix}{e}" / "summary.json").read_text())["tasks"]["eval_t2i"]
+              ["recall_at_1"] for e in (1, 2)]
+        seconds = sum(json.loads(x)["seconds"] for f in folders
+                      for x in (out / "itr" / f / "metrics.jsonl").read_text().splitlines())
+        assert rows[label]["t2i_r1_per_epoch"] == r1 and rows[label]["epochs"] == 2
+        assert rows[label]["train_seconds"] == round(seconds, 2) and rows[label]["trainable_params"] > 0
+    assert (report / "efficiency.png").stat().st_size > 0 and (report / "comparison_eval_t2i.png").is_file()
+    plot = load_script("plot_vidore_metrics")  # the seed-004 summary plots like any other eval.py summary
+    assert plot.main(["--inputs", str(out / "eval" / "single_e2"), str(out / "eval" / "two_e2"), "--outdir",
+                      str(tmp_path / "plots"), "--metrics", "recall_at_1", "recall_at_10", "rel_acc"]) == 0
+    assert any(p.suffix == ".png" for p in (tmp_path / "plots").iterdir())
+
+
+def test_coco_captions_and_instances_read_back_as_the_same_examples(scene_dir, tmp_path):
+    """A COCO mirror of scene rows (captions JSON + instances JSON with [x, y, w, h] pixel boxes) reads back to the
+    same captions and boxes; a caption of an unknown image is reported and skipped."""
+    from colintern.data import SkipReport
+    from colintern.itr import read_rows
+
+    rows = [json.loads(x) for x in (scene_dir / "eval" / "itr.jsonl").read_text().splitlines()[:6]]
+    size = 224
+    images = [{"id": i, "file_name": r["image"], "width": size, "height": size} for i, r in enumerate(rows)]
+    captions = [{"image_id": i, "id": 10 * i + c, "caption": text} for i, r in enumerate(rows)
+                for c, text in enumerate(r["captions"])] + [{"image_id": 99, "id": 999, "caption": "lost"}]
+    names = sorted({r[p]["label"] for r in rows for p in ("subject", "object")})
+    instances = []
+    for i, r in enumerate(rows):
+        for part in ("subject", "object"):
+            x1, y1, x2, y2 = (v * size for v in r[part]["box"])
+            instances.append({"image_id": i, "category_id": names.index(r[part]["label"]),
+                              "bbox": [x1, y1, x2 - x1, y2 - y1]})
+    (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    (tmp_path / "instances.json").write_text(json.dumps({
+        "images": images, "annotations": instances, "categories": [{"id": n, "name": v} for n, v in enumerate(names)]}))
+    report = SkipReport(strict=False)
+    got = read_rows(tmp_path / "captions.json", report, str(scene_dir / "eval"), str(tmp_path / "instances.json"))
+    assert report.count == 1 and "annotation 12" in report.items[0].where
+    assert [g.captions for g in got] == [r["captions"] for r in rows]
+    for g, r in zip(got, rows):
+        area = {p: (r[p]["box"][2] - r[p]["box"][0]) * (r[p]["box"][3] - r[p]["box"][1]) for p in ("subject", "object")}
+        big, small = sorted(("subject", "object"), key=lambda p: -area[p])
+        assert g.subject_box == pytest.approx(r[big]["box"], abs=1e-9)
+        assert g.object_box == pytest.approx(r[small]["box"], abs=1e-9)
+        assert g.phrase == f"the {r[big]['label']} and the {r[small]['label']}" and g.relation is None
