@@ -137,10 +137,10 @@ def read_summary(path: Path, metrics: list) -> dict:
             raise UserError(f'{at}: task "{task}" must map metric names to numbers, got {type(scores).__name__}')
         picked[task] = {}
         for metric in metrics:
-            if metric not in scores:
+            if metric not in scores:  # tasks of different kinds (seed 004: retrieval and grounding) differ
                 have = ", ".join(sorted(k for k, v in scores.items() if is_number(v))) or "none"
-                raise UserError(f'{at}: task "{task}" has no metric "{metric}" (it has: {have}); '
-                                f'choose --metrics among those')
+                log.warning('%s: task "%s" has no metric "%s" (it has: %s); no bar for it', at, task, metric, have)
+                continue
             value = scores[metric]
             if not is_number(value):
                 raise UserError(f'{at}: task "{task}": "{metric}" must be a finite number, got {value!r}')
@@ -163,6 +163,11 @@ def read_summary(path: Path, metrics: list) -> dict:
                 raise UserError(f'{avg_where}: "average"."{metric}" must be a finite number, got {average[metric]!r}')
     else:
         raise UserError(f'{avg_where}: "average" must be {{metric: value}} or a number, got {average!r}')
+    for metric in metrics:
+        if not any(metric in scores for scores in picked.values()):
+            have = ", ".join(sorted({k for s in tasks.values() for k, v in s.items() if is_number(v)})) or "none"
+            raise UserError(f'{where(path, text, "tasks")}: no task has the metric "{metric}" (they have: {have}); '
+                            f'choose --metrics among those')
     meta = {k: data.get(k) for k in ("model", "ckpt", "benchmark", "mteb_version", "dtype", "batch_size")}
     return {"path": path, "meta": meta, "main_metric": main_metric, "tasks": picked, "given_average": given,
             "all_tasks": tasks}
@@ -327,8 +332,11 @@ def run(args) -> list:
         values[metric] = {}
         for label, r in zip(labels, runs):
             for task, scores in r["tasks"].items():
-                values[metric][(label, task)] = scores[metric]
-            values[metric][(label, AVERAGE)] = run_average(r, metric)
+                if metric in scores:
+                    values[metric][(label, task)] = scores[metric]
+            average = run_average(r, metric)
+            if average is not None:  # no file average and not every task has it: no average bar
+                values[metric][(label, AVERAGE)] = average
 
     mains = list(dict.fromkeys(r["main_metric"] for r in runs if r["main_metric"]))
     main_metric = args.main_metric or (mains[0] if mains else DEFAULT_MAIN_METRIC)
@@ -337,7 +345,7 @@ def run(args) -> list:
                     ", ".join(mains), main_metric)
     main_values = []
     for label, r in zip(labels, runs):
-        value = values[main_metric][(label, AVERAGE)] if main_metric in values else run_average(r, main_metric)
+        value = values[main_metric].get((label, AVERAGE)) if main_metric in values else run_average(r, main_metric)
         if value is None:
             raise UserError(f'{r["path"]}: no value for main metric "{main_metric}" (not in "average" and not in '
                             f'every task); pass --main_metric with a metric the summaries have')
