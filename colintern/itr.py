@@ -268,8 +268,13 @@ class Features:
     def count_image_tokens(self) -> int:
         return int(self.model.processor.page_cost(self.square(Image.new("RGB", (8, 8), "white"))))
 
-    @torch.no_grad()
-    def images(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
+    def images(self, images: Sequence[Image.Image], batch_size: int = 16, grad: bool = False) -> torch.Tensor:
+        """(N, n_img, H) image-token states; with grad (LoRA training) the graph is kept and nothing leaves the
+        device."""
+        with torch.set_grad_enabled(grad):
+            return self._images(images, batch_size, grad)
+
+    def _images(self, images: Sequence[Image.Image], batch_size: int, grad: bool) -> torch.Tensor:
         out = []
         n = self.cfg.image_tokens
         for s in range(0, len(images), batch_size):
@@ -281,20 +286,23 @@ class Features:
                 if len(tokens) != n:
                     raise UserError(f"an image gave {len(tokens)} image tokens, the heads expect {n}: the checkpoint "
                                     "was trained with another image size or backbone")
-                out.append(tokens.cpu())
+                out.append(tokens if grad else tokens.cpu())
         return torch.stack(out)  # (N, n_img, H)
 
-    @torch.no_grad()
-    def texts(self, texts: Sequence[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def texts(self, texts: Sequence[str], batch_size: int = 64, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L, H) token states (zero on padding) and (N, L) keep mask."""
         from colintern.training import pad_cat
 
         parts = []
-        for s in range(0, len(texts), batch_size):
-            inputs = self.model.processor.process_queries(list(texts[s:s + batch_size]))
-            hidden = self.model.hidden_states(inputs).float()  # (b, L, H)
-            keep = inputs["keep_mask"].to(hidden.device)
-            parts.append((hidden.cpu() * keep.cpu().unsqueeze(-1), keep.cpu()))
-        return pad_cat(parts)  # (N, Lmax, H), (N, Lmax)
+        with torch.set_grad_enabled(grad):
+            for s in range(0, len(texts), batch_size):
+                inputs = self.model.processor.process_queries(list(texts[s:s + batch_size]))
+                hidden = self.model.hidden_states(inputs).float()  # (b, L, H)
+                keep = inputs["keep_mask"].to(hidden.device)
+                if not grad:
+                    hidden, keep = hidden.cpu(), keep.cpu()
+                parts.append((hidden * keep.unsqueeze(-1), keep))
+            return pad_cat(parts)  # (N, Lmax, H), (N, Lmax)
 
 
 def load_backbone_for_itr(model_id: str, cfg: ItrConfig, device: str):
@@ -330,6 +338,10 @@ class ImageText:
             raise UserError(f"{ckpt} is not an image-text (train.py --task itr) checkpoint")
         cfg = ItrConfig.from_dict(payload["itr"])
         model, cfg = load_backbone_for_itr(model_id or payload["config"]["base_model"], cfg, device)
+        if payload.get("lora"):  # trained with --lora: the backbone's adapters too
+            model.add_lora(**payload["lora"]["config"])
+            model.load_lora_state(payload["lora"]["state"])
+            model.eval()
         heads = ItrHeads(model.config.hidden_size, cfg)
         heads.load_state_dict(payload["itr_heads"])
         return cls(model, cfg, heads)

@@ -38,7 +38,7 @@ log = logging.getLogger("colintern.train")
 STAGE_LOSSES = {"1": ("itc",), "2": ("itc", "itm", "box", "rel"), "single": ("itc", "itm", "box", "rel")}
 DEFAULT_WEIGHTS = {"itc": 1.0, "itm": 1.0, "box_l1": 0.1, "box_giou": 0.1, "rel": 0.1}  # the seed's (GIoU added)
 PHASE_ARGS = ("stage", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "loss_weights", "itm_negatives",
-              "max_steps", "seed")
+              "max_steps", "seed", "lora", "lora_r", "lora_alpha")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -76,6 +76,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "backbone's tile size)")
     p.add_argument("--max_tiles", type=int, default=1, help="InternVL tiles of that square (default: 1; 4 = 2 x 2 + "
                    "thumbnail)")
+    p.add_argument("--lora", action="store_true", help="also train LoRA adapters on the language model (every step "
+                   "then runs the backbone; default: frozen, features computed once)")
+    p.add_argument("--lora_r", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the heads, the epoch order and the ITM draws "
                    "(default: 0)")
     p.add_argument("--save_every", type=int, default=0, help="also save colintern_heads_step{N}.pt every N steps "
@@ -154,12 +158,26 @@ class ItrTrainer:
             temp_init=args.temp_init, seed=args.seed)
         self.model, self.cfg = self._backbone(cfg, payload)
         self.heads = ItrHeads(self.model.config.hidden_size, self.cfg).to(self.device)
+        self.lora_params: list[torch.nn.Parameter] = []
+        if args.lora or (payload and payload.get("lora")):
+            lora = payload.get("lora") if payload else None
+            settings = lora["config"] if lora else {"r": args.lora_r, "lora_alpha": args.lora_alpha,
+                                                    "lora_dropout": 0.0}  # no dropout: steps stay reproducible
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)  # LoRA's A matrices: seeded, the caller's RNG untouched
+                self.model.add_lora(**settings)
+            if lora:
+                self.model.load_lora_state(lora["state"])
+            self.lora_params = [p for n, p in self.model.backbone.named_parameters() if "lora_" in n]
+            for p in self.lora_params:
+                p.requires_grad_(args.lora)
         self.items = [(r, c) for r, row in enumerate(self.rows) for c in range(len(row.captions))]
         self.keys = [self.rows[r].key for r, _ in self.items]
         self.losses = STAGE_LOSSES[args.stage]
         self.state = ItrState(stage=args.stage, fingerprint=self._fingerprint())
         self.state.steps = self._plan_steps()
-        self.optimizer = torch.optim.AdamW(self.heads.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        trainable = [*self.heads.parameters(), *(self.lora_params if args.lora else [])]
+        self.optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
         warmup = math.ceil(args.warmup_ratio * self.state.steps)
         from colintern.training import lr_factor
 
@@ -225,31 +243,48 @@ class ItrTrainer:
         for row in self.rows:
             with Image.open(row.image) as im:
                 images.append(im.convert("RGB"))
-        self.image_states = features.images(images).to(self.device)  # (N_rows, n_img, H)
-        texts, keep = features.texts([self.rows[r].captions[c] for r, c in self.items])
-        self.text_states, self.text_keep = texts.to(self.device), keep.to(self.device)  # (N_items, L, H)
-        phrases, pkeep = features.texts([row.phrase or row.captions[0] for row in self.rows])
-        self.phrase_states, self.phrase_keep = phrases.to(self.device), pkeep.to(self.device)
+        self.features, self.images = features, images
+        self.captions = [self.rows[r].captions[c] for r, c in self.items]
+        self.phrases = [row.phrase or row.captions[0] for row in self.rows]
+        if not self.args.lora:  # frozen: every state once, then the steps only index them
+            self.image_states = features.images(images).to(self.device)  # (N_rows, n_img, H)
+            texts, keep = features.texts(self.captions)
+            self.text_states, self.text_keep = texts.to(self.device), keep.to(self.device)  # (N_items, L, H)
+            phrases, pkeep = features.texts(self.phrases)
+            self.phrase_states, self.phrase_keep = phrases.to(self.device), pkeep.to(self.device)
         self.subject_box = torch.tensor([r.subject_box or [0.0] * 4 for r in self.rows], device=self.device)
         self.object_box = torch.tensor([r.object_box or [0.0] * 4 for r in self.rows], device=self.device)
         self.has_boxes = torch.tensor([r.subject_box is not None and r.object_box is not None for r in self.rows],
                                       device=self.device)
         self.relation = torch.tensor([-1 if r.relation is None else r.relation for r in self.rows], device=self.device)
         self.feature_seconds = time.perf_counter() - t0
-        log.info("backbone features of %d images and %d captions in %.1f s (frozen: computed once)",
-                 len(self.rows), len(self.items), self.feature_seconds)
+        if not self.args.lora:
+            log.info("backbone features of %d images and %d captions in %.1f s (frozen: computed once)",
+                     len(self.rows), len(self.items), self.feature_seconds)
 
     # -- training ----------------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.items), generator=g)
 
+    def states(self, rows: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(image, caption, caption keep, phrase, phrase keep) states of a batch: cached when the backbone is frozen,
+        else a forward with gradients through the LoRA adapters."""
+        if not self.args.lora:
+            return (self.image_states[rows], self.text_states[items], self.text_keep[items],
+                    self.phrase_states[rows], self.phrase_keep[rows])
+        f = self.features
+        image = f.images([self.images[r] for r in rows.tolist()], grad=True)
+        text, keep = f.texts([self.captions[i] for i in items.tolist()], grad=True)
+        phrase, phrase_keep = f.texts([self.phrases[r] for r in rows.tolist()], grad=True)
+        return image, text, keep, phrase, phrase_keep
+
     def step_losses(self, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """Every loss of this stage on one batch of caption items."""
         heads, dev = self.heads, self.device
         rows = torch.tensor([self.items[i][0] for i in batch.tolist()], device=dev)
         items = batch.to(dev)
-        image, text, keep = self.image_states[rows], self.text_states[items], self.text_keep[items]
+        image, text, keep, phrase, phrase_keep = self.states(rows, items)
         keys = [self.keys[i] for i in batch.tolist()]
         exclude = torch.tensor([[a == b for b in keys] for a in keys], device=dev)  # same meaning: not a negative
         out: dict[str, torch.Tensor] = {}
@@ -266,8 +301,7 @@ class ItrTrainer:
                 heads.fusion(image[ok_t], text[neg_text[ok_t]], keep[neg_text[ok_t]])])  # a wrong caption per image
             out["itm"] = itm_loss(heads.itm(fused), len(batch))
         if "box" in self.losses or "rel" in self.losses:
-            subject, obj, rel_logits = heads.ground(heads.fusion(image, self.phrase_states[rows],
-                                                                 self.phrase_keep[rows]))
+            subject, obj, rel_logits = heads.ground(heads.fusion(image, phrase, phrase_keep))
             valid = self.has_boxes[rows]
             pred, target = torch.cat([subject, obj]), torch.cat([self.subject_box[rows], self.object_box[rows]])
             boxes = box_losses(pred, target, torch.cat([valid, valid]))
@@ -352,6 +386,8 @@ class ItrTrainer:
 
         payload = {"format_version": FORMAT_VERSION, "task": "itr", "config": self.model.config.to_dict(),
                    "itr": self.cfg.to_dict(), "itr_heads": self.heads.state_dict(),
+                   "lora": None if self.model.lora_config is None else {"config": dict(self.model.lora_config),
+                                                                        "state": self.model.lora_state()},
                    "training": {**asdict(self.state), "optimizer": self.optimizer.state_dict(),
                                 "scheduler": self.scheduler.state_dict()},
                    "box_prior": {"subject": self.subject_box[self.has_boxes].mean(0).tolist(),
@@ -363,8 +399,10 @@ class ItrTrainer:
     def _write_run_info(self, peak: dict[str, Any] | None = None) -> None:
         from colintern.files import atomic_write_json
 
-        trainable = sum(p.numel() for p in self.heads.parameters())
-        frozen = sum(p.numel() for p in self.model.backbone.parameters())
+        trainable = sum(p.numel() for p in self.heads.parameters()) + sum(p.numel() for p in self.lora_params
+                                                                          if self.args.lora)
+        frozen = sum(p.numel() for p in self.model.backbone.parameters()) - (
+            sum(p.numel() for p in self.lora_params) if self.args.lora else 0)
         atomic_write_json(self.out / "run_info.json", {
             "task": "itr", "stage": self.state.stage, "phase": self.state.phase, "model_id": self.args.model_id,
             "train_itr": self.args.train_itr, "rows": len(self.rows), "captions": len(self.items),

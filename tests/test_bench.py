@@ -387,3 +387,20 @@ def test_token_pooling_bench_keeps_k1_and_counts_bytes(tmp_path, tiny_model_dir,
     assert rows[1]["vectors_per_page"] < rows[0]["vectors_per_page"] / 2.5
     assert rows[0]["bytes_per_page"] == rows[0]["vectors_per_page"] * 128 * 2
     assert (tmp_path / "p.png").stat().st_size > 5000
+
+
+def test_search_latency_bench_rows_are_consistent(tmp_path):
+    """bench/search_latency.py at a small size: exact is its own reference (recall 1), a FAISS first stage whose
+    candidates cover the index equals it, and Qdrant's local mode returns exact's top 10."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("qdrant_client")
+    bench = load_bench("search_latency")
+    out = tmp_path / "latency.json"
+    assert bench.main(["--pages", "24", "--queries", "3", "--faiss_grid", "4,24,16", "--pooled_pages", "6",
+                       "--qdrant_pages", "8", "--json_out", str(out)]) == 0
+    rows = {r["backend"].split(" (")[0]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["exact"]["recall_at_10_vs_exact"] == 1.0 and rows["exact"]["target_in_top_10"] == 1.0
+    assert rows["faiss + exact re-rank"]["recall_at_10_vs_exact"] == 1.0  # 24 candidates = every page
+    assert rows["qdrant local mode"]["recall_at_10_vs_exact"] == 1.0
+    pooled = rows["exact, pool factor 3"]
+    assert pooled["bytes_per_page"] < 0.4 * rows["exact, pool factor 1"]["bytes_per_page"]

@@ -225,3 +225,22 @@ def test_coco_captions_and_instances_read_back_as_the_same_examples(scene_dir, t
         assert g.subject_box == pytest.approx(r[big]["box"], abs=1e-9)
         assert g.object_box == pytest.approx(r[small]["box"], abs=1e-9)
         assert g.phrase == f"the {r[big]['label']} and the {r[small]['label']}" and g.relation is None
+
+
+def test_lora_trains_the_backbone_adapters_and_the_checkpoint_carries_them(scene_dir, tiny_model_dir, tmp_path):
+    from colintern.itr import ImageText
+
+    small = tmp_path / "small.jsonl"
+    lines = (scene_dir / "train" / "itr.jsonl").read_text().splitlines()[:32]
+    small.write_text("\n".join(line.replace('"images/', f'"{scene_dir}/train/images/') for line in lines) + "\n")
+    out = tmp_path / "lora"
+    assert train.main(["--task", "itr", "--model_id", tiny_model_dir, "--train_itr", str(small), "--out_dir", str(out),
+                       "--stage", "single", "--epochs", "1", "--lora", *TINY]) == 0
+    payload = torch.load(out / "colintern_heads_epoch1.pt", weights_only=True)
+    b = [v for k, v in payload["lora"]["state"].items() if "lora_B" in k]
+    assert b and any(float(v.abs().max()) > 0 for v in b)  # B starts at zero: a step moved it
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["trainable_params"] > sum(v.numel() for v in payload["itr_heads"].values())
+    m = ImageText.from_pretrained(tiny_model_dir, str(out / "colintern_heads_epoch1.pt"))
+    loaded = {n: p for n, p in m.model.backbone.named_parameters() if "lora_" in n}
+    assert all(torch.equal(loaded[k], v) for k, v in payload["lora"]["state"].items())
