@@ -118,13 +118,39 @@ class FaissFirstStage:
         factory = search_factory(self.view.n_tokens) if factory == "auto" else factory
         state = json.dumps([index.meta["segments"], index.meta.get("hidden", []), factory]).encode()
         cache = Path(index.folder) / f"faiss-{hashlib.sha1(state).hexdigest()[:12]}.index"
-        for stale in Path(index.folder).glob("faiss-*.index"):
-            if stale != cache:  # built for pages (or a factory) that have changed since
+        for stale in Path(index.folder).glob("faiss-*"):
+            if not stale.name.startswith(cache.stem + "."):  # built for pages (or a factory) that changed since
                 stale.unlink(missing_ok=True)
         self.faiss, self.info = build_faiss_index(self.view, factory, nprobe, use_gpu, 0, cache, show_progress)
+        self.index = index
         log.info("FAISS first stage: %s over %s page tokens (%s), %d candidates per query re-ranked exactly",
                  self.info["factory"], f"{self.view.n_tokens:,}", "cached" if cache.is_file() else "in memory",
                  candidates)
+        self.recall_probe(cache.with_suffix(".recall.json"))
+
+    def recall_probe(self, path: Path, n_queries: int = 8, k: int = 10) -> float:
+        """recall@k of these settings against exact search on n_queries probe queries (~25 noisy copies of tokens of
+        a random page each), measured once per index and settings, stored beside the cached index and logged on
+        every use: what the first stage is known to lose before any user query is checked (--check_recall)."""
+        key = f"nprobe={self.info.get('nprobe')},candidates={self.candidates},token_k={self.token_k},k={k}"
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        if key not in known:
+            g = torch.Generator().manual_seed(0)
+            qs = []
+            for u in torch.randint(0, self.view.n_valid, (n_queries,), generator=g).tolist():
+                page = torch.from_numpy(self.view.page_array(u).astype(np.float32))
+                picks = page[torch.randint(0, len(page), (25,), generator=g)]
+                noise = torch.randn(picks.shape, generator=g) * (0.5 / math.sqrt(picks.shape[1]))
+                qs.append(torch.nn.functional.normalize(picks + noise, dim=-1))
+            _, exact = exact_topk(self.index, qs, k, "cpu")
+            _, found = self.topk(qs, k, "cpu")
+            known[key] = recall_at_k(found, exact)
+            from colintern.files import atomic_write_json
+
+            atomic_write_json(path, known)
+        log.info("FAISS first stage (%s): recall@%d %.3f against exact search on %d probe queries made from the "
+                 "index's own pages; --check_recall measures it on your queries", key, k, known[key], n_queries)
+        return known[key]
 
     def topk(self, qs: list[torch.Tensor], k: int, device: Any) -> tuple[np.ndarray, np.ndarray]:
         """(n_q, k) scores and page ids: exact scores of the best candidates (ties: lower page id)."""

@@ -296,6 +296,8 @@ def test_the_faiss_first_stage_equals_exact_when_its_candidates_cover_the_index(
     same_results(query_json(capsys, index, "--first_stage", "faiss", "--candidates", 6, "--check_recall"), exact, 1e-5)
     assert "recall@6 of the FAISS first stage (Flat, 6 candidates) against exact MaxSim on these 3 queries: 1.0000" \
         in caplog.text
+    assert "recall@10 1.000 against exact search on 8 probe queries" in caplog.text  # 6 candidates = every page
+    assert len(list(index.glob("faiss-*.recall.json"))) == 1
     from colintern.page_index import PageIndex
     from colintern.page_search import FaissFirstStage, recall_at_k
 
