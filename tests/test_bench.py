@@ -404,3 +404,18 @@ def test_search_latency_bench_rows_are_consistent(tmp_path):
     assert rows["qdrant local mode"]["recall_at_10_vs_exact"] == 1.0
     pooled = rows["exact, pool factor 3"]
     assert pooled["bytes_per_page"] < 0.4 * rows["exact, pool factor 1"]["bytes_per_page"]
+
+
+def test_real_pdf_pooling_bench_builds_its_sets_from_page_text(tmp_path):
+    bench = load_bench("real_pdf_pooling")
+    pdf = os.path.join(os.path.dirname(__file__), "fixtures", "real_pages.pdf")
+    out = tmp_path / "rp"
+    assert bench.main(["--pdfs", pdf, "--out", str(out), "--epochs", "1", "--factors", "1", "3"]) == 0
+    result = json.loads((out / "pooling.json").read_text())
+    assert result["pages"] == 6 and len((out / "data" / "train.jsonl").read_text().splitlines()) == 18
+    queries = [json.loads(x)["query"] for x in (out / "eval_seen" / "queries.jsonl").read_text().splitlines()]
+    triples = [json.loads(x)["query"] for x in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert set(queries) <= set(triples)  # "seen": the first training slice of each page
+    for kind in ("seen", "unseen"):
+        k1, k3 = result[kind]
+        assert k1["ndcg_at_5_kept"] == 1.0 and k3["vectors_per_page"] < 0.4 * k1["vectors_per_page"]
