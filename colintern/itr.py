@@ -82,7 +82,7 @@ class ItrRow:
 
 
 def read_itr_jsonl(path: str | Path, report: Any) -> list[ItrRow]:
-    """Rows of an itr.jsonl file (SPEC §12); a bad row is reported "FILE line N: reason" and skipped."""
+    """Rows of an itr.jsonl file (docs/CONTRACT.md §12); a bad row is reported "FILE line N: reason" and skipped."""
     from colintern.data import BadRowError
 
     path = Path(path)

@@ -5,7 +5,7 @@
     itm_loss               matching cross-entropy over [B positives, B negative images, B negative texts]
     box_from_raw, generalized_box_iou, box_losses     boxes as sigmoid (cx, cy, w, h) -> xyxy; L1 + (1 - GIoU)
     relation_loss, macro_f1                           relation classification and its macro-F1 (with confusion)
-SPEC §5's late_interaction_loss is untouched: these are the seed-004 heads' own objectives.
+docs/CONTRACT.md §5's late_interaction_loss is untouched: these are the seed-004 heads' own objectives.
 """
 from __future__ import annotations
 
