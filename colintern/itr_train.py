@@ -323,33 +323,25 @@ class ItrTrainer:
         reporter = Reporter([k for k in args.report_to if k != "none"], str(self.out),
                             f"{self.out.name}-phase{state.phase}", f"{self.out.name}-{state.fingerprint[:12]}",
                             {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))})
+        from tqdm.auto import tqdm
+
         per_epoch = len(self.items) // args.batch_size
         t_start = time.perf_counter()
-        while state.step < state.steps:
-            order = self.epoch_order(state.epoch)
-            while state.position < per_epoch and state.step < state.steps:
-                t0 = time.perf_counter()
-                batch = order[state.position * args.batch_size:(state.position + 1) * args.batch_size]
-                parts = self.step_losses(batch, state.step)
-                loss = sum(args.weights[name] * value for name, value in parts.items())
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.scheduler.step()
-                clamp_temperature_(self.heads.temperature, *args.temp_range)
-                state.step += 1
-                state.position += 1
-                seconds = time.perf_counter() - t0
-                row = {"step": state.step, "epoch": state.epoch + 1, "phase": state.phase, "stage": state.stage,
-                       "loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in parts.items()},
-                       "temp": float(self.heads.temperature.detach()), "lr": self.scheduler.get_last_lr()[0],
-                       "seconds": seconds, "pairs_per_s": len(batch) / max(seconds, 1e-9)}
-                append_line(str(self.out), "metrics.jsonl", json.dumps(row))
-                reporter.log(row, state.step)
-                if args.save_every and state.step % args.save_every == 0:
-                    self.save(f"colintern_heads_step{state.step}.pt", row)
-                fault("kill", state.step)
-            if state.position >= per_epoch or state.step >= state.steps:
+        row: dict[str, Any] = {}  # the last step's metrics (none yet when a resume lands on an epoch's end)
+        with tqdm(total=state.steps, initial=state.step, desc=f"phase {state.phase} (stage {state.stage})",
+                  unit="step", dynamic_ncols=True) as bar:
+            while state.step < state.steps:
+                order = self.epoch_order(state.epoch)
+                while state.position < per_epoch and state.step < state.steps:
+                    batch = order[state.position * args.batch_size:(state.position + 1) * args.batch_size]
+                    row = self.train_step(batch)
+                    append_line(str(self.out), "metrics.jsonl", json.dumps(row))
+                    reporter.log(row, state.step)
+                    bar.update(1)
+                    bar.set_postfix(epoch=row["epoch"], loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.0f}")
+                    if args.save_every and state.step % args.save_every == 0:
+                        self.save(f"colintern_heads_step{state.step}.pt", row)
+                    fault("kill", state.step)
                 state.epoch += 1
                 state.position = 0
                 self.save(f"colintern_heads_epoch{state.epoch}.pt", row)
@@ -358,6 +350,25 @@ class ItrTrainer:
         self._write_run_info(peak_memory())
         return (f"done: phase {state.phase} (stage {state.stage}), {state.step} steps, {state.epoch} epoch(s) in "
                 f"{wall:.1f} s; last checkpoint {self.out / f'colintern_heads_epoch{state.epoch}.pt'}")
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, Any]:
+        """One optimizer step on a batch of caption items; returns its metrics.jsonl row."""
+        args, state = self.args, self.state
+        t0 = time.perf_counter()
+        parts = self.step_losses(batch, state.step)
+        loss = sum(args.weights[name] * value for name, value in parts.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        clamp_temperature_(self.heads.temperature, *args.temp_range)
+        state.step += 1
+        state.position += 1
+        seconds = time.perf_counter() - t0
+        return {"step": state.step, "epoch": state.epoch + 1, "phase": state.phase, "stage": state.stage,
+                "loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in parts.items()},
+                "temp": float(self.heads.temperature.detach()), "lr": self.scheduler.get_last_lr()[0],
+                "seconds": seconds, "pairs_per_s": len(batch) / max(seconds, 1e-9)}
 
     def _trim_metrics(self) -> None:
         """A resumed phase drops the rows logged after its checkpoint (they are computed again)."""
