@@ -16,8 +16,12 @@ Sections, each skipped (and said so) when the time budget left is below its esti
   maxsim    colintern.scoring.maxsim against mteb's max_sim (or its algorithm restated when mteb is absent) on the
             same ragged inputs: speed-up and max difference against float64. Target: >= 5x
   mining    exact mining (mine.py's exact_search over a page store) of 10,000 pages on the GPU: queries/s
+  gpu_paths the GPU-only code paths run for real on the tiny model: the TF32 guard from both torch APIs, the head
+            seeded under a CUDA default device, a paged 8-bit AdamW resume, --compile_heads, fp16 + LoRA, mine.py on
+            CUDA against the CPU
   train     train.py at real size on a random InternVL3.5-1B (LoRA + gradient checkpointing, batch 8 and 32,
-            with and without GradCache; --auto_batch's choice; paged 8-bit AdamW when bitsandbytes runs):
+            with and without GradCache, without checkpointing at 32; --auto_batch's choice; paged 8-bit AdamW when
+            bitsandbytes runs):
             pairs/s and peak memory. Target: >= 33 pairs/s (one epoch of colpali_train_set in <= 1 h)
 Writes results.json (every number, with date, device and versions) and results.md (the tables), and prints the
 tables. Needs torch, transformers, peft, accelerate and Pillow (the GPU machine has them); mteb, faiss,
