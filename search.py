@@ -73,11 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     q.add_argument("--first_stage", choices=["auto", "exact", "faiss"], default="auto",
                    help="embedded backend: exact MaxSim against every page, or a FAISS token search whose candidates "
                    "are re-ranked exactly; auto: FAISS above 2,000,000 page tokens (default: auto)")
-    q.add_argument("--candidates", type=int, default=512, help="--first_stage faiss: pages re-ranked per query "
-                   "(default: 512; docs/BENCHMARKS.md, Search latency, measures the trade-off)")
-    q.add_argument("--token_k", type=int, default=128, help="--first_stage faiss: nearest page tokens per query "
-                   "token (default: 128)")
-    q.add_argument("--nprobe", type=int, default=64, help="--first_stage faiss: IVF lists searched (default: 64)")
+    q.add_argument("--candidates", type=int, default=128, help="--first_stage faiss: pages re-ranked exactly per "
+                   "query (default: 128; docs/BENCHMARKS.md, Search latency, measures the trade-off)")
+    q.add_argument("--nprobe", type=int, default=32, help="--first_stage faiss on a large (IVF) index: centroids per "
+                   "query token whose pages are scored (default: 32)")
+    q.add_argument("--token_k", type=int, default=128, help="--first_stage faiss on a small (Flat) index: nearest "
+                   "page tokens per query token (default: 128)")
     q.add_argument("--faiss_factory", default="auto", help="--first_stage faiss: FAISS index_factory string; auto: "
                    "Flat up to 200,000 page tokens, else IVF<about 4 sqrt(tokens), at most 4096>,PQ32 (default: auto)")
     q.add_argument("--check_recall", action="store_true", help="also search exactly and log the recall@k of the "

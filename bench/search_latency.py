@@ -10,7 +10,8 @@ target page, so exact search has a right answer and an approximate one can miss 
 every page tie). Rows, each with build seconds, bytes per page, median ms per query and recall@10 against exact:
   exact     search.py's exact MaxSim over every page (colintern.page_search.exact_topk): the ceiling, ~115 GFLOP
             per query at 10,000 pages
-  faiss     the FAISS first stage (IVF-PQ over every page token) + exact re-rank, for each --faiss_grid setting
+  faiss     the FAISS first stage (IVF-PQ over every page token: centroid interaction picks the candidates) + exact
+            re-rank, for each --faiss_grid setting (nprobe = centroids per query token)
   pooled    exact over the pages pooled with --pool_factor 3, on the first --pooled_pages pages (Ward pooling costs
             ~0.16 s per page here), beside exact on the same pages
   qdrant    Qdrant's embedded local mode (pure Python/numpy: every vector in memory) on the first --qdrant_pages
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import env  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.errors import UserError  # noqa: E402
 from colintern.files import atomic_write_json  # noqa: E402
 
 log = logging.getLogger("colintern.bench.search_latency")
@@ -80,6 +82,10 @@ def build_index(folder: Path, corpus: Corpus, n_pages: int, pool_factor: int = 1
     from colintern.token_pooling import pool_tokens
 
     index = PageIndex.create_or_open(folder, "synthetic", None, {"dim": DIM}, 150, pool_factor)
+    if len(index.pages) == n_pages:  # a --work folder of an earlier run: the same deterministic pages
+        return index
+    if index.pages:
+        raise UserError(f"{folder} holds {len(index.pages)} pages, not {n_pages}: use another --work folder")
     batch = []
     for u in tqdm(range(n_pages), desc=f"build index (K={pool_factor})", unit="page", disable=not sys.stderr.isatty()):
         vectors = pool_tokens(torch.from_numpy(corpus.page(u)), pool_factor)
@@ -124,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pages", type=int, default=10_000, help="pages in the index (default: 10000)")
     p.add_argument("--queries", type=int, default=20, help="queries timed one by one (default: 20)")
-    p.add_argument("--faiss_grid", nargs="+", default=["32,256,64", "64,512,128", "128,1024,256"],
+    p.add_argument("--faiss_grid", nargs="+", default=["16,128,128", "32,128,128", "32,256,128", "64,128,128"],
                    metavar="NPROBE,CANDIDATES,TOKEN_K", help="FAISS first-stage settings to time on the one index "
                    "(default: %(default)s)")
     p.add_argument("--pooled_pages", type=int, default=1000, help="pages of the pooled comparison (default: 1000)")
     p.add_argument("--qdrant_pages", type=int, default=500, help="pages of the Qdrant local-mode comparison "
                    "(default: 500)")
+    p.add_argument("--skip", nargs="*", choices=["pooled", "qdrant"], default=[], help="rows to leave out")
     p.add_argument("--work", default=None, help="folder for the index folders (default: a temporary folder, removed)")
     p.add_argument("--json_out", default="outputs/bench/search_latency.json", help="results (default: %(default)s)")
     args = p.parse_args(argv)
@@ -156,18 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         faiss_bytes = sum(f.stat().st_size for f in (work / "full").glob("faiss-*.index")) / args.pages
         for setting in args.faiss_grid:  # one index, searched with each (nprobe, candidates, token_k)
             nprobe, stage.candidates, stage.token_k = (int(v) for v in setting.split(","))
-            if "IVF" in stage.info["factory"]:
-                import faiss
-
-                faiss.extract_index_ivf(stage.faiss).nprobe = nprobe
+            stage.nprobe = nprobe
             faiss_s, faiss_ids = timed_queries(lambda q: stage.topk(q, 10, "cpu"), qs)
             rows.append(row(f"faiss + exact re-rank (nprobe {nprobe}, {stage.candidates} candidates, token_k "
                             f"{stage.token_k})", args.pages, faiss_build, size + faiss_bytes, faiss_s, faiss_ids,
                             exact_ids, targets, factory=stage.info["factory"], nprobe=nprobe,
                             candidates=stage.candidates, token_k=stage.token_k,
                             faiss_bytes_per_page=round(faiss_bytes)))
-        rows += pooled_rows(args, corpus, work)
-        rows += qdrant_rows(args, corpus, work)
+        rows += [] if "pooled" in args.skip else pooled_rows(args, corpus, work)
+        rows += [] if "qdrant" in args.skip else qdrant_rows(args, corpus, work)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,10 +1,11 @@
 """Query-time search over a search.py index folder: exact MaxSim, or a FAISS first stage + exact re-rank.
 
     exact   every query against every page (colintern.scoring.maxsim_topk): the ceiling, no approximation
-    faiss   each query token retrieves its token_k nearest page tokens from a FAISS index over every page token
-            (IVF-PQ above AUTO_EXACT_MAX_TOKENS, built once and cached in the index folder); the best `candidates`
-            pages by the approximate score are re-ranked by exact MaxSim. The same first stage as mine.py's
-            (colintern.mining.faiss_candidates), over the index seen as a page store (TokenView).
+    faiss   a FAISS index over every page token, built once and cached in the index folder. Large indexes (IVF-PQ):
+            PLAID-style centroid interaction ranks the pages by the similarity of each query token to the IVF
+            centroids of the page's tokens (nprobe centroids per query token). Small ones (Flat): each query
+            token retrieves its token_k nearest page tokens, as mine.py does (colintern.mining.faiss_candidates).
+            Either way the best `candidates` pages are re-ranked by exact MaxSim.
     auto    exact up to AUTO_FAISS_MIN_TOKENS page tokens, FAISS above (docs/BENCHMARKS.md, "Search latency").
 
 `--check_recall` also runs exact search and logs the FAISS result's recall@k against it: the number to watch when
@@ -107,10 +108,62 @@ def exact_topk(index: PageIndex, qs: list[torch.Tensor], k: int, device: Any,
     return values, ids
 
 
-class FaissFirstStage:
-    """FAISS over every page token of the index (cached in the folder), then exact MaxSim over the candidates."""
+class CentroidInteraction:
+    """PLAID-style candidates from an IVF index: a page's approximate score is, summed over the query tokens, the best
+    similarity between the token and the IVF centroids of the page's tokens.
 
-    def __init__(self, index: PageIndex, nprobe: int = 64, token_k: int = 128, candidates: int = 512,
+    Built once from the index's inverted lists (which list each page token fell in) as centroid -> pages lists and
+    cached beside the index. Per query token only its `nprobe` most similar centroids are walked, best last, so a page
+    holding one of them gets its exact centroid maximum and every other page the last walked centroid's similarity
+    (an upper bound for that token, as FAISS hits use). Cheap: a few thousand array writes per query token instead of
+    a token search, and no per-page work."""
+
+    def __init__(self, ivf: Any, view: TokenView, cache: Path):
+        import faiss
+
+        if cache.is_file():
+            try:
+                with np.load(cache) as data:
+                    self.centroids, self.indptr, self.pages = data["centroids"], data["indptr"], data["pages"]
+                return
+            except (OSError, ValueError, KeyError):
+                log.info("%s is unreadable: building it again", cache.name)
+        token_list = np.empty(view.n_tokens, dtype=np.int64)  # (T,) the IVF list of each page token
+        for lst in range(ivf.nlist):
+            n = ivf.invlists.list_size(lst)
+            if n:
+                token_list[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), n).copy()] = lst
+        page_of_token = np.repeat(np.arange(view.n_valid, dtype=np.int64), view.lengths)  # (T,)
+        pairs = np.unique(token_list * view.n_valid + page_of_token)  # distinct (centroid, page), by centroid
+        self.pages = (pairs % view.n_valid).astype(np.int32)  # (nnz,)
+        self.indptr = np.searchsorted(pairs // view.n_valid, np.arange(ivf.nlist + 1)).astype(np.int64)
+        self.centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32)  # (nlist, dim)
+        from colintern.files import atomic_write
+
+        atomic_write(cache, lambda f: np.savez(f, centroids=self.centroids, indptr=self.indptr, pages=self.pages))
+
+    def candidates(self, q: np.ndarray, n_pages: int, nprobe: int, n: int) -> np.ndarray:
+        """The n best pages of one query (Lq, dim) by approximate score, best first (ties: lower page)."""
+        sims = q @ self.centroids.T  # (Lq, nlist)
+        nprobe = min(nprobe, sims.shape[1])
+        top = np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe]  # (Lq, nprobe)
+        total = np.zeros(n_pages, dtype=np.float64)
+        for row, cents in zip(sims, top):
+            cents = cents[np.argsort(row[cents])]  # ascending: the last write to a page is its best centroid
+            best = np.full(n_pages, row[cents[0]], dtype=np.float32)
+            for c in cents:
+                best[self.pages[self.indptr[c]:self.indptr[c + 1]]] = row[c]
+            total += best
+        return np.argsort(-total, kind="stable")[:n]
+
+
+class FaissFirstStage:
+    """FAISS over every page token of the index (cached in the folder), then exact MaxSim over the candidates.
+
+    With an IVF index (large indexes) the candidates come from CentroidInteraction (nprobe centroids per query
+    token); with a Flat index (small ones) from the token search of mining (token_k neighbours per query token)."""
+
+    def __init__(self, index: PageIndex, nprobe: int = 32, token_k: int = 128, candidates: int = 128,
                  factory: str = "auto", use_gpu: bool = False, show_progress: bool = True):
         from colintern.mining import build_faiss_index
 
@@ -122,7 +175,13 @@ class FaissFirstStage:
             if not stale.name.startswith(cache.stem + "."):  # built for pages (or a factory) that changed since
                 stale.unlink(missing_ok=True)
         self.faiss, self.info = build_faiss_index(self.view, factory, nprobe, use_gpu, 0, cache, show_progress)
-        self.index = index
+        self.index, self.nprobe = index, nprobe
+        self.centroid_stage = None
+        if "IVF" in self.info["factory"] and not self.info.get("gpu"):
+            import faiss
+
+            self.centroid_stage = CentroidInteraction(faiss.extract_index_ivf(self.faiss), self.view,
+                                                      cache.with_suffix(".centroids.npz"))
         log.info("FAISS first stage: %s over %s page tokens (%s), %d candidates per query re-ranked exactly",
                  self.info["factory"], f"{self.view.n_tokens:,}", "cached" if cache.is_file() else "in memory",
                  candidates)
@@ -132,7 +191,7 @@ class FaissFirstStage:
         """recall@k of these settings against exact search on n_queries probe queries (~25 noisy copies of tokens of
         a random page each), measured once per index and settings, stored beside the cached index and logged on
         every use: what the first stage is known to lose before any user query is checked (--check_recall)."""
-        key = f"nprobe={self.info.get('nprobe')},candidates={self.candidates},token_k={self.token_k},k={k}"
+        key = f"nprobe={self.nprobe},candidates={self.candidates},token_k={self.token_k},k={k}"
         known = json.loads(path.read_text()) if path.is_file() else {}
         if key not in known:
             g = torch.Generator().manual_seed(0)
@@ -157,8 +216,12 @@ class FaissFirstStage:
         from colintern.mining import faiss_candidates, own_candidate_scores
 
         k = min(k, self.view.n_valid)
-        found = faiss_candidates(self.faiss, [q.float().numpy() for q in qs], self.view, self.token_k,
-                                 max(self.candidates, k))
+        depth = max(self.candidates, k)
+        if self.centroid_stage is not None:
+            found = [self.centroid_stage.candidates(q.float().numpy(), self.view.n_valid, self.nprobe, depth)
+                     for q in qs]
+        else:
+            found = faiss_candidates(self.faiss, [q.float().numpy() for q in qs], self.view, self.token_k, depth)
         values, ids = np.empty((len(qs), k), dtype=np.float32), np.empty((len(qs), k), dtype=np.int64)
         for r, (q, cand) in enumerate(zip(qs, found)):
             scores = own_candidate_scores(q, cand, self.view, device)

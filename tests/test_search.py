@@ -403,3 +403,33 @@ def test_a_trained_model_finds_each_real_pdf_page_from_its_own_text(tiny_model_d
         top1[name] = [json.loads(line)["results"][0]["page"] for line in stdout.splitlines()]
     assert top1["trained"] == [1, 2, 3, 4, 5, 6], top1
     assert top1["untrained"] != top1["trained"]
+
+
+def test_centroid_interaction_scores_pages_by_their_centroids_and_reranks_exactly(tmp_path):
+    """Large indexes: with every centroid walked, a page's approximate score is exactly Σ_i max over the centroids of
+    its tokens of q_i·c (float64 brute force); with every page as a candidate, the result is exact search's."""
+    pytest.importorskip("faiss")
+    import faiss
+
+    from colintern.page_index import PageIndex, PageSource
+    from colintern.page_search import FaissFirstStage, exact_topk
+
+    g = torch.Generator().manual_seed(0)
+    pages = [torch.nn.functional.normalize(torch.randn(20 + i % 7, 16, generator=g), dim=-1).half().float()
+             for i in range(30)]
+    index = PageIndex.create_or_open(tmp_path / "ix", "synthetic", None, {"dim": 16}, 72)
+    index.commit([(PageSource(f"p{i}.png", str(i), 1, "image"), v, 0, 0, (1, 1)) for i, v in enumerate(pages)])
+    stage = FaissFirstStage(index, nprobe=8, candidates=30, factory="IVF8,Flat", show_progress=False)
+    assert stage.centroid_stage is not None and list(tmp_path.glob("ix/faiss-*.centroids.npz"))
+    q = torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    ivf = faiss.extract_index_ivf(stage.faiss)
+    centroids = torch.from_numpy(ivf.quantizer.reconstruct_n(0, ivf.nlist)).double()
+    brute = []
+    for page in pages:
+        lists = ivf.quantizer.search(page.numpy(), 1)[1][:, 0]  # each token's IVF list
+        brute.append(float((q.double() @ centroids[np.unique(lists)].T).max(1).values.sum()))
+    got = stage.centroid_stage.candidates(q.numpy(), len(pages), ivf.nlist, len(pages))
+    want = sorted(range(len(pages)), key=lambda u: (-round(brute[u], 5), u))
+    assert [round(brute[u], 5) for u in got] == [round(brute[u], 5) for u in want]
+    qs = [q, pages[3][:4]]
+    assert np.array_equal(stage.topk(qs, 5, "cpu")[1], exact_topk(index, qs, 5, "cpu")[1])
