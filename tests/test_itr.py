@@ -39,6 +39,14 @@ def trained(scene_dir, tiny_model_dir, tmp_path_factory):
     return out / "colintern_heads_epoch10.pt"
 
 
+def first_rows(scene_dir, tmp_path, n: int) -> Path:
+    """The first n training rows as a file of their own (image paths made absolute)."""
+    small = tmp_path / "small.jsonl"
+    lines = (scene_dir / "train" / "itr.jsonl").read_text().splitlines()[:n]
+    small.write_text("\n".join(line.replace('"images/', f'"{scene_dir}/train/images/') for line in lines) + "\n")
+    return small
+
+
 def summary_of(ckpt, model_dir, dataset, tmp_path, name, *extra) -> dict:
     assert eval_script.main(["--ckpt", str(ckpt), "--model_id", model_dir, "--itr_dataset", str(dataset),
                              "--out_dir", str(tmp_path), "--run_name", name, "--device", "cpu", *extra]) == 0
@@ -89,9 +97,7 @@ def test_retrieval_metrics_equal_a_float64_brute_force(trained, scene_dir, tiny_
 
 def test_stage_2_is_a_new_phase_from_stage_1_and_a_killed_run_resumes_bit_for_bit(scene_dir, tiny_model_dir,
                                                                                   tmp_path):
-    small = tmp_path / "small.jsonl"
-    lines = (scene_dir / "train" / "itr.jsonl").read_text().splitlines()[:160]
-    small.write_text("\n".join(line.replace('"images/', f'"{scene_dir}/train/images/') for line in lines) + "\n")
+    small = first_rows(scene_dir, tmp_path, 160)
     common = ["--task", "itr", "--model_id", tiny_model_dir, "--train_itr", str(small), *TINY]
     stage1 = tmp_path / "stage1"
     assert train.main([*common, "--out_dir", str(stage1), "--stage", "1", "--epochs", "2"]) == 0
@@ -150,9 +156,7 @@ def test_bad_rows_are_reported_by_line_and_skipped(scene_dir, tmp_path, capsys):
 
 
 def test_qwen3_vl_backbone_trains_and_evaluates(scene_dir, tiny_qwen_dir, tmp_path):
-    small = tmp_path / "small.jsonl"
-    lines = (scene_dir / "train" / "itr.jsonl").read_text().splitlines()[:64]
-    small.write_text("\n".join(line.replace('"images/', f'"{scene_dir}/train/images/') for line in lines) + "\n")
+    small = first_rows(scene_dir, tmp_path, 64)
     out = tmp_path / "q"
     assert train.main(["--task", "itr", "--model_id", tiny_qwen_dir, "--train_itr", str(small), "--out_dir", str(out),
                        "--stage", "single", "--epochs", "1", "--dim", "32", "--fusion_dim", "32", "--image_size",
@@ -230,9 +234,7 @@ def test_coco_captions_and_instances_read_back_as_the_same_examples(scene_dir, t
 def test_lora_trains_the_backbone_adapters_and_the_checkpoint_carries_them(scene_dir, tiny_model_dir, tmp_path):
     from colintern.itr import ImageText
 
-    small = tmp_path / "small.jsonl"
-    lines = (scene_dir / "train" / "itr.jsonl").read_text().splitlines()[:32]
-    small.write_text("\n".join(line.replace('"images/', f'"{scene_dir}/train/images/') for line in lines) + "\n")
+    small = first_rows(scene_dir, tmp_path, 32)
     out = tmp_path / "lora"
     assert train.main(["--task", "itr", "--model_id", tiny_model_dir, "--train_itr", str(small), "--out_dir", str(out),
                        "--stage", "single", "--epochs", "1", "--lora", *TINY]) == 0
