@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from colintern.page_index import PageIndex
+from colintern.page_store import PageTokens
 
 log = logging.getLogger("colintern.search")
 
@@ -32,9 +33,9 @@ log = logging.getLogger("colintern.search")
 AUTO_FAISS_MIN_TOKENS = 2_000_000
 
 
-class TokenView:
+class TokenView(PageTokens):
     """The visible pages of an index as the page store the mining FAISS functions read: token vectors in page
-    order (global token id -> page), lengths, and padded fp32 blocks for the exact re-rank."""
+    order (global token id -> page), lengths, and (from PageTokens) padded fp32 blocks for the exact re-rank."""
 
     def __init__(self, index: PageIndex):
         self.index = index
@@ -69,20 +70,6 @@ class TokenView:
         pages = self.token_pages(picks)
         return np.stack([self.page_array(int(u))[t - self.starts[u]] for t, u in zip(picks, pages)]).astype(np.float32)
 
-    def token_pages(self, token_ids: np.ndarray) -> np.ndarray:
-        """Global token ids -> page ids (-1 for FAISS's -1 "no result")."""
-        pages = np.searchsorted(self.starts, token_ids, side="right") - 1
-        return np.where(token_ids < 0, -1, pages)
-
-    def padded(self, ids: np.ndarray, device: Any = "cpu") -> torch.Tensor:
-        """(n, Lmax, dim) float32 pages, each padded with copies of its own last token (exact for MaxSim)."""
-        lmax = int(self.lengths[ids].max())
-        buf = np.empty((len(ids), lmax, self.dim), dtype=np.float16)  # (n, Lmax, dim)
-        for r, u in enumerate(ids):
-            a = self.page_array(int(u))
-            buf[r, :len(a)] = a
-            buf[r, len(a):] = a[-1]
-        return torch.from_numpy(buf).to(device).float()
 
 
 def exact_topk(index: PageIndex, qs: list[torch.Tensor], k: int, device: Any,

@@ -281,7 +281,37 @@ def ensure_page_store(store_dir: str | Path, spec: StoreSpec, plan: PagePlan, da
     return stats
 
 
-class PageStore:
+class PageTokens:
+    """What the exact re-rank and the FAISS first stage read from any store of per-page float16 token vectors:
+    subclasses provide page_array(u), lengths (n_pages,), starts (n_pages + 1,) global token offsets and dim."""
+
+    lengths: np.ndarray
+    starts: np.ndarray
+    dim: int
+
+    def page_array(self, u: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def padded(self, ids: np.ndarray, device: Any = "cpu") -> torch.Tensor:
+        """(n, Lmax, dim) float32 tensor of the pages, each padded with copies of its own last token.
+
+        A copy of a real token never changes a max, so MaxSim over the padded block is exact without a mask.
+        """
+        lmax = int(self.lengths[ids].max())
+        buf = np.empty((len(ids), lmax, self.dim), dtype=np.float16)  # (n, Lmax, dim), converted on the device
+        for r, u in enumerate(ids):
+            a = self.page_array(int(u))
+            buf[r, :len(a)] = a
+            buf[r, len(a):] = a[-1]
+        return torch.from_numpy(buf).to(device).float()
+
+    def token_pages(self, token_ids: np.ndarray) -> np.ndarray:
+        """Global token ids -> page ids (-1 for FAISS's -1 "no result")."""
+        pages = np.searchsorted(self.starts, token_ids, side="right") - 1
+        return np.where(token_ids < 0, -1, pages)
+
+
+class PageStore(PageTokens):
     """Read side of a page store: memory-mapped fp16 token arrays, one per part, and per-page offsets."""
 
     def __init__(self, store_dir: str | Path, spec: StoreSpec):
@@ -330,6 +360,7 @@ class PageStore:
         self.n_tokens = int(self.starts[-1])
         self._resident: list[torch.Tensor | None] = []  # make_resident's copies of self.maps
         self._resident_on: torch.device | None = None
+        self._not_resident: set[torch.device] = set()  # devices make_resident found too small
 
     @property
     def n_valid(self) -> int:
@@ -347,19 +378,6 @@ class PageStore:
         """(L, dim) float32 tensors of the given pages on device."""
         return [torch.from_numpy(np.asarray(self.page_array(int(u)), dtype=np.float32)).to(device) for u in ids]
 
-    def padded(self, ids: np.ndarray, device: Any = "cpu") -> torch.Tensor:
-        """(n, Lmax, dim) float32 tensor of the pages, each padded with copies of its own last token.
-
-        A copy of a real token never changes a max, so MaxSim over the padded block is exact without a mask.
-        """
-        lmax = int(self.lengths[ids].max())
-        buf = np.empty((len(ids), lmax, self.dim), dtype=np.float16)  # (n, Lmax, dim), converted on the device
-        for r, u in enumerate(ids):
-            a = self.page_array(int(u))
-            buf[r, :len(a)] = a
-            buf[r, len(a):] = a[-1]
-        return torch.from_numpy(buf).to(device).float()
-
     def make_resident(self, device: Any, budget_bytes: int | None = None) -> bool:
         """Keep every part on device (fp16, as stored) for all later scans, if it fits; True when it does.
 
@@ -370,12 +388,15 @@ class PageStore:
         device = torch.device(device)
         if self._resident_on == device:
             return True
+        if device in self._not_resident:  # decided once: Miner asks before every search batch
+            return False
         need = self.n_tokens * self.dim * 2
         if budget_bytes is None:
             budget_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 0
         if need > budget_bytes:
             log.info("page store: %.2f GiB does not fit the %.2f GiB budget on %s; streamed from disk for every "
                      "search batch", need / 2**30, budget_bytes / 2**30, device)
+            self._not_resident.add(device)
             return False
         self._resident = [None if mm is None else torch.from_numpy(np.asarray(mm)).to(device) for mm in self.maps]
         self._resident_on = device
@@ -419,7 +440,3 @@ class PageStore:
             out[sel] = self.maps[j][picks[sel] - part_token_starts[j]]
         return out
 
-    def token_pages(self, token_ids: np.ndarray) -> np.ndarray:
-        """Global token ids -> page ids (-1 for FAISS's -1 "no result")."""
-        pages = np.searchsorted(self.starts, token_ids, side="right") - 1
-        return np.where(token_ids < 0, -1, pages)
