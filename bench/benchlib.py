@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import sys
 import time
 from datetime import date
@@ -87,13 +86,6 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gib(device: torch.device) -> tuple[float, str]:
-    """(GiB, what it is): CUDA max_memory_allocated since the last reset_peak, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> float:

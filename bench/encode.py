@@ -40,11 +40,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (env, loadavg, matmul_tflops, peak_memory_gib, print_table, reset_peak, sync,  # noqa: E402
+from benchlib import (env, loadavg, matmul_tflops, print_table, reset_peak, sync,  # noqa: E402
                       timed, write_json)
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402
 from colintern.errors import UserError  # noqa: E402
+from colintern.device import peak_memory_gib  # noqa: E402
 from colintern.internvl import internvl35_1b_config  # noqa: E402  (the real shapes, shared with tests/test_realsize.py)
 
 log = logging.getLogger("colintern.bench.encode")

@@ -30,6 +30,7 @@ bitsandbytes and flash-attn are optional. Nothing is installed here and nothing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -39,18 +40,19 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import env, matmul_tflops, peak_memory_gib, reset_peak, sync, timed  # noqa: E402
+from benchlib import env, matmul_tflops, reset_peak, sync, timed  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402
 from colintern.errors import UserError  # noqa: E402
 from colintern.files import atomic_write_json, atomic_write_text  # noqa: E402
+from colintern.device import peak_memory_gib  # noqa: E402
 
 log = logging.getLogger("colintern.bench.gpu_suite")
 
@@ -459,16 +461,13 @@ def section_train(suite: Suite) -> dict[str, Any]:
                 "--max_tiles", suite.size("4", "2"), "--device", str(suite.device), "--no_page_check",
                 *[a for a in extra if a != "--no_gradient_checkpointing"]]
         reset_peak(suite.device)
-        chosen = []
-        catcher = _Catch(chosen)
-        logging.getLogger("colintern.train").addHandler(catcher)
         try:
-            result = run_in_this_process(argv, str(suite.device))
+            with collected_logs() as messages:
+                result = run_in_this_process(argv, str(suite.device))
         except Exception as err:  # noqa: BLE001 - an OOM or a failure of one configuration is a row
             rows.append({"config": name, "batch": batch, "status": f"{type(err).__name__}: {err}"[:300]})
             continue
-        finally:
-            logging.getLogger("colintern.train").removeHandler(catcher)
+        chosen = [int(m.split()[2]) for m in messages if m.startswith("auto_batch: micro-batch ")]
         steady = result["metrics"][1:] or result["metrics"]
         pairs_s = statistics.median(r["pairs_per_s"] for r in steady)
         rows.append({"config": name, "batch": batch or (chosen[0] if chosen else None), "status": "ok",
@@ -588,13 +587,8 @@ def _tiny_train(suite: Suite, name: str, extra: list[str]) -> tuple[dict[str, An
     argv = ["--model_id", suite.tiny("internvl"), "--train_jsonl", str(data / "train.jsonl"), "--root", str(data),
             "--out_dir", str(out), "--batch_size", "4", "--max_steps", "3", "--save_every", "0", "--seed", "0",
             "--device", str(suite.device), "--no_page_check", *extra]
-    messages: list[str] = []
-    handler = _Collect(messages)
-    logging.getLogger("colintern").addHandler(handler)
-    try:
+    with collected_logs() as messages:
         result = run_in_this_process(argv, str(suite.device))
-    finally:
-        logging.getLogger("colintern").removeHandler(handler)
     result["out_dir"] = str(out)
     return result, messages
 
@@ -631,14 +625,11 @@ def _check_mine_on_gpu(suite: Suite) -> dict[str, Any]:
     messages: list[str] = []
     for n, device in enumerate((str(suite.device), "cpu")):
         out = suite.work / f"mined_{n}.jsonl"
-        handler = _Collect(messages)
-        logging.getLogger("colintern").addHandler(handler)
-        try:
+        with collected_logs() as logged:
             code = mine.main(["--model_id", suite.tiny("internvl"), "--ckpt", str(ckpt), "--train_jsonl",
                               str(data / "train.jsonl"), "--root", str(data), "--out_jsonl", str(out), "--k", "5",
                               "--method", "exact", "--device", device, "--dtype", "fp32"])
-        finally:
-            logging.getLogger("colintern").removeHandler(handler)
+        messages += logged
         if code:
             raise UserError(f"mine.py --device {device} exited with {code}")
         negatives[n] = [json.loads(line)["negs"] for line in out.read_text().splitlines() if line.strip()]
@@ -649,15 +640,21 @@ def _check_mine_on_gpu(suite: Suite) -> dict[str, Any]:
             "rows": len(gpu), "negatives_jaccard_gpu_vs_cpu": overlap}
 
 
-class _Collect(logging.Handler):
-    """Every colintern log message of a call, for the checks above."""
+@contextlib.contextmanager
+def collected_logs() -> Iterator[list[str]]:
+    """Every colintern log message emitted inside the block, in order (for the checks and the auto_batch choice)."""
+    messages: list[str] = []
 
-    def __init__(self, found: list[str]):
-        super().__init__(logging.DEBUG)
-        self.found = found
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.found.append(record.getMessage())
+    handler = Collect(logging.DEBUG)
+    logging.getLogger("colintern").addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger("colintern").removeHandler(handler)
 
 
 def write_triples(folder: Path, n_rows: int, size: int) -> Path:
@@ -674,19 +671,6 @@ def write_triples(folder: Path, n_rows: int, size: int) -> Path:
     path = folder / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-class _Catch(logging.Handler):
-    """Picks auto_batch's choice out of train.py's log."""
-
-    def __init__(self, found: list[int]):
-        super().__init__(logging.INFO)
-        self.found = found
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("auto_batch: micro-batch "):
-            self.found.append(int(message.split()[2]))
 
 
 # ------------------------------------------------------------------------------------------------ output

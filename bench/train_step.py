@@ -35,10 +35,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, env, loadavg, peak_memory_gib, print_table, write_json  # noqa: E402
+from benchlib import REPO, env, loadavg, print_table, write_json  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402
 from colintern.errors import UserError  # noqa: E402
+from colintern.device import peak_memory_gib  # noqa: E402
 
 log = logging.getLogger("colintern.bench.train_step")
 

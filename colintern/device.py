@@ -3,6 +3,7 @@ asked for but absent is a one-line user error, never a silent CPU run."""
 from __future__ import annotations
 
 import re
+import resource
 
 import torch
 
@@ -27,3 +28,11 @@ def resolve_device(spec: str | torch.device | None = None, flag: str = "--device
     if want == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{flag} mps: Apple's MPS is not available on this machine; use {flag} cpu (or auto)")
     return want
+
+
+def peak_memory_gib(device: str | torch.device) -> tuple[float, str]:
+    """(GiB, what it is): CUDA max_memory_allocated since the last reset on a GPU, else the process's peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"

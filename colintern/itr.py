@@ -271,23 +271,20 @@ class Features:
     def images(self, images: Sequence[Image.Image], batch_size: int = 16, grad: bool = False) -> torch.Tensor:
         """(N, n_img, H) image-token states; with grad (LoRA training) the graph is kept and nothing leaves the
         device."""
-        with torch.set_grad_enabled(grad):
-            return self._images(images, batch_size, grad)
-
-    def _images(self, images: Sequence[Image.Image], batch_size: int, grad: bool) -> torch.Tensor:
         out = []
         n = self.cfg.image_tokens
-        for s in range(0, len(images), batch_size):
-            inputs = self.model.processor.process_images([self.square(im) for im in images[s:s + batch_size]])
-            hidden = self.model.hidden_states(inputs).float()  # (b, L, H)
-            keep = inputs["keep_mask"].to(hidden.device)
-            for h, k in zip(hidden, keep):
-                tokens = h[k][:n]  # the image tokens come first among the kept ones
-                if len(tokens) != n:
-                    raise UserError(f"an image gave {len(tokens)} image tokens, the heads expect {n}: the checkpoint "
-                                    "was trained with another image size or backbone")
-                out.append(tokens if grad else tokens.cpu())
-        return torch.stack(out)  # (N, n_img, H)
+        with torch.set_grad_enabled(grad):
+            for s in range(0, len(images), batch_size):
+                inputs = self.model.processor.process_images([self.square(im) for im in images[s:s + batch_size]])
+                hidden = self.model.hidden_states(inputs).float()  # (b, L, H)
+                keep = inputs["keep_mask"].to(hidden.device)
+                for h, k in zip(hidden, keep):
+                    tokens = h[k][:n]  # the image tokens come first among the kept ones
+                    if len(tokens) != n:
+                        raise UserError(f"an image gave {len(tokens)} image tokens, the heads expect {n}: the "
+                                        "checkpoint was trained with another image size or backbone")
+                    out.append(tokens if grad else tokens.cpu())
+            return torch.stack(out)  # (N, n_img, H)
 
     def texts(self, texts: Sequence[str], batch_size: int = 64, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, L, H) token states (zero on padding) and (N, L) keep mask."""
@@ -322,11 +319,29 @@ def load_backbone_for_itr(model_id: str, cfg: ItrConfig, device: str):
     return model, cfg
 
 
-class ImageText:
-    """A trained seed-004 model: frozen backbone + heads from an itr checkpoint."""
+def open_images(rows: Sequence[ItrRow]) -> list[Image.Image]:
+    """Every row's image, decoded to RGB (the files are closed again)."""
+    images = []
+    for row in rows:
+        with Image.open(row.image) as im:
+            images.append(im.convert("RGB"))
+    return images
 
-    def __init__(self, model: Any, cfg: ItrConfig, heads: ItrHeads):
+
+def restore_lora(model: Any, lora: dict[str, Any]) -> None:
+    """Attach the LoRA adapters a checkpoint holds ({"config", "state"}) to the backbone."""
+    model.add_lora(**lora["config"])
+    model.load_lora_state(lora["state"])
+
+
+class ImageText:
+    """A trained seed-004 model: frozen backbone + heads from an itr checkpoint (+ the checkpoint's base model and
+    mean training boxes, for evaluation)."""
+
+    def __init__(self, model: Any, cfg: ItrConfig, heads: ItrHeads, base_model: str = "",
+                 box_prior: dict[str, list[float]] | None = None):
         self.model, self.cfg, self.heads = model, cfg, heads.eval()
+        self.base_model, self.box_prior = base_model, box_prior
         self.features = Features(model, cfg)
 
     @classmethod
@@ -339,12 +354,11 @@ class ImageText:
         cfg = ItrConfig.from_dict(payload["itr"])
         model, cfg = load_backbone_for_itr(model_id or payload["config"]["base_model"], cfg, device)
         if payload.get("lora"):  # trained with --lora: the backbone's adapters too
-            model.add_lora(**payload["lora"]["config"])
-            model.load_lora_state(payload["lora"]["state"])
+            restore_lora(model, payload["lora"])
             model.eval()
         heads = ItrHeads(model.config.hidden_size, cfg)
         heads.load_state_dict(payload["itr_heads"])
-        return cls(model, cfg, heads)
+        return cls(model, cfg, heads, payload["config"]["base_model"], payload.get("box_prior"))
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:

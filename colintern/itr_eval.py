@@ -62,15 +62,11 @@ def itm_rerank(ranked: torch.Tensor, k: int, itm_prob: Any) -> torch.Tensor:
 def evaluate_itr(m: Any, rows: list, itm_rerank_k: int = 0, box_prior: dict | None = None,
                  batch_size: int = 64) -> dict[str, dict[str, float]]:
     """Every metric of the module docstring -> {"eval_t2i": {...}, "eval_i2t": {...}, "eval_grounding": {...}}."""
-    from PIL import Image
+    from colintern.itr import open_images
 
     heads, features = m.heads, m.features
-    images = []
-    for row in rows:
-        with Image.open(row.image) as im:
-            images.append(im.convert("RGB"))
     with torch.no_grad():
-        image_states = features.images(images, batch_size=batch_size)  # (N, n_img, H)
+        image_states = features.images(open_images(rows), batch_size=batch_size)  # (N, n_img, H)
         items = [(r, c) for r, row in enumerate(rows) for c in range(len(row.captions))]
         text_states, text_keep = features.texts([rows[r].captions[c] for r, c in items])
         iv = heads.image_vectors(image_states)  # (N, D)
@@ -139,7 +135,6 @@ def ground_metrics(heads: Any, features: Any, rows: list, image_states: torch.Te
 
 def run(args: Any) -> dict[str, Any]:
     """eval.py --itr_dataset: load, evaluate, write the summary; returns it."""
-    from colintern.checkpoint import load_checkpoint
     from colintern.data import SkipReport
     from colintern.device import resolve_device
     from colintern.errors import UserError
@@ -152,18 +147,17 @@ def run(args: Any) -> dict[str, Any]:
     rows = read_rows(data, SkipReport(strict=getattr(args, "strict", False), logger=log), args.coco_images,
                      args.coco_instances)
     m = ImageText.from_pretrained(args.model_id, args.ckpt, device=resolve_device(args.device))
-    payload = load_checkpoint(args.ckpt)
-    tasks = evaluate_itr(m, rows, args.itm_rerank, payload.get("box_prior"), args.batch_size)
+    tasks = evaluate_itr(m, rows, args.itm_rerank, m.box_prior, args.batch_size)
     by_metric: dict[str, list[float]] = {}
     for scores in tasks.values():
         for name, value in scores.items():
             if math.isfinite(value):
                 by_metric.setdefault(name, []).append(value)
     average = {name: sum(values) / len(values) for name, values in by_metric.items()}  # recall_at_k: T2I and I2T
-    return {"model": args.model_id or payload["config"]["base_model"], "ckpt": args.ckpt,
+    return {"model": args.model_id or m.base_model, "ckpt": args.ckpt,
             "benchmark": f"itr:{data.name}", "main_metric": "recall_at_1", "tasks": tasks, "average": average,
             "main_metrics": {name: "recall_at_1" for name in ("eval_t2i", "eval_i2t")} | {"eval_grounding": "rel_acc"},
-            "itm_rerank": args.itm_rerank, "rows": len(rows), "config": payload["itr"],
+            "itm_rerank": args.itm_rerank, "rows": len(rows), "config": m.cfg.to_dict(),
             "dtype": str(next(m.model.backbone.parameters()).dtype).replace("torch.", ""),
             "batch_size": args.batch_size, "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from colintern.errors import UserError
-from colintern.itr import Features, ItrConfig, ItrHeads, ItrRow, load_backbone_for_itr, read_rows
+from colintern.itr import (Features, ItrConfig, ItrHeads, ItrRow, load_backbone_for_itr, open_images, read_rows,
+                           restore_lora)
 from colintern.itr_losses import (box_losses, clamp_temperature_, itc_loss, itm_loss, relation_loss,
                                   sample_itm_negatives)
 
@@ -159,15 +160,14 @@ class ItrTrainer:
         self.model, self.cfg = self._backbone(cfg, payload)
         self.heads = ItrHeads(self.model.config.hidden_size, self.cfg).to(self.device)
         self.lora_params: list[torch.nn.Parameter] = []
-        if args.lora or (payload and payload.get("lora")):
-            lora = payload.get("lora") if payload else None
-            settings = lora["config"] if lora else {"r": args.lora_r, "lora_alpha": args.lora_alpha,
-                                                    "lora_dropout": 0.0}  # no dropout: steps stay reproducible
+        if payload and payload.get("lora"):
+            restore_lora(self.model, payload["lora"])
+        elif args.lora:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)  # LoRA's A matrices: seeded, the caller's RNG untouched
-                self.model.add_lora(**settings)
-            if lora:
-                self.model.load_lora_state(lora["state"])
+                self.model.add_lora(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                    lora_dropout=0.0)  # no dropout: steps stay reproducible
+        if self.model.lora_config is not None:
             self.lora_params = [p for n, p in self.model.backbone.named_parameters() if "lora_" in n]
             for p in self.lora_params:
                 p.requires_grad_(args.lora)
@@ -235,14 +235,9 @@ class ItrTrainer:
 
     def _features(self) -> None:
         """Every image, caption and phrase through the frozen backbone, once."""
-        from PIL import Image
-
         t0 = time.perf_counter()
         features = Features(self.model, self.cfg)
-        images = []
-        for row in self.rows:
-            with Image.open(row.image) as im:
-                images.append(im.convert("RGB"))
+        images = open_images(self.rows)
         self.features, self.images = features, images
         self.captions = [self.rows[r].captions[c] for r, c in self.items]
         self.phrases = [row.phrase or row.captions[0] for row in self.rows]
@@ -347,7 +342,10 @@ class ItrTrainer:
                 self.save(f"colintern_heads_epoch{state.epoch}.pt", row)
         reporter.close()
         wall = time.perf_counter() - t_start
-        self._write_run_info(peak_memory())
+        from colintern.device import peak_memory_gib
+
+        peak, kind = peak_memory_gib(self.device)
+        self._write_run_info({"peak_mem_gib": round(peak, 3), "peak_mem_kind": kind})
         return (f"done: phase {state.phase} (stage {state.stage}), {state.step} steps, {state.epoch} epoch(s) in "
                 f"{wall:.1f} s; last checkpoint {self.out / f'colintern_heads_epoch{state.epoch}.pt'}")
 
@@ -420,16 +418,6 @@ class ItrTrainer:
             "trainable_params": trainable, "total_params": trainable + frozen, "image_tokens": self.cfg.image_tokens,
             "feature_seconds": round(self.feature_seconds, 2), "itr": self.cfg.to_dict(), **(peak or {}),
             "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))}})
-
-
-def peak_memory() -> dict[str, Any]:
-    """Peak memory of this process: the CUDA allocator's on a GPU, else the resident set size (Linux: KiB)."""
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return {"peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "peak_mem_kind": "cuda allocated"}
-    import resource
-
-    return {"peak_mem_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-            "peak_mem_kind": "process RSS"}
 
 
 def main(argv: list[str]) -> int:

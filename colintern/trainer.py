@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import resource
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from colintern.checkpoint import load_checkpoint, save_checkpoint
 from colintern.config import LATER_FIELDS
 from colintern.data import SkipReport
+from colintern.device import peak_memory_gib
 from colintern.distributed import (DistInfo, all_gather_object, all_reduce_gradients, all_reduce_mean,
                                    broadcast_object, gather_padded)
 from colintern.errors import UserError
@@ -779,10 +779,7 @@ class Trainer:
     def _summary(self, seconds: float) -> str:
         """The closing line (also the last line of training_loss.txt), with the first skipped rows logged."""
         state = self.state
-        if self.device.type == "cuda":
-            peak = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB GPU"
-        else:
-            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+        peak = f"{peak_memory_gib(self.device)[0]:.2f} GiB {'GPU' if self.device.type == 'cuda' else 'RSS'}"
         summary = (f"done: phase {state.phase.index}, {self.run_steps} steps in this run (global step {state.step}, "
                    f"epoch {state.epoch}) in {seconds:.1f} s, {self.run_pairs / max(seconds, 1e-9):.1f} pairs/s, "
                    f"peak memory {peak}, {self.report.summary()}; last checkpoint {self.last_ckpt} "
