@@ -17,6 +17,7 @@ from helpers import FIXTURES, load_script, noisy_page
 V1 = FIXTURES / "v1_checkpoint"
 PAGES = [noisy_page(224, 300, (255, 0, 0), 1), noisy_page(120, 900, (200, 200, 0), 6)]
 QUERIES = ["red page", "which page shows a green triangle?"]
+STEP_TOLERANCE = 1e-7  # head weights of today's resume against the fixture's step 2 (another machine's)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +37,8 @@ def test_a_v1_training_state_reads_as_the_typed_state():
     assert (state.step, state.phase_step, state.epoch, state.epoch_position, state.phase_done) == (1, 1, 1, 1, False)
     assert (state.phase.index, state.phase.kind, state.phase.steps, state.phase.batch_size) == (1, "hub", 2, 4)
     again = state.to_dict()
-    assert set(again) == set(saved) - {"fault"} and again["phase"] == saved["phase"]
+    assert set(again) == set(saved) - {"fault"} | {"datasets"} and again["phase"] == saved["phase"]
+    assert again["datasets"] is None  # v1 did not record its training data: unknown, not "none"
 
 
 def test_a_v1_checkpoint_resumes_exactly(tiny_model_dir, synthetic_small_dir, tmp_path, capsys):
@@ -50,6 +52,11 @@ def test_a_v1_checkpoint_resumes_exactly(tiny_model_dir, synthetic_small_dir, tm
     assert "done: phase 1, 1 steps in this run (global step 2, epoch 1)" in capsys.readouterr().out
     new = load_checkpoint(str(tmp_path / "colintern_heads_step2.pt"))
     old = load_checkpoint(str(V1 / "colintern_heads_step2.pt"))
+    step1 = load_checkpoint(str(V1 / "colintern_heads_step1.pt"))
     for name in old["head"]:
-        assert torch.equal(new["head"][name], old["head"][name]), name
+        # Within STEP_TOLERANCE, not bit for bit: the fixture was written on another CPU family (AMD EPYC), whose
+        # matmul kernels round differently (measured on an Intel Xeon: 7.5e-9, one float32 ulp at these values).
+        # One optimizer step moves the head far more, so reaching another step would fail this by orders.
+        assert (new["head"][name] - old["head"][name]).abs().max().item() < STEP_TOLERANCE, name
+        assert (step1["head"][name] - old["head"][name]).abs().max().item() > 100 * STEP_TOLERANCE, name
     assert new["training"]["phase"]["fingerprint"] == old["training"]["phase"]["fingerprint"]
