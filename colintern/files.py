@@ -42,6 +42,12 @@ def make_output_dir(path: str | Path, flag: str) -> Path:
     return folder
 
 
+def display(path: str | Path) -> str:
+    """A file name as one printable line: undecodable bytes as \\xNN escapes, line breaks and tabs as \\n \\t."""
+    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
 def os_error_behind(err: BaseException) -> OSError | None:
     """The OSError an exception is, or was raised while handling (its __cause__/__context__ chain), or None."""
     seen = set()

@@ -12,6 +12,7 @@ a rerun encodes exactly the pages not committed yet (no duplicates). Adding file
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,12 +27,20 @@ import torch
 from PIL import Image
 
 from colintern.errors import UserError
-from colintern.files import atomic_write_json, file_sha256, fsync_dir
+from colintern.files import atomic_write_json, display, file_lock, file_sha256, fsync_dir, make_output_dir
+from colintern.segments import (MANIFEST, PAGES, TOKENS, check_segment, read_checked_json, segment_number,
+                                tokens_mtime, verified_mtime, write_checked_json, write_manifest)
 from colintern.token_pooling import pool_tokens
 
 log = logging.getLogger("colintern.search")
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: checksums (colintern.segments), header.json, uids from segment numbers
+HEADER_FIELDS = ("version", "model_id", "ckpt", "ckpt_sha256", "config", "dpi", "pool_factor")
+DEFAULT_DPI = 150
+LOCK_FILE = ".lock"
+# Largest PDF page bitmap rendered (pixels): A0 at 150 dpi is 35 Mpx; pages are resized to the model's tiles anyway.
+MAX_RENDER_PIXELS = 64_000_000
+MAX_DPI = 1200
 PAGES_PER_SEGMENT_MAX = 1_000_000  # page uids are segment * this + position in the segment
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -47,21 +56,59 @@ class PageSource:
 
 
 def find_inputs(inputs: list[str]) -> list[Path]:
-    """PDFs and images named directly or found under folders (sorted); one line for a path that is neither."""
+    """PDFs and images named directly or found under folders (sorted); one line for a path that is neither, a
+    warning for a subfolder that cannot be read (its files would be missing in silence otherwise)."""
     files: list[Path] = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and
-                           (p.suffix.lower() == ".pdf" or p.suffix.lower() in IMAGE_SUFFIXES))
+            found, unreadable = walk_pages(path)
+            for folder, reason in unreadable:
+                if folder == path:
+                    raise UserError(f"--inputs {display(name)}: cannot read this folder ({reason})")
+                log.warning("%s: cannot read this folder (%s); its files are not indexed", display(folder), reason)
             if not found:
-                raise UserError(f"--inputs {name}: no PDF or image files in this folder")
+                raise UserError(f"--inputs {display(name)}: no PDF or image files in this folder")
             files += found
         elif path.is_file():
+            if path.suffix.lower() != ".pdf" and path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UserError(f"--inputs {display(name)}: not a PDF or an image ({path.suffix or 'no extension'}); "
+                                f"search.py indexes .pdf and {', '.join(IMAGE_SUFFIXES)} files")
             files.append(path)
         else:
-            raise UserError(f"--inputs {name}: no such file or folder")
+            raise UserError(f"--inputs {display(name)}: no such file or folder")
     return [p.resolve() for p in dict.fromkeys(files)]
+
+
+def walk_pages(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(PDF and image files under root, sorted; [(folder, reason)] for each folder that could not be listed)."""
+    found: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            unreadable.append((folder, (err.strerror or str(err)).lower()))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=True):
+                pending.append(path)
+            elif entry.is_file() and (path.suffix.lower() == ".pdf" or path.suffix.lower() in IMAGE_SUFFIXES):
+                found.append(path)
+    return sorted(found), sorted(unreadable)
+
+
+def check_new_index_folder(folder: Path) -> None:
+    """Before a model loads: --index must be a new or empty folder, or an index (one line otherwise)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--index {folder} is a file, not a folder; choose another --index")
+    if (folder / "index.json").exists() or (folder / "header.json").exists():
+        return
+    if folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir()):
+        raise UserError(f"--index {folder} is not empty and holds no index; choose an empty or new folder")
 
 
 def pdf_page_count(path: Path) -> int:
@@ -91,84 +138,242 @@ def render_page(source: PageSource, dpi: int) -> Image.Image:
 
     document = pdfium.PdfDocument(source.file)
     try:
-        return document[source.page - 1].render(scale=dpi / 72).to_pil().convert("RGB")
+        page = document[source.page - 1]
+        width, height = page.get_size()  # points (1/72 inch)
+        scale = render_scale(width, height, dpi)
+        if scale < dpi / 72:
+            log.warning("%s page %d is %.0f x %.0f in: rendered at %.0f dpi instead of %d to stay under %d Mpx",
+                        display(source.file), source.page, width / 72, height / 72, scale * 72, dpi,
+                        MAX_RENDER_PIXELS // 1_000_000)
+        return page.render(scale=scale).to_pil().convert("RGB")
     finally:
         document.close()
 
 
-class PageIndex:
-    """An index folder: open (or create) it, add pages, read every page's vectors back."""
+def render_scale(width_pt: float, height_pt: float, dpi: int) -> float:
+    """pdfium's scale for a page of that size at `dpi`, lowered so the bitmap stays under MAX_RENDER_PIXELS (a
+    200 x 200 inch page at 150 dpi would otherwise need 900 Mpx, several GB)."""
+    scale = dpi / 72
+    pixels = width_pt * height_pt * scale * scale
+    if pixels > MAX_RENDER_PIXELS:
+        scale *= (MAX_RENDER_PIXELS / pixels) ** 0.5
+    return scale
 
-    def __init__(self, folder: str | Path, meta: dict[str, Any]):
+
+class IndexBusy(UserError):
+    pass
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | Path) -> Iterator[None]:
+    """Hold the index folder's writer lock (IDX/.lock, flock: released when the holder dies); a second writer stops
+    with one line instead of racing the first."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--index {folder} is a file, not a folder; choose another --index")
+    make_output_dir(folder, "--index")
+    with file_lock(folder / LOCK_FILE, blocking=False) as held:
+        if not held:
+            raise IndexBusy(f"--index {folder} is being written by another process (search.py index, verify "
+                            "--repair or remove); wait for it to finish, or use another --index")
+        yield
+
+
+class PageIndex:
+    """An index folder: open (or create) it, add pages, read every page's vectors back.
+
+    Opened for reading, damaged segments are left out and named in `damaged` (a warning each); opened for writing
+    (under writer_lock), they are dropped and the files they held are listed in `redo_files` to be encoded again.
+    A page's uid (segment number * PAGES_PER_SEGMENT_MAX + position) never changes: Qdrant points are keyed by it."""
+
+    def __init__(self, folder: str | Path, meta: dict[str, Any], full_check: bool = False):
         self.folder, self.meta = Path(folder), meta
         self.pages: list[dict[str, Any]] = []
-        self.tokens: list[np.ndarray] = []  # one memory map per segment, (T, dim) float16
+        self.tokens: dict[str, np.ndarray] = {}  # segment name -> memory map, (T, dim) float16
+        self.damaged: dict[str, str] = {}  # segment name -> what is wrong
         for name in meta["segments"]:
-            self._load_segment(name)
+            self._load_segment(name, full_check)
 
     # -- opening -----------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, folder: str | Path) -> "PageIndex":
-        path = Path(folder) / "index.json"
-        if not path.is_file():
-            raise UserError(f"--index {folder}: no index.json; build one with search.py index")
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{path}: unreadable index ({err}); rebuild it with search.py index") from None
+    def open(cls, folder: str | Path, full_check: bool = False, writer: bool = False,
+             warn: bool = True) -> "PageIndex":
+        """Open an index folder. A reader gets the intact segments (cheap checks unless full_check), with a warning
+        per damaged one unless warn=False (the caller reports `damaged` itself); a writer (who holds writer_lock)
+        also has index.json rebuilt when it is damaged, leftovers removed and damaged segments dropped (their files
+        in `redo_files`)."""
+        folder = Path(folder)
+        path = folder / "index.json"
+        if not path.exists():
+            if folder.is_dir() and (folder / "header.json").is_file():
+                meta = None  # a crash or damage took index.json: rebuild it (writers) or say how
+            else:
+                raise UserError(f"--index {folder}: no index.json; build one with search.py index")
+        else:
+            meta, why = read_checked_json(path)
+        if meta is None:
+            if not writer:
+                raise UserError(f"{path}: {'damaged: ' + why if path.exists() else 'missing'}; run search.py index "
+                                f"--index {folder} --inputs ... (it rebuilds index.json from header.json and the "
+                                "segments) or search.py verify --index " + str(folder))
+            meta = cls._rebuilt_meta(folder, why if path.exists() else "missing")
+            write_checked_json(path, meta)
         if meta.get("version", 0) > INDEX_VERSION:
             raise UserError(f"{path}: index format {meta['version']} is newer than this ColIntern; upgrade it")
-        index = cls(folder, meta)
-        index._remove_leftovers()
+        index = cls(folder, meta, full_check=full_check or writer)
+        for name, why in index.damaged.items():
+            if writer:
+                log.warning("%s: damaged (%s); dropping it, its pages are encoded again", folder / name, why)
+            elif warn:
+                log.warning("%s: damaged (%s); its pages are left out: run search.py index --index %s ... to "
+                            "encode them again (search.py verify lists every damaged file)", folder / name, why,
+                            folder)
+        if writer:
+            index._drop_damaged()
+            index._remove_leftovers()
+            index._upgrade()
         return index
 
     @classmethod
     def create_or_open(cls, folder: str | Path, model_id: str, ckpt: str | None, config: dict[str, Any],
-                       dpi: int, pool_factor: int = 1) -> "PageIndex":
-        """Open an index built with the same model, checkpoint and config, or create an empty one."""
+                       dpi: int | None = None, pool_factor: int | None = None) -> "PageIndex":
+        """Open an index built with the same model, checkpoint and config (dpi and pool_factor None: the index's),
+        or create an empty one (None: 150 dpi, no pooling). The caller holds writer_lock."""
         folder = Path(folder)
         ckpt_sha = file_sha256(ckpt) if ckpt else None
-        if (folder / "index.json").exists():
-            index = cls.open(folder)
+        if (folder / "index.json").exists() or (folder / "header.json").exists():
+            index = cls.open(folder, writer=True)
             meta = index.meta
             if meta["ckpt_sha256"] != ckpt_sha or meta["config"] != config:
                 raise UserError(f"--index {folder} was built with another model or checkpoint ({meta['model_id']} "
                                 f"+ {meta['ckpt']}); use a new --index folder for this one")
             for flag, value in (("dpi", dpi), ("pool_factor", pool_factor)):
-                if meta.get(flag, 1) != value:
-                    raise UserError(f"--index {folder} was built with --{flag} {meta.get(flag, 1)}; pass the same "
-                                    "or use a new --index folder")
+                if value is not None and meta.get(flag, 1) != value:
+                    raise UserError(f"--index {folder} was built with --{flag} {meta.get(flag, 1)}; leave --{flag} "
+                                    "out to extend it, or use a new --index folder")
             return index
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--index {folder} is a file, not a folder; choose another --index")
-        if folder.is_dir() and any(folder.iterdir()):
-            raise UserError(f"--index {folder} is not empty and holds no index; choose an empty or new folder")
+        check_new_index_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"version": INDEX_VERSION, "model_id": model_id, "ckpt": ckpt and str(Path(ckpt).resolve()),
-                "ckpt_sha256": ckpt_sha, "config": config, "dpi": dpi, "pool_factor": pool_factor, "segments": [],
-                "files": {}, "hidden": []}
-        atomic_write_json(folder / "index.json", meta)
-        return cls(folder, meta)
+        header = {"version": INDEX_VERSION, "model_id": model_id, "ckpt": ckpt and str(Path(ckpt).resolve()),
+                  "ckpt_sha256": ckpt_sha, "config": config, "dpi": dpi or DEFAULT_DPI,
+                  "pool_factor": pool_factor or 1}
+        write_checked_json(folder / "header.json", dict(header))
+        meta = {**header, "segments": [], "segment_files": {}, "files": {}, "hidden": []}
+        index = cls(folder, meta)
+        index.save_meta()
+        return index
 
-    def _load_segment(self, name: str) -> None:
-        pages = json.loads((self.folder / name / "pages.json").read_text(encoding="utf-8"))
-        dim = self.meta["config"]["dim"]
-        raw = np.memmap(self.folder / name / "tokens.f16", dtype="<f2", mode="r")
-        segment = len(self.tokens)
-        self.tokens.append(raw.reshape(-1, dim))
+    @classmethod
+    def _rebuilt_meta(cls, folder: Path, why: str) -> dict[str, Any]:
+        """index.json rebuilt from header.json and every intact segment (a file indexed twice with other content:
+        its newest pages count, the older ones are hidden, as when the index was written)."""
+        header, header_why = read_checked_json(folder / "header.json")
+        if header is None:
+            raise UserError(f"{folder / 'index.json'} is {why} and header.json is {header_why or 'missing'}: the "
+                            "index cannot be rebuilt; index the files again into a new --index folder")
+        meta = {k: v for k, v in header.items() if k != "checksum"}
+        meta.update(segments=[], segment_files={}, files={}, hidden=[])
+        dim = int(meta["config"]["dim"])
+        for seg in sorted(folder.glob("seg-*"), key=lambda p: segment_number(p.name)):
+            manifest, _ = read_checked_json(seg / MANIFEST)
+            pages, bad = check_segment(seg, manifest, dim, full=True) if manifest else (None, "no manifest")
+            if pages is None:
+                log.warning("%s: not taken back into the rebuilt index.json (%s)", seg, bad)
+                continue
+            meta["segments"].append(seg.name)
+            meta["segment_files"][seg.name] = {k: v for k, v in manifest.items() if k != "checksum"}
+            for page in pages:
+                meta["files"][page["file"]] = page["sha256"]
+        for name in meta["segments"]:
+            pages = json.loads((folder / name / PAGES).read_text(encoding="utf-8"))
+            meta["hidden"] += [[p["sha256"], p["page"]] for p in pages if meta["files"][p["file"]] != p["sha256"]]
+        log.warning("%s was %s: rebuilt from header.json and %d intact segment(s)", folder / "index.json", why,
+                    len(meta["segments"]))
+        return meta
+
+    def save_meta(self) -> None:
+        write_checked_json(self.folder / "index.json", self.meta)
+
+    def _load_segment(self, name: str, full_check: bool) -> None:
+        dim = int(self.meta["config"]["dim"])
+        record = self.meta.get("segment_files", {}).get(name)
+        pages, why = check_segment(self.folder / name, record, dim, full_check)
+        if pages is None:
+            self.damaged[name] = why
+            return
+        size = (self.folder / name / TOKENS).stat().st_size
+        raw = np.memmap(self.folder / name / TOKENS, dtype="<f2", mode="r") if size else np.empty(0, "<f2")
+        self.tokens[name] = raw.reshape(-1, dim)
         hidden = {(h[0], h[1]) for h in self.meta.get("hidden", [])}
+        number = segment_number(name)
         for n, page in enumerate(pages):
             if (page["sha256"], page["page"]) not in hidden:
-                # uid: stable when pages before it are hidden (a changed file), unlike the position in self.pages
-                self.pages.append({**page, "segment": segment, "uid": segment * PAGES_PER_SEGMENT_MAX + n})
+                # uid: stable when pages before it are hidden (a changed file) or a damaged segment is dropped
+                self.pages.append({**page, "segment": name, "uid": number * PAGES_PER_SEGMENT_MAX + n})
+
+    def _drop_damaged(self) -> None:
+        """Writers: forget damaged segments (their folders removed) and list the files they held for re-encoding."""
+        if not self.damaged:
+            return
+        kept = {p["file"] for p in self.pages}
+        redo = self.meta.setdefault("redo_files", [])
+        for name in self.damaged:
+            held = self.meta.get("segment_files", {}).pop(name, {}).get("files", [])
+            redo += [f for f in held if f not in redo]
+            self.meta["segments"].remove(name)
+            shutil.rmtree(self.folder / name, ignore_errors=True)
+        for file in redo:
+            if file not in kept:  # every page of it was in damaged segments: the file counts as not indexed
+                self.meta["files"].pop(file, None)
+        self.damaged = {}
+        self.save_meta()
+
+    @property
+    def redo_files(self) -> list[str]:
+        """Files whose pages were in damaged segments that a writer dropped: the next `index` encodes them again
+        (kept in index.json until then, so `verify --repair` then `index` needs no list of files)."""
+        return list(self.meta.get("redo_files", []))
+
+    def done_redoing(self) -> None:
+        if self.meta.pop("redo_files", None) is not None:
+            self.save_meta()
+
+    def _upgrade(self) -> None:
+        """A format-1 index (no checksums) read by a writer: intact segments get their manifest, header.json is
+        written, and the index is format 2 from then on."""
+        if self.meta.get("version", 1) >= INDEX_VERSION and (self.folder / "header.json").is_file():
+            return
+        dim = int(self.meta["config"]["dim"])
+        for name in self.meta["segments"]:
+            if name not in self.meta.setdefault("segment_files", {}):
+                pages = json.loads((self.folder / name / PAGES).read_text(encoding="utf-8"))
+                self.meta["segment_files"][name] = write_manifest(self.folder / name, pages, dim)
+                del self.meta["segment_files"][name]["checksum"]
+        self.meta["version"] = INDEX_VERSION
+        header = {k: self.meta.get(k) for k in HEADER_FIELDS}
+        write_checked_json(self.folder / "header.json", header)
+        self.save_meta()
+        log.info("%s: checksums added (index format %d)", self.folder, INDEX_VERSION)
 
     def _remove_leftovers(self) -> None:
-        """Segment folders index.json does not name: a crash after writing them; their pages are redone."""
+        """Segment folders index.json does not name: a crash after writing them; their pages are redone. Only a
+        writer may do this: a reader could see a segment between its rename and index.json naming it."""
         named = set(self.meta["segments"])
-        for path in self.folder.glob("seg-*"):
+        for path in list(self.folder.glob("seg-*")) + list(self.folder.glob(".seg-*.tmp-*")):
             if path.name not in named:
                 shutil.rmtree(path, ignore_errors=True)
                 log.info("removed %s, an uncommitted segment of an interrupted run", path.name)
+
+    def mark_verified(self) -> None:
+        """Writers, after a full check: record the tokens files' current mtimes as verified, so that readers of a
+        copied folder need not hash them again."""
+        changed = False
+        for name, record in self.meta.get("segment_files", {}).items():
+            mtime = tokens_mtime(self.folder / name)
+            if mtime != verified_mtime(record):
+                record["verified_mtime_ns"], changed = mtime, True
+        if changed:
+            self.save_meta()
 
     # -- adding --------------------------------------------------------------------------------------------
     def done(self) -> set[tuple[str, int]]:
@@ -192,26 +397,28 @@ class PageIndex:
                 try:
                     count = pdf_page_count(path)
                 except ValueError as err:
-                    report.add(str(path), f"bad PDF: {err}")
+                    report.add(display(path), f"bad PDF: {err}")
                     continue
                 sources = [PageSource(str(path), sha, page, "pdf") for page in range(1, count + 1)]
             elif path.suffix.lower() in IMAGE_SUFFIXES:
                 sources = [PageSource(str(path), sha, 1, "image")]
             else:
-                report.add(str(path), f"not a PDF or an image: {path.suffix or 'no extension'}")
+                report.add(display(path), f"not a PDF or an image: {path.suffix or 'no extension'}")
                 continue
             todo += [s for s in sources if (s.sha256, s.page) not in done]
         return todo
 
     def commit(self, entries: list[tuple[PageSource, torch.Tensor, int, int, tuple[int, int]]]) -> None:
         """Write one segment: (source, (L, dim) vectors, image-token start, image tokens, page size) each."""
-        name = f"seg-{len(self.meta['segments']):05d}"
+        taken = [segment_number(n) for n in self.meta["segments"]] + \
+            [segment_number(p.name) for p in self.folder.glob("seg-*")]
+        name = f"seg-{max(taken, default=-1) + 1:05d}"
         tmp = self.folder / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             pages, offset = [], 0
-            with open(tmp / "tokens.f16", "wb") as f:
+            with open(tmp / TOKENS, "wb") as f:
                 for source, vectors, image_start, image_tokens, size in entries:
                     data = vectors.to(torch.float16).numpy().astype("<f2", copy=False)
                     f.write(np.ascontiguousarray(data).tobytes())
@@ -222,24 +429,29 @@ class PageIndex:
                     offset += int(data.shape[0])
                 f.flush()
                 os.fsync(f.fileno())
-            atomic_write_json(tmp / "pages.json", pages)
+            atomic_write_json(tmp / PAGES, pages)
+            manifest = write_manifest(tmp, pages, int(self.meta["config"]["dim"]))
             os.replace(tmp, self.folder / name)
             fsync_dir(self.folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.meta["segments"].append(name)
+        self.meta.setdefault("segment_files", {})[name] = {k: v for k, v in manifest.items() if k != "checksum"}
         for source, *_ in entries:
             self.meta["files"][source.file] = source.sha256
-        atomic_write_json(self.folder / "index.json", self.meta)
-        self._load_segment(name)
+        self.save_meta()
+        self._load_segment(name, full_check=False)
 
     # -- reading ------------------------------------------------------------------------------------------
+    def page_rows(self, i: int) -> np.ndarray:
+        """(L, dim) float16 rows of page i, as stored (a view into the segment's memory map)."""
+        page = self.pages[i]
+        return self.tokens[page["segment"]][page["offset"]:page["offset"] + page["length"]]
+
     def vectors(self, i: int) -> torch.Tensor:
         """(L, dim) float32 vectors of page i."""
-        page = self.pages[i]
-        rows = self.tokens[page["segment"]][page["offset"]:page["offset"] + page["length"]]
-        return torch.from_numpy(np.asarray(rows, dtype=np.float32))
+        return torch.from_numpy(np.asarray(self.page_rows(i), dtype=np.float32))
 
     def all_vectors(self) -> Iterator[torch.Tensor]:
         for i in range(len(self.pages)):
@@ -270,9 +482,10 @@ def index_pages(index: PageIndex, model: Any, todo: list[PageSource], report: An
                     images.append(render_page(source, index.meta["dpi"]))
                     chunk.append(source)
                 except BadRowError as err:
-                    report.add(f"{source.file} page {source.page}", err.reason)
+                    report.add(f"{display(source.file)} page {source.page}", err.reason)
                 except Exception as err:  # noqa: BLE001 - pdfium raises its own error types
-                    report.add(f"{source.file} page {source.page}", f"cannot render: {err}")
+                    report.add(f"{display(source.file)} page {source.page}",
+                               f"cannot render: {str(err) or type(err).__name__}")
             if chunk:
                 vectors = model.encode_images(images, batch_size=batch_size, show_progress=False)
                 factor = index.meta.get("pool_factor", 1)

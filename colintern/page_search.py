@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from colintern.errors import UserError
 from colintern.page_index import PageIndex
 from colintern.page_store import PageTokens
 
@@ -48,8 +49,7 @@ class TokenView(PageTokens):
         self.spec = type("Spec", (), {"n_pages": self.n_valid})()
 
     def page_array(self, u: int) -> np.ndarray:
-        page = self.index.pages[u]
-        return self.index.tokens[page["segment"]][page["offset"]:page["offset"] + page["length"]]  # (L, dim) fp16
+        return self.index.page_rows(u)  # (L, dim) fp16
 
     def iter_token_chunks(self, chunk: int = 1 << 18) -> Iterator[np.ndarray]:
         """Every page token in global token order, float32 (n, dim) chunks of about `chunk` rows."""
@@ -92,7 +92,17 @@ def exact_topk(index: PageIndex, qs: list[torch.Tensor], k: int, device: Any,
         order = np.argsort(-values, axis=1, kind="stable")[:, :k]  # earlier groups (lower ids) first among ties
         values, ids = np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1)
         start = end
+    refuse_non_finite(index, values, ids)
     return values, ids
+
+
+def refuse_non_finite(index: PageIndex, values: np.ndarray, ids: np.ndarray) -> None:
+    """A NaN or infinite score comes from damaged stored vectors (topk puts NaN first): one line naming the
+    segment, instead of printing nan."""
+    bad = sorted({index.pages[int(i)]["segment"] for i in ids[~np.isfinite(values)]})
+    if bad:
+        raise UserError(f"{index.folder}: segment(s) {', '.join(bad)} hold non-finite vectors (damaged); run "
+                        f"search.py verify --index {index.folder}, then search.py index to encode them again")
 
 
 class CentroidInteraction:

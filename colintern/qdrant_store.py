@@ -16,6 +16,7 @@ interrupted `search.py index --backend qdrant` is finished by running it again.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -24,11 +25,12 @@ from typing import Any
 import numpy as np
 
 from colintern.errors import UserError
-from colintern.files import atomic_write_json
+from colintern.files import file_lock, make_output_dir
 from colintern.page_index import PageIndex
 
 log = logging.getLogger("colintern.search")
 
+LOCAL_LOCK = ".colintern.lock"
 UPSERT_VECTORS = 65_536  # token vectors per upsert request (about 16 MiB of JSON floats at dim 128)
 
 
@@ -40,8 +42,19 @@ def _client(url: str | None, path: str | None):
     if bool(url) == bool(path):
         raise UserError("--backend qdrant: give --url URL (a server) or --path DIR (embedded local mode), one of them")
     if url:
-        return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"), timeout=120)
-    return QdrantClient(path=path)
+        return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"), timeout=120), None
+    # Local mode lets one process in at a time (a second gets a RuntimeError): every ColIntern process waits its
+    # turn on this lock instead, released by close() or when the holder dies.
+    make_output_dir(path, "--path")
+    lock = contextlib.ExitStack()
+    if not lock.enter_context(file_lock(os.path.join(path, LOCAL_LOCK), blocking=False)):
+        log.info("waiting for another process to finish with the Qdrant folder %s", path)
+        lock.enter_context(file_lock(os.path.join(path, LOCAL_LOCK)))
+    try:
+        return QdrantClient(path=path), lock
+    except RuntimeError as err:  # held by a program that is not ColIntern
+        lock.close()
+        raise UserError(f"--path {path}: {str(err).splitlines()[0]}; close the other program using it") from None
 
 
 class QdrantPages:
@@ -52,16 +65,18 @@ class QdrantPages:
         from qdrant_client import models
 
         self.models, self.index = models, index
-        self.client = _client(url, path)
+        self.client, self._lock = _client(url, path)
         self.where = url or path
         self.collection = collection or index.meta.get("qdrant_collection") or f"colintern_{index.folder.name}"
         if not index.meta.get("index_id"):  # identifies this index's points in a shared server
             index.meta["index_id"] = uuid.uuid4().hex
-            atomic_write_json(index.folder / "index.json", index.meta)
+            index.save_meta()
         self.index_id = index.meta["index_id"]
 
     def close(self) -> None:
         self.client.close()
+        if self._lock is not None:
+            self._lock.close()
 
     def ensure_collection(self) -> None:
         """Create the collection (MaxSim over dot products, float16 storage) or check that it is this index's."""
@@ -82,7 +97,7 @@ class QdrantPages:
                                 "pass another --collection")
         if self.index.meta.get("qdrant_collection") != self.collection:
             self.index.meta["qdrant_collection"] = self.collection
-            atomic_write_json(self.index.folder / "index.json", self.index.meta)
+            self.index.save_meta()
 
     def point_ids(self) -> set[int]:
         ids, offset = set(), None

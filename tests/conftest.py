@@ -81,3 +81,28 @@ def synthetic_small_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("synthetic_small")
     generate(str(out), n_train_pages=40, n_eval_pages=12)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def search_docs(tmp_path_factory):
+    """a.pdf (3 pages), b.pdf (2 pages), c.png: the search tests' documents (read only; copy them to change one)."""
+    from helpers import search_page
+
+    folder = tmp_path_factory.mktemp("docs")
+    pages = [search_page(i) for i in range(6)]
+    pages[0].save(folder / "a.pdf", save_all=True, append_images=pages[1:3])
+    pages[3].save(folder / "b.pdf", save_all=True, append_images=pages[4:5])
+    pages[5].save(folder / "c.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def search_ckpt(tiny_model_dir, tmp_path_factory) -> str:
+    """A checkpoint of the tiny model (untrained head, dim 32, 2 tiles) to index and query with."""
+    from colintern import ColIntern
+    from colintern.checkpoint import save_checkpoint
+
+    model = ColIntern.from_pretrained(tiny_model_dir, max_tiles=2, dim=32)
+    path = tmp_path_factory.mktemp("ckpt") / "colintern_heads_step1.pt"
+    save_checkpoint(str(path), **model.checkpoint_parts())
+    return str(path)

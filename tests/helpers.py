@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -45,3 +45,29 @@ def perturb_lora(model, std: float) -> None:
         for name, param in model.backbone.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, std)
+
+
+_SCRIPTS: dict[str, ModuleType] = {}
+SEARCH_COLOURS = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (220, 200, 40), (40, 190, 200), (120, 60, 160)]
+SEARCH_WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+
+
+def search_page(i: int) -> Image.Image:
+    """Page i of the search tests' documents: a colour, a white box that moves with i, a word."""
+    image = Image.new("RGB", (170, 220), SEARCH_COLOURS[i % 6])
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((20 + 10 * i, 30, 90 + 10 * i, 100), fill=(255, 255, 255))
+    draw.text((25, 150), SEARCH_WORDS[i % 6], fill=(0, 0, 0))
+    return image
+
+
+def search_run(capsys, *argv) -> tuple[int, str, str]:
+    """search.py main(argv) as the command line runs it: (exit status, stdout, stderr)."""
+    from colintern.cli import run_cli
+
+    if "search" not in _SCRIPTS:
+        _SCRIPTS["search"] = load_script("search")
+    search = _SCRIPTS["search"]
+    code = run_cli(search.main, [str(a) for a in argv], out_flag=search.OUT_FLAG)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

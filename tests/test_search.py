@@ -8,50 +8,24 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from colintern import ColIntern
 from colintern.checkpoint import save_checkpoint
-from colintern.cli import run_cli
-from helpers import load_script, max_diff, perturb_lora
+from helpers import load_script, max_diff, perturb_lora, search_page as page, search_run as run
 
 search = load_script("search")
 
+
+@pytest.fixture
+def docs(search_docs):
+    return search_docs
+
+
+@pytest.fixture
+def ckpt(search_ckpt):
+    return search_ckpt
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-COLOURS = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (220, 200, 40), (40, 190, 200), (120, 60, 160)]
-WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
-
-
-def page(i: int) -> Image.Image:
-    image = Image.new("RGB", (170, 220), COLOURS[i % 6])
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((20 + 10 * i, 30, 90 + 10 * i, 100), fill=(255, 255, 255))
-    draw.text((25, 150), WORDS[i % 6], fill=(0, 0, 0))
-    return image
-
-
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("docs")
-    pages = [page(i) for i in range(6)]
-    pages[0].save(folder / "a.pdf", save_all=True, append_images=pages[1:3])
-    pages[3].save(folder / "b.pdf", save_all=True, append_images=pages[4:5])
-    pages[5].save(folder / "c.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_model_dir, tmp_path_factory):
-    model = ColIntern.from_pretrained(tiny_model_dir, max_tiles=2, dim=32)
-    path = tmp_path_factory.mktemp("ckpt") / "colintern_heads_step1.pt"
-    save_checkpoint(str(path), **model.checkpoint_parts())
-    return str(path)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = run_cli(search.main, [str(a) for a in argv], out_flag=search.OUT_FLAG)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_index_and_query_equal_exact_maxsim_in_memory(tiny_model_dir, ckpt, docs, tmp_path, capsys):
@@ -156,10 +130,12 @@ def test_bad_inputs_are_one_line(tiny_model_dir, ckpt, docs, tmp_path, capsys):
     (bad / "notes.txt").write_text("hello")
     page(0).save(bad / "ok.png")
     base = ["index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--dpi", 72]
-    code, out, err = run(capsys, *base, "--inputs", bad / "broken.pdf", bad / "ok.png", bad / "notes.txt",
-                         "--index", tmp_path / "i1")
-    assert code == 0 and "Traceback" not in err
-    assert out.strip().endswith("; skipped 2 items: bad PDF x1, not a PDF or an image x1")
+    code, out, err = run(capsys, *base, "--inputs", bad / "broken.pdf", bad / "ok.png", "--index", tmp_path / "i1")
+    assert code == 1 and "Traceback" not in err  # 1: something was skipped (named in a warning)
+    assert out.strip().endswith("; skipped 1 item: bad PDF x1")
+    code, out, err = run(capsys, *base, "--inputs", bad / "broken.pdf", "--index", tmp_path / "i0")
+    assert code == 2 and out == "" and err.strip().splitlines()[-1] == \
+        "error: no page indexed: every input was bad (skipped 1 item: bad PDF x1); see the warnings above"
     code, _, err = run(capsys, *base, "--inputs", bad / "broken.pdf", "--index", tmp_path / "i2", "--strict")
     assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: {bad / 'broken.pdf'}: bad PDF: not a "
                                                                   "readable PDF")
@@ -207,8 +183,15 @@ def test_a_pooled_index_stores_about_k_times_fewer_vectors(tiny_model_dir, ckpt,
     code, out, _ = run(capsys, "query", "--index", tmp_path / "k3", "--k", 2, "--json", "alpha")
     assert code == 0 and len(json.loads(out)["results"]) == 2
     code, _, err = run(capsys, "index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--inputs", docs / "b.pdf",
-                       "--index", tmp_path / "k3", "--dpi", 72)
-    assert code == 2 and "was built with --pool_factor 3; pass the same or use a new --index folder" in err
+                       "--index", tmp_path / "k3", "--dpi", 72, "--pool_factor", 1)
+    assert code == 2 and "was built with --pool_factor 3; leave --pool_factor out to extend it" in err
+    # extending takes the settings the index stores (pool factor, DPI) when they are left out
+    code, out, err = run(capsys, "index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--inputs", docs / "b.pdf",
+                         "--index", tmp_path / "k3")
+    assert code == 0 and out.strip() == f"indexed 2 new page(s) from 1 file(s); 5 page(s) in {tmp_path / 'k3'}", err
+    extended = PageIndex.open(tmp_path / "k3")
+    assert (extended.meta["pool_factor"], extended.meta["dpi"]) == (3, 72)
+    assert all(p["length"] <= -(-sizes[1][0] // 3) + 1 for p in extended.pages)
 
 
 def test_export_model_is_one_folder_with_the_checkpoints_embeddings(tiny_backbone, tmp_path, capsys):
@@ -425,8 +408,8 @@ def test_centroid_interaction_scores_pages_by_their_centroids_and_reranks_exactl
     ivf = faiss.extract_index_ivf(stage.faiss)
     centroids = torch.from_numpy(ivf.quantizer.reconstruct_n(0, ivf.nlist)).double()
     brute = []
-    for page in pages:
-        lists = ivf.quantizer.search(page.numpy(), 1)[1][:, 0]  # each token's IVF list
+    for page_vectors in pages:
+        lists = ivf.quantizer.search(page_vectors.numpy(), 1)[1][:, 0]  # each token's IVF list
         brute.append(float((q.double() @ centroids[np.unique(lists)].T).max(1).values.sum()))
     got = stage.centroid_stage.candidates(q.numpy(), len(pages), ivf.nlist, len(pages))
     want = sorted(range(len(pages)), key=lambda u: (-round(brute[u], 5), u))
