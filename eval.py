@@ -245,11 +245,9 @@ def load_hub_data(tasks: list[Any], copies: set[str]) -> list[Any]:
 
 
 def default_model_id(ckpt: str) -> str:
-    from colintern.checkpoint import load_checkpoint
+    from colintern.checkpoint import base_model_of, load_checkpoint
 
-    base = (load_checkpoint(ckpt).get("config") or {}).get("base_model")
-    if not base:
-        raise UserError(f"{ckpt}: the checkpoint names no base model; pass --model_id")
+    base = base_model_of(load_checkpoint(ckpt), ckpt)
     log.info("--model_id not given: using the checkpoint's base model %s", base)
     return base
 

@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if Path(args.out_jsonl).is_dir():
         raise UserError(f"--out_jsonl {args.out_jsonl} is a folder; name a .jsonl file")
+    if args.ckpt:
+        from colintern.checkpoint import load_checkpoint
+
+        load_checkpoint(args.ckpt)  # a missing, foreign or image-text checkpoint: one line, no output folder made
     make_output_dir(Path(args.out_jsonl).parent, "--out_jsonl")  # before the model loads: fail fast
     paths = output_paths(args.out_jsonl, args.shard_id, args.num_shards)
     if args.resume and paths["final"].is_file() and not paths["partial"].is_file():

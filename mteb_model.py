@@ -77,8 +77,32 @@ def _load_from_meta(model_name: str, revision: str | None = None, **kwargs: Any)
     return ColInternMTEB(model_id, **kwargs)
 
 
+# mteb tasks whose data a training set contains: mteb marks a model's results on them as not zero-shot. The ViDoRe
+# v1 tasks built from DocVQA, InfoVQA, TAT-DQA and arXivQA share their sources with vidore/colpali_train_set (as
+# mteb's own ColPali entries declare).
+TRAINING_SET_TASKS = {
+    "vidore/colpali_train_set": {"VidoreDocVQARetrieval", "VidoreInfoVQARetrieval", "VidoreTatdqaRetrieval",
+                                 "VidoreArxivQARetrieval"},
+}
+
+
+def training_datasets_of(ckpt: str | None) -> set[str] | None:
+    """mteb's training_datasets for a checkpoint, from what its phases trained on (docs/CONTRACT.md §6): the mteb
+    tasks each known training set overlaps; local or private data overlap none. None (unknown) for a checkpoint
+    that does not record its data (written before it did) or no checkpoint at all."""
+    if not ckpt or not os.path.isfile(ckpt):
+        return None
+    from colintern.checkpoint import load_checkpoint
+
+    datasets = (load_checkpoint(ckpt).get("training") or {}).get("datasets")
+    if datasets is None:
+        return None
+    return set().union(*(TRAINING_SET_TASKS.get(name.lower(), set()) for name in datasets))
+
+
 def colintern_model_meta(model_id: str, ckpt: str | None, *, revision: str, dim: int, n_parameters: int | None,
-                         loader_kwargs: dict[str, Any] | None = None, embedding: str = "multi") -> ModelMeta:
+                         loader_kwargs: dict[str, Any] | None = None, embedding: str = "multi",
+                         training_datasets: set[str] | None = None) -> ModelMeta:
     """The mteb ModelMeta of a ColIntern model, text + image: late interaction scored by MaxSim, or (a
     single-vector checkpoint) a dense model scored by the dot product."""
     single = embedding == "single"
@@ -101,7 +125,7 @@ def colintern_model_meta(model_id: str, ckpt: str | None, *, revision: str, dim:
         reference=None,
         similarity_fn_name=ScoringFunction.DOT_PRODUCT if single else ScoringFunction.MAX_SIM,
         use_instructions=True,  # a fixed query format (prefix + augmentation tokens) from the checkpoint config
-        training_datasets=None,
+        training_datasets=training_datasets,
         adapted_from=model_id,
         modalities=["image", "text"],
         model_type=["dense"] if single else ["late-interaction"],
@@ -176,7 +200,7 @@ class ColInternMTEB(AbsEncoder):
             model_name, ckpt, revision=fingerprint, dim=int(config["dim"]), n_parameters=n_parameters,
             loader_kwargs={"dtype": dtype, "max_tiles": max_tiles, "batch_size": batch_size,
                            "query_batch_size": query_batch_size, "pool_factor": pool_factor},
-            embedding=str(config.get("embedding", "multi")))
+            embedding=str(config.get("embedding", "multi")), training_datasets=training_datasets_of(ckpt))
         self._warned_text_pages = False
         self._page_cache: tuple[str, list[torch.Tensor]] | None = None
 

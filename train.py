@@ -214,6 +214,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--auto_target_frac must be in (0, 1], got {args.auto_target_frac}")
     if args.warmup_ratio >= 1:
         raise UserError(f"--warmup_ratio must be below 1, got {args.warmup_ratio}")
+    single_only = [f"--{name}" for name in ("pooling", "instruction", "latent_size", "latent_heads")
+                   if getattr(args, name) is not None]
+    if single_only and args.embedding == "multi" or single_only and args.embedding is None and not args.resume_ckpt:
+        raise UserError(f"{', '.join(single_only)} only apply to single-vector models: add --embedding single, or "
+                        "leave them out for a multi-vector (ColPali) model")
     return args
 
 

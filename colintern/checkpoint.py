@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,8 +50,9 @@ def save_checkpoint(path: str, *, config: ColInternConfig, head: dict[str, torch
     atomic_torch_save(payload, path)
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read a checkpoint safely (weights_only=True); one clear line for a missing or foreign file."""
+def load_checkpoint(path: str, task: str = "retrieval") -> dict[str, Any]:
+    """Read a checkpoint safely (weights_only=True); one clear line for a missing or foreign file, or one of
+    another task ("retrieval": what train.py writes by default; "itr": train.py --task itr; "any")."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -73,7 +75,44 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if payload["format_version"] > FORMAT_VERSION:
         raise UserError(f"{path}: checkpoint format {payload['format_version']} is newer than this ColIntern "
                         f"supports ({FORMAT_VERSION}); upgrade colintern")
+    kind = payload.get("task", "retrieval")
+    if task != "any" and kind != task:
+        if kind == "itr":
+            raise UserError(f"{path} is an image-text retrieval checkpoint (train.py --task itr): it has no page "
+                            "retrieval head; evaluate it with eval.py --itr_dataset, or pass a checkpoint of "
+                            "train.py without --task itr")
+        raise UserError(f"{path} is a page retrieval checkpoint, not an image-text one (train.py --task itr)")
     return payload
+
+
+def base_model_of(payload: dict[str, Any], ckpt: str) -> str:
+    """The base model a checkpoint was trained on, as something loadable from here: an absolute folder or a hub id.
+
+    Checkpoints before this rule recorded --model_id as typed, e.g. the relative `outputs/tiny`: such a path is
+    taken relative to the working directory, then to each folder above the checkpoint (where training most likely
+    ran); otherwise it is a hub id (loading says so when it is not, and --model_id overrides it)."""
+    base = payload["config"].get("base_model") or ""
+    if not base:
+        raise UserError(f"{ckpt}: the checkpoint names no base model; pass --model_id")
+    return resolve_recorded_model(base, ckpt)
+
+
+def resolve_recorded_model(base: str, recorded_in: str | Path) -> str:
+    """A base model recorded in a file (a checkpoint, an index.json): an absolute folder or hub id as is; a relative
+    folder found from the working directory or from a folder above `recorded_in`, made absolute."""
+    if os.path.isabs(base) or os.path.isdir(base):
+        return os.path.abspath(base) if os.path.isdir(base) else base
+    for folder in Path(recorded_in).resolve().parents:
+        if (folder / base).is_dir():
+            log.info("%s records the base model as %s (relative): using %s", recorded_in, base, folder / base)
+            return str(folder / base)
+    return base
+
+
+def recorded_model_id(model_id: str) -> str:
+    """What a checkpoint records as its base model: a local folder as an absolute path (the checkpoint then works
+    from any directory), a hub id as given."""
+    return os.path.abspath(model_id) if os.path.isdir(model_id) else model_id
 
 
 def check_compatible(payload: dict[str, Any], signature: dict[str, Any], path: str, dim: int | None = None,

@@ -89,7 +89,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "another (stage 2 after stage 1) starts from its weights")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out_dir")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--device", "--device_map", dest="device", default="auto", help="cpu, cuda, cuda:N or auto "
+                   "(--device_map is the seed's name) (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the training process "
+                   "(default: torch's choice)")
+    p.add_argument("--num_workers", type=int, default=0, help="threads decoding the images before the features "
+                   "are computed (default: 0, in the main thread)")
     p.add_argument("--report_to", nargs="+", choices=["none", "tensorboard", "wandb"], default=["none"],
                    help="also send every step's metrics to TensorBoard and/or Weights & Biases (the seed's --use_wandb; "
                    "WANDB_MODE=offline works); metrics.jsonl is always written (default: none)")
@@ -98,6 +103,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "dim", "fusion_dim", "fusion_layers", "fusion_heads", "max_tiles"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must not be negative, got {args.num_workers}")
     if args.batch_size < 2:
         raise UserError("--batch_size must be at least 2: the contrastive loss needs in-batch negatives")
     args.weights = parse_weights(args.loss_weights)
@@ -193,10 +202,7 @@ class ItrTrainer:
             return None
         from colintern.checkpoint import load_checkpoint
 
-        payload = load_checkpoint(self.args.resume_ckpt)
-        if payload.get("task") != "itr":
-            raise UserError(f"--resume_ckpt {self.args.resume_ckpt} is not an itr checkpoint (train.py --task itr)")
-        return payload
+        return load_checkpoint(self.args.resume_ckpt, task="itr")
 
     def _backbone(self, cfg: ItrConfig, payload: dict[str, Any] | None):
         if payload and payload["config"]["base_model"] != self.args.model_id:
@@ -237,7 +243,7 @@ class ItrTrainer:
         """Every image, caption and phrase through the frozen backbone, once."""
         t0 = time.perf_counter()
         features = Features(self.model, self.cfg)
-        images = open_images(self.rows)
+        images = open_images(self.rows, self.args.num_workers)
         self.features, self.images = features, images
         self.captions = [self.rows[r].captions[c] for r, c in self.items]
         self.phrases = [row.phrase or row.captions[0] for row in self.rows]
@@ -425,5 +431,11 @@ def main(argv: list[str]) -> int:
 
     args = parse_args(argv)
     setup_logging(args.verbose)
-    print(ItrTrainer(args).run(), flush=True)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        print(ItrTrainer(args).run(), flush=True)
+    finally:  # an in-process caller gets its thread count back
+        torch.set_num_threads(threads)
     return 0

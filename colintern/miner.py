@@ -333,7 +333,7 @@ class Miner:
     def __init__(self, args: argparse.Namespace):
         from colintern.data import SkipReport, clean_query
         from colintern.mining import choose_method, plan_pairs
-        from colintern.model import ColIntern
+        from colintern.model import ColIntern, is_exported_model
         from colintern.page_store import PageStore, plan_pages
 
         self.args, self.t_start = args, time.time()
@@ -341,7 +341,7 @@ class Miner:
         self.show = not args.quiet
         self.device = mining_device(args.device)
         self.use_gpu = self.device.startswith("cuda")
-        if args.ckpt is None:
+        if args.ckpt is None and not is_exported_model(args.model_id):
             log.warning("no --ckpt: mining with the base model %s and an UNTRAINED head; negatives will be close "
                         "to random. Pass --ckpt outputs/train/colintern_heads_epoch1.pt", args.model_id)
         self.model = ColIntern.from_pretrained(args.model_id, ckpt=args.ckpt, device=self.device, dtype=args.dtype,

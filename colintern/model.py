@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from colintern.backbone import LM_LORA_TARGETS, LoadedBackbone
-from colintern.checkpoint import check_compatible, load_checkpoint
+from colintern.checkpoint import check_compatible, load_checkpoint, recorded_model_id
 from colintern.config import ColInternConfig
 from colintern.device import resolve_device
 from colintern.errors import UserError
@@ -96,9 +96,14 @@ def resolve_attn_implementation(use_flash_attn: bool, device: str | torch.device
     return "sdpa"
 
 
+def is_exported_model(model_id: str) -> bool:
+    """Whether model_id is a folder written by search.py export_model (it holds its trained head and config)."""
+    return os.path.isfile(os.path.join(model_id, HEAD_FILE))
+
+
 def config_for_backbone(loaded: LoadedBackbone, model_id: str, **overrides: Any) -> ColInternConfig:
     """A fresh ColIntern config for a backbone (no checkpoint): facts from the backbone, formatting defaults."""
-    config = ColInternConfig(base_model=model_id, backbone=loaded.family, source_layout=loaded.layout,
+    config = ColInternConfig(base_model=recorded_model_id(model_id), backbone=loaded.family, source_layout=loaded.layout,
                              base_weights=loaded.weights,
                              signature=loaded.signature, hidden_size=loaded.hidden_size,
                              tile_size=loaded.tile_size or 448, image_tokens_per_tile=loaded.image_tokens_per_tile or 256)
@@ -155,7 +160,7 @@ class ColIntern(nn.Module):
         what the checkpoint means is applied with a warning.
         """
         device = resolve_device(device)
-        if ckpt is None and os.path.isfile(os.path.join(model_id, HEAD_FILE)):  # an exported ColIntern folder
+        if ckpt is None and is_exported_model(model_id):
             ckpt = os.path.join(model_id, HEAD_FILE)
             log.info("%s is an exported ColIntern model: loading its head and config from %s", model_id, HEAD_FILE)
         torch_dtype = resolve_dtype(dtype, device)

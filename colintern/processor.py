@@ -18,6 +18,7 @@ from colintern.config import ColInternConfig
 from colintern.errors import UserError
 
 log = logging.getLogger("colintern")
+CLIP_WARNINGS = 5  # queries over max_query_length reported one by one, then no more
 
 MAX_ASPECT_RATIO = 50.0  # wider or taller than 50:1 is not a page (e.g. a 20000x50 strip)
 
@@ -189,6 +190,22 @@ class PageProcessor:
         cfg = self.config
         return self.query_prefix() + text + cfg.augmentation_token * cfg.n_augmentation + cfg.query_suffix
 
+    def clip_query(self, text: str, i: int) -> str:
+        """The query cut to max_query_length tokens, with a warning (the first few times): cutting the formatted
+        string instead would drop the augmentation tokens and the suffix, not the excess text."""
+        limit, prefix = self.config.max_query_length, self.query_prefix()
+        if len(prefix) + len(text) <= limit:  # a token covers at least one character
+            return text
+        tokens = self.tokenizer(prefix + text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(tokens["input_ids"]) <= limit:  # max_query_length counts the prefix's tokens too
+            return text
+        self.clipped = getattr(self, "clipped", 0) + 1
+        if self.clipped <= CLIP_WARNINGS:
+            log.warning("query %d has %d tokens with its prefix: only the first %d are used (max_query_length)%s",
+                        i + 1, len(tokens["input_ids"]), limit, "; further cut queries are not reported"
+                        if self.clipped == CLIP_WARNINGS else "")
+        return text[:max(0, tokens["offset_mapping"][limit - 1][1] - len(prefix))]
+
     def process_queries(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Batch of queries -> input_ids (B, L), attention_mask (B, L), keep_mask (B, L).
 
@@ -196,7 +213,8 @@ class PageProcessor:
         others through attention but are left out of the pooled vector (NV-Embed); a token that straddles the end
         of the prefix (a space-led word) counts as text."""
         cfg = self.config
-        formatted = [self.format_query(require_query_text(t, f"query {i}")) for i, t in enumerate(texts)]
+        formatted = [self.format_query(self.clip_query(require_query_text(t, f"query {i}"), i))
+                     for i, t in enumerate(texts)]
         single = cfg.embedding == "single"
         batch = self.tokenizer(formatted, padding="longest", truncation=True, return_tensors="pt",
                                max_length=cfg.max_query_length + cfg.n_augmentation + self.suffix_tokens,

@@ -96,6 +96,8 @@ class TrainingState:
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     rng: list[dict[str, Any]] | None = None  # one RNG state per rank
+    # What every phase so far trained on (mteb's training_datasets); None: unknown (a phase before it was recorded).
+    datasets: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: state dicts are not copied
@@ -449,6 +451,15 @@ class Trainer:
                           model=self.model.config.meaning())
         return Fingerprint(json.dumps([data.kind, data.identity], sort_keys=True), phase_args)
 
+    def _data_names(self) -> list[str]:
+        """The training data of this phase by name: a hub dataset id as given, a local dataset or triples file as an
+        absolute path, and the datasets a triples file's pseudo-paths point into (mined pages)."""
+        args = self.args
+        if args.train_hub:
+            return [os.path.abspath(args.train_hub) if os.path.exists(args.train_hub) else args.train_hub]
+        rows = {p.dataset[0] for e in self.examples for p in (e.pos, *e.negs) if p.dataset is not None}
+        return [os.path.abspath(args.train_jsonl)] + sorted(rows)
+
     def _start_or_resume(self) -> tuple[TrainingState, bool]:
         """Continue the checkpoint's phase (same data and arguments), or start a new phase (from its weights)."""
         args = self.args
@@ -479,7 +490,9 @@ class Trainer:
             phase = Phase(id=fingerprint.phase_id, fingerprint=fingerprint.value, args=fingerprint.args,
                           index=index, kind=self.data.kind, start_step=step, start_epoch=epoch, steps=0,
                           steps_per_epoch=0, batch_size=batch_size, world_size=self.world)
-            state = TrainingState(phase, step=step, phase_step=0, epoch=epoch, epoch_position=0)
+            seen = saved.get("datasets") if saved else []
+            datasets = None if seen is None else seen + [d for d in self._data_names() if d not in seen]
+            state = TrainingState(phase, step=step, phase_step=0, epoch=epoch, epoch_position=0, datasets=datasets)
         self._size_phase(state)
         return state, same_phase
 

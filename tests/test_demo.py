@@ -120,7 +120,7 @@ def test_printed_table_and_demo_summary_are_the_eval_summaries_numbers(demo_run)
     # each time is rounded to 0.01 s on its own, so the sum of the parts may exceed the total by n x 0.005 s
     parts = sum(c["seconds"] for c in summary["commands"])
     assert summary["seconds"]["total"] >= parts - 0.005 * len(summary["commands"])
-    assert f"total time: " in proc.stdout
+    assert "total time: " in proc.stdout
     for path in summary["plots"]:
         assert f"  {path}" in proc.stdout and Path(path).is_file()
 
