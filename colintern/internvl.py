@@ -27,7 +27,7 @@ from colintern.backbone import BackboneFamily, LoadedBackbone, load_tokenizer, r
 from colintern.config import ColInternConfig
 from colintern.errors import UserError
 from colintern.processor import PageProcessor, check_page_image, grid_boxes, page_keep_mask
-from colintern.toy_tokenizer import build_tokenizer
+from colintern.toy_tokenizer import build_tokenizer, write_original_layout
 
 log = logging.getLogger("colintern")
 
@@ -76,23 +76,64 @@ def _internvl_facts(model: nn.Module, tokenizer: Any, layout: str) -> LoadedBack
                           image_tokens_per_tile=tokens_per_tile)
 
 
-def _load_internvl_native(model_id: str, raw: dict, dtype: torch.dtype, attn: str) -> LoadedBackbone:
-    from transformers import InternVLModel
+_BACKBONE_CLASS = None
 
+
+def _backbone_class():
+    """InternVLModel that loads the -HF checkpoints' `InternVLForConditionalGeneration` weights without reporting
+    their untied lm_head (InternVL3.5-1B stores one) as unexpected: retrieval needs hidden states, not logits.
+
+    It keeps transformers' class name (a saved config names a class transformers knows). transformers applies its
+    checkpoint key conversions to classes outside its package only when they are registered, so the same
+    conversions as InternVL's are registered for that name (what the real class would use anyway)."""
+    global _BACKBONE_CLASS
+    if _BACKBONE_CLASS is None:
+        from transformers import InternVLModel as Base
+        from transformers import conversion_mapping as conversions
+
+        class InternVLModel(Base):
+            _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+        if "InternVLModel" not in conversions.USER_REGISTERED_MAPPINGS:
+            same = conversions.get_checkpoint_conversion_mapping("InternVLModel") or \
+                conversions.get_checkpoint_conversion_mapping("internvl")
+            conversions.register_checkpoint_conversion_mapping("InternVLModel", same, overwrite=True)
+        _BACKBONE_CLASS = InternVLModel
+    return _BACKBONE_CLASS
+
+
+def _load_internvl_native(model_id: str, raw: dict, dtype: torch.dtype, attn: str) -> LoadedBackbone:
     tokenizer = load_tokenizer(model_id)
+    image_token_id = _img_context_id(model_id, tokenizer)
+    if raw.get("image_token_id") is not None and raw["image_token_id"] != image_token_id:
+        raise UserError(f"{model_id}: config image_token_id {raw['image_token_id']} is not the tokenizer's "
+                        f"<IMG_CONTEXT> id {image_token_id}; the model folder is inconsistent")
     try:
-        model = InternVLModel.from_pretrained(model_id, dtype=dtype, attn_implementation=attn)
+        model = _backbone_class().from_pretrained(model_id, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load InternVL weights from {model_id!r}: {str(err).splitlines()[0]}") from None
     return _internvl_facts(model, tokenizer, "native")
+
+
+def _img_context_id(model_id: str, tokenizer: Any) -> int:
+    image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise UserError(f"{model_id}: the tokenizer has no <IMG_CONTEXT> token; not an InternVL checkpoint?")
+    return int(image_token_id)
 
 
 def convert_internvl_chat_config(raw: dict, image_token_id: int):
     """Translate an original `internvl_chat` config.json into a transformers `InternVLConfig`."""
     from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig
 
-    if raw.get("ps_version", "v2") != "v2":
-        raise UserError(f"InternVL pixel-shuffle version {raw.get('ps_version')!r} is not supported (only 'v2')")
+    # Keys whose absence InternVL's own code fills with a default that changes what the model computes: required
+    # here, rather than guessed (its InternVLChatConfig defaults ps_version to 'v1').
+    missing = [key for key in ("ps_version", "downsample_ratio", "vision_config", "llm_config") if key not in raw]
+    if missing:
+        raise UserError(f"this internvl_chat config.json lacks {', '.join(missing)}; InternVL's own code would "
+                        "fill in defaults (ps_version 'v1') that change the model: use the checkpoint's own config")
+    if raw["ps_version"] != "v2":
+        raise UserError(f"InternVL pixel-shuffle version {raw['ps_version']!r} is not supported (only 'v2')")
     vision = {k: v for k, v in raw["vision_config"].items() if k not in _DROP_CONFIG_KEYS}
     vision.pop("model_type", None)
     renames = {"qkv_bias": "attention_bias", "qk_normalization": "use_qk_norm", "dropout": "hidden_dropout_prob"}
@@ -157,10 +198,7 @@ def _load_internvl_remote(model_id: str, raw: dict, dtype: torch.dtype, attn: st
     from transformers import InternVLModel
 
     tokenizer = load_tokenizer(model_id)
-    image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
-        raise UserError(f"{model_id}: the tokenizer has no <IMG_CONTEXT> token; not an InternVL chat checkpoint?")
-    config = convert_internvl_chat_config(raw, image_token_id)
+    config = convert_internvl_chat_config(raw, _img_context_id(model_id, tokenizer))
     config._attn_implementation = attn
     state = convert_internvl_chat_state_dict(read_state_dict(model_id), config.vision_config.hidden_size)
     model = InternVLModel(config)
@@ -294,11 +332,13 @@ def tiny_internvl_config(vocab_size: int, image_token_id: int, eos_token_id: int
     text = Qwen3Config(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        tie_word_embeddings=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
     )
+    # Untied like InternVL3.5-1B(-HF), whose checkpoint stores an lm_head apart from the embeddings (untying draws
+    # the lm_head after every other weight: the backbone's weights are the same as when the tiny model was tied).
     return InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
-                          image_seq_length=16, downsample_ratio=0.5, tie_word_embeddings=True)
+                          image_seq_length=16, downsample_ratio=0.5, tie_word_embeddings=False)
 
 
 def internvl35_1b_config(image_token_id: int, attn_implementation: str = "sdpa"):
@@ -406,6 +446,7 @@ def build_tiny_internvl(out_dir: str, layout: str = "native", seed: int = 0) -> 
     if layout == "native":
         model.save_pretrained(out_dir)
     elif layout == "remote":
+        write_original_layout(out_dir)  # the tokenizer as the original repositories ship it (no tokenizer.json)
         state = to_remote_state_dict(model.state_dict())
         save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:

@@ -45,14 +45,20 @@ VISION_LORA_TARGETS = r".*blocks\.\d+\.attn\.(qkv|proj)"
 
 # -- loading ------------------------------------------------------------------------------------------
 def _read_preprocessor(model_id: str) -> dict[str, Any]:
-    path = resolve_file(model_id, "preprocessor_config.json", required=False)
-    if path is None:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: unreadable preprocessor_config.json ({err})") from None
+    """The image processor's settings: preprocessor_config.json, or (what transformers 5 saves) the
+    "image_processor" section of processor_config.json; {} when neither exists (Qwen3-VL's defaults)."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = resolve_file(model_id, name, required=False)
+        if path is None:
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: unreadable {name} ({err})") from None
+        if name == "preprocessor_config.json" or "image_processor" in saved:
+            return saved.get("image_processor", saved) if name == "processor_config.json" else saved
+    return {}
 
 
 def qwen3vl_signature(config) -> dict[str, Any]:
@@ -137,8 +143,9 @@ class Qwen3VLProcessor(PageProcessor):
         if missing:
             raise UserError(f"ColIntern config for a qwen3_vl backbone lacks signature fields {missing}")
         if not 1 <= config.min_visual_tokens <= config.max_visual_tokens:
-            raise UserError(f"need 1 <= min_visual_tokens ({config.min_visual_tokens}) <= max_visual_tokens "
-                            f"({config.max_visual_tokens})")
+            raise UserError(f"--max_visual_tokens {config.max_visual_tokens} is below this model's smallest page, "
+                            f"{config.min_visual_tokens} visual tokens (its image processor's size.shortest_edge); "
+                            f"pass at least {config.min_visual_tokens}")
         super().__init__(tokenizer, config)
         self.patch_size = int(sig["patch_size"])
         self.merge_size = int(sig["spatial_merge_size"])

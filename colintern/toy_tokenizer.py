@@ -41,3 +41,30 @@ def build_tokenizer(out_dir: str, vocab_size: int = 1024):
     fast.padding_side = "right"
     fast.save_pretrained(out_dir)
     return fast
+
+
+def write_original_layout(out_dir: str) -> None:
+    """Rewrite the tokenizer saved in out_dir the way the original InternVL (and Qwen2/3) repositories ship theirs:
+    vocab.json + merges.txt + added_tokens.json and a tokenizer_config.json naming Qwen2Tokenizer, no tokenizer.json,
+    so that the tiny remote-layout model loads through the same tokenizer path as the real checkpoints."""
+    import json
+    import os
+
+    path = os.path.join(out_dir, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(saved["model"]["vocab"], f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        f.writelines((m if isinstance(m, str) else " ".join(m)) + "\n" for m in saved["model"]["merges"])
+    added = {t["content"]: t["id"] for t in saved["added_tokens"]}
+    with open(os.path.join(out_dir, "added_tokens.json"), "w", encoding="utf-8") as f:
+        json.dump(added, f, indent=2)
+    config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "model_max_length": 8192, "padding_side": "right", "added_tokens_decoder": {
+                  str(i): {"content": c, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                           "single_word": False} for c, i in added.items()}}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    os.remove(path)
