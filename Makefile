@@ -11,17 +11,22 @@ export TOKENIZERS_PARALLELISM ?= false
 # torch first (torch==2.13.0: the CPU build on a machine without CUDA; torchvision is never installed),
 # so that nothing in requirements.txt pulls another torch build. FAISS likewise: faiss-cpu only where no faiss is
 # importable, so reinstalling never puts the CPU build back over a user's faiss-gpu (same `faiss` module).
-$(VENV)/.installed: requirements.txt
+# Then the package itself, editable and without its dependencies (requirements.txt is the tested lock of them):
+# `colintern-train`, `colintern-search`, ... land in .venv/bin (pyproject.toml).
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -c "import faiss" 2>/dev/null || $(PY) -m pip install -q faiss-cpu==1.15.1
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
 
+# ruff (configured in pyproject.toml) first: a lint error fails the suite before the tests run.
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 demo: venv

@@ -13,9 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+# The command-line scripts at the repository root are shims over these modules (the code the tests exercise).
+SCRIPT_MODULES = {name: f"colintern.scripts.{name}" for name in
+                  ("train", "eval", "mine", "search", "plot_training_loss", "plot_vidore_metrics")}
+SCRIPT_MODULES["mteb_model"] = "colintern.mteb_model"
+
+
 def load_script(name: str, module_name: str | None = None) -> ModuleType:
-    """Import a script by its path without .py ("train", "bench/scoring") as a module, with the repository on
-    sys.path (the scripts import their siblings, e.g. eval.py imports mteb_model)."""
+    """A script as a module: "train", "eval", ... are the package modules behind the root scripts; "bench/scoring"
+    and the like are loaded from their file (with the repository and bench/ importable, as `python bench/x.py`)."""
+    if name in SCRIPT_MODULES:
+        return importlib.import_module(SCRIPT_MODULES[name])
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     spec = importlib.util.spec_from_file_location(module_name or f"{name.replace('/', '_')}_script", REPO / f"{name}.py")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from PIL import Image
 from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 

@@ -14,7 +14,7 @@ import torch
 
 from colintern import scenes
 from colintern.cli import run_cli
-from helpers import load_script
+from helpers import REPO, load_script
 
 train = load_script("train")
 eval_script = load_script("eval")
@@ -115,7 +115,7 @@ def test_stage_2_is_a_new_phase_from_stage_1_and_a_killed_run_resumes_bit_for_bi
     assert not torch.equal(first["itr_heads"]["itm.weight"], stage1_heads["itm.weight"])
     # the same stage 2, killed after step 7 (last checkpoint: step 6), then resumed: the same heads, bit for bit
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(Path(train.__file__)), *stage2, "--out_dir", str(killed)]
+    cmd = [sys.executable, str(REPO / "train.py"), *stage2, "--out_dir", str(killed)]
     env = {**os.environ, "COLINTERN_FAULT": "kill@7", "OMP_NUM_THREADS": "1"}
     assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == -9
     env.pop("COLINTERN_FAULT")

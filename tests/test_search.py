@@ -11,7 +11,7 @@ import torch
 
 from colintern import ColIntern
 from colintern.checkpoint import save_checkpoint
-from helpers import load_script, max_diff, perturb_lora, search_page as page, search_run as run
+from helpers import REPO, load_script, max_diff, perturb_lora, search_page as page, search_run as run
 
 search = load_script("search")
 
@@ -301,12 +301,11 @@ def test_an_index_killed_mid_run_resumes_without_duplicate_pages(tiny_model_dir,
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     from colintern.page_index import PageIndex
 
     index = tmp_path / "index"
-    cmd = [sys.executable, str(Path(search.__file__)), "index", "--ckpt", ckpt, "--model_id", tiny_model_dir,
+    cmd = [sys.executable, str(REPO / "search.py"), "index", "--ckpt", ckpt, "--model_id", tiny_model_dir,
            "--inputs", str(docs), "--index", str(index), "--dpi", "72", "--segment_pages", "2", "--device", "cpu"]
     env = {**os.environ, "COLINTERN_FAULT": "kill@2", "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 from helpers import REPO
 
@@ -53,9 +54,13 @@ def test_find_cycle_finds_one_and_only_one():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
+def module_name(path) -> str:
+    """colintern/scripts/train.py -> colintern.scripts.train"""
+    return ".".join(path.relative_to(REPO).with_suffix("").parts)
+
+
 def test_no_import_cycle_inside_the_package():
-    graph = {f"colintern.{p.stem}": imports_of(p) - {f"colintern.{p.stem}"}
-             for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph = {module_name(p): imports_of(p) - {module_name(p)} for p in PACKAGE.rglob("*.py") if p.stem != "__init__"}
     graph = {k: {m for m in v if m in graph} for k, v in graph.items()}
     assert "colintern.families" in graph["colintern.model"]  # the graph is real: model asks the registry
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
@@ -76,7 +81,7 @@ def function_lengths(path) -> dict[str, int]:
 
 def test_train_and_mine_are_thin_front_ends():
     """No function over 80 lines in train.py and mine.py, argument parsers aside: the work is in the package."""
-    for script in ("train.py", "mine.py"):
+    for script in ("colintern/scripts/train.py", "colintern/scripts/mine.py"):
         long = {name: n for name, n in function_lengths(REPO / script).items() if n > 80 and name != "parse_args"}
         assert not long, f"{script}: {long}"
 
@@ -85,3 +90,39 @@ def test_code_cites_the_repository_not_outside_it():
     outside = subprocess.run(["git", "grep", "-n", "-E", r"\.\./shared|SPEC[ ]§", "--", "*.py", "Makefile", ".ci/*"],
                              cwd=REPO, capture_output=True, text=True)
     assert outside.stdout == ""
+
+
+SCRIPTS = ("train", "eval", "mine", "search", "plot_training_loss", "plot_vidore_metrics")
+
+
+def test_the_package_installs_with_console_scripts_that_run_the_root_scripts_code():
+    """pyproject.toml declares the package, its console scripts and an MIT licence; `make venv` installs it
+    editable, so each console script is on the venv's PATH and answers --help; each root script is the same code."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["name"] == "colintern" and project["license"] == "MIT"
+    assert (REPO / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
+    scripts = project["scripts"]
+    assert scripts["colintern-train"] == "colintern.scripts.train:console"
+    assert {target.split(":")[0] for target in scripts.values()} == {f"colintern.scripts.{s}" for s in SCRIPTS}
+    bin_dir = Path(sys.executable).parent
+    for command, target in scripts.items():
+        out = subprocess.run([str(bin_dir / command), "--help"], capture_output=True, text=True, timeout=120,
+                             cwd="/")  # from anywhere: the installed package, not the checkout beside it
+        assert out.returncode == 0 and out.stdout.startswith("usage: "), (command, out.stderr[-500:])
+    for name in SCRIPTS:  # the root scripts are shims over the same modules
+        tree = ast.parse((REPO / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert imported == {f"colintern.scripts.{name}"} and len(tree.body) <= 4, name
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd="/")
+    assert out.returncode == 0 and "--model_id" in out.stdout
+
+
+def test_no_sys_path_edits_in_the_package_or_the_scripts():
+    for path in [*PACKAGE.rglob("*.py"), *(REPO / f"{name}.py" for name in SCRIPTS), REPO / "mteb_model.py"]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        edits = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "path"
+                 and isinstance(n.value, ast.Name) and n.value.id == "sys"]
+        assert not edits, f"{path}: sys.path at lines {edits}"
