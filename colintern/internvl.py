@@ -92,7 +92,8 @@ def _backbone_class():
         from transformers import conversion_mapping as conversions
 
         class InternVLModel(Base):
-            _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+            # transformers 5 saves InternVL in the hub's layout, where the head is `language_model.lm_head`
+            _keys_to_ignore_on_load_unexpected = [r"(^|\.)lm_head\."]
 
         if "InternVLModel" not in conversions.USER_REGISTERED_MAPPINGS:
             same = conversions.get_checkpoint_conversion_mapping("InternVLModel") or \
