@@ -434,7 +434,7 @@ class Trainer:
                  str(model.backbone.dtype).replace("torch.", ""), torch.get_num_threads())
         if args.gradient_checkpointing:
             if self.train_backbone:
-                model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.checkpoint_activations(include_vision=args.lora_vision)
             else:
                 log.warning("--gradient_checkpointing has no effect in heads-only mode (no backbone gradients)")
         self.model = model
