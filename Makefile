@@ -10,7 +10,8 @@ export TOKENIZERS_PARALLELISM ?= false
 
 # torch first (torch==2.13.0: the CPU build on a machine without CUDA; torchvision is never installed),
 # so that nothing in requirements.txt pulls another torch build. FAISS likewise: faiss-cpu only where no faiss is
-# importable, so reinstalling never puts the CPU build back over a user's faiss-gpu (same `faiss` module).
+# importable, so reinstalling never puts the CPU build back over a user's faiss-gpu (same `faiss` module). Triton
+# too (a CUDA torch brings its own): on a CPU machine the tests run the fused MaxSim kernel in its interpreter.
 # Then the package itself, editable and without its dependencies (requirements.txt is the tested lock of them):
 # `colintern-train`, `colintern-search`, ... land in .venv/bin (pyproject.toml).
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -19,6 +20,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -c "import faiss" 2>/dev/null || $(PY) -m pip install -q faiss-cpu==1.15.1
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==3.9.0
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

@@ -387,9 +387,45 @@ def section_maxsim(suite: Suite) -> dict[str, Any]:
                        2, device)
         tiles.append({"doc_chunk": doc_chunk, "query_chunk": query_chunk, "seconds": min(t)})
     flop = 2 * sum(q.shape[0] for q in qs) * sum(d.shape[0] for d in docs) * qs[0].shape[1]
-    return {"tiles": tiles, "colintern_tflops": flop / statistics.median(ours_t) / 1e12,"queries": n_q, "pages": n_d, "against": theirs_name, "colintern_s": ours_t,
+    fused = fused_rows(suite, qs, docs, (qi, di, ref), statistics.median(their_t), flop, repeats)
+    return {"fused": fused, "tiles": tiles, "colintern_tflops": flop / statistics.median(ours_t) / 1e12,"queries": n_q, "pages": n_d, "against": theirs_name, "colintern_s": ours_t,
             "colintern_pages_in_cpu_memory_s": ours_cpu_t, "other_s": their_t, "speedup": speedup, "colintern_err": errors(ours, qi, di, ref), "other_err": errors(theirs, qi, di, ref),
             "meets_target": speedup >= TARGETS["maxsim_speedup"]}
+
+
+def fused_rows(suite: Suite, qs: list, docs: list, sample: tuple, other_s: float, flop: int,
+               repeats: int) -> list[dict[str, Any]]:
+    """The fused Triton kernel (colintern.maxsim_kernel) in float32 (IEEE), float16 and bfloat16 inputs against the
+    GEMM path (COLINTERN_FUSED_MAXSIM=0) and the other scorer: seconds, TFLOP/s, speedup, error against float64 of
+    the float32 vectors. On a CPU dry run it runs in Triton's interpreter (no bfloat16 there: its tl.dot is wrong)."""
+    import os
+
+    from scoring import errors, time_it
+
+    from colintern import maxsim_kernel
+    from colintern.scoring import maxsim
+
+    device = suite.device
+    os.environ["COLINTERN_FUSED_MAXSIM"] = "0"
+    try:
+        gemm_t, _ = time_it(lambda: maxsim(qs, [d.to(device) for d in docs], device=device), repeats, device)
+    finally:
+        os.environ.pop("COLINTERN_FUSED_MAXSIM")
+    rows = [{"kernel": "gemm (colintern.scoring, fp32)", "seconds": gemm_t,
+             "speedup_vs_other": other_s / statistics.median(gemm_t)}]
+    if not maxsim_kernel.available():
+        return rows + [{"kernel": "fused", "skipped": "Triton is not importable here"}]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            continue
+        q_in, d_in = [q.to(device, dtype) for q in qs], [d.to(device, dtype) for d in docs]
+        t, scores = time_it(lambda: maxsim_kernel.maxsim_fused(q_in, d_in, device=device), repeats, device)
+        seconds = statistics.median(t)
+        rows.append({"kernel": f"fused {str(dtype).replace('torch.', '')}", "seconds": t,
+                     "tflops": flop / seconds / 1e12, "speedup_vs_other": other_s / seconds,
+                     "speedup_vs_gemm": statistics.median(gemm_t) / seconds, **errors(scores, *sample),
+                     "meets_target": other_s / seconds >= TARGETS["maxsim_speedup"]})
+    return rows
 
 
 def section_mining(suite: Suite) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -176,6 +177,48 @@ def _score_bucket(
     return out, sim_buf
 
 
+def _fused_available() -> bool:
+    from colintern import maxsim_kernel
+
+    return maxsim_kernel.available()
+
+
+# Page tokens per launch of the fused kernel (the pages are concatenated once per launch: 512 MiB at dim 128 fp16).
+FUSED_DOC_TOKENS = 1 << 21
+
+
+def _iter_fused(qs: list[torch.Tensor], docs: list[torch.Tensor],
+                dev: torch.device) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The fused Triton kernel (colintern.maxsim_kernel) over groups of docs: float16/bfloat16 when queries and
+    docs are both in that dtype (the caller's choice: tensor cores, float32 accumulation), else IEEE float32 (the
+    same arithmetic as the GEMM path). Falls back to that path, with a warning, if the kernel cannot compile here."""
+    from colintern.maxsim_kernel import maxsim_fused
+
+    dtypes = {t.dtype for t in qs} | {t.dtype for t in docs}
+    dtype = dtypes.pop() if len(dtypes) == 1 and dtypes & {torch.float16, torch.bfloat16} else torch.float32
+    start = 0
+    while start < len(docs):
+        end, tokens = start, 0
+        while end < len(docs) and (end == start or tokens + docs[end].shape[0] <= FUSED_DOC_TOKENS):
+            tokens += docs[end].shape[0]
+            end += 1
+        try:
+            with torch.no_grad():
+                scores = maxsim_fused(qs, docs[start:end], dtype=dtype, device=dev)  # (n_q, end - start)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - Triton compile errors come in many types
+            if start:
+                raise
+            logger.warning("the fused MaxSim kernel failed here (%s: %s); using the GEMM path "
+                           "(COLINTERN_FUSED_MAXSIM=0 skips the attempt)", type(err).__name__, err)
+            os.environ["COLINTERN_FUSED_MAXSIM"] = "0"
+            yield from _iter_scores(qs, docs, dev, None, None)
+            return
+        yield list(range(start, end)), scores
+        start = end
+
+
 def _iter_scores(
     qs: Any,
     docs: Any,
@@ -196,6 +239,9 @@ def _iter_scores(
     if doc_chunk < 1 or query_chunk < 1:
         raise ValueError("doc_chunk and query_chunk must be >= 1")
     if not qs_l or not docs_l:
+        return
+    if dev.type == "cuda" and _fused_available():
+        yield from _iter_fused(qs_l, docs_l, dev)
         return
     with torch.no_grad():
         qt = _QueryTokens(qs_l, dev)

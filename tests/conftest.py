@@ -11,6 +11,7 @@ import pytest
 # COLINTERN_TEST_CUDA=1 keeps the GPUs visible.
 if os.environ.get("COLINTERN_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors (tests/test_maxsim_kernel.py)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -368,6 +368,9 @@ def test_gpu_suite_dry_run_runs_every_section_and_counts_flops_right(tmp_path, t
     assert results["sections"]["numerics"]["cosine_min"] > 0.9999  # fp32 against fp32 on a CPU
     maxsim = results["sections"]["maxsim"]
     assert maxsim["colintern_err"]["max_abs_err"] < 1e-4 and maxsim["speedup"] > 0
+    fused = {r["kernel"]: r for r in maxsim["fused"]}  # the Triton kernel, in its interpreter on a CPU
+    assert set(fused) == {"gemm (colintern.scoring, fp32)", "fused float32", "fused float16"}
+    assert fused["fused float32"]["max_rel_err"] < 1e-5 and fused["fused float16"]["max_rel_err"] < 2e-3
     assert all(r["status"] == "ok" for r in results["sections"]["train"]["rows"])
     assert results["sections"]["mining"]["resident_equals_streamed"] is True
     checks = results["sections"]["gpu_paths"]["checks"]  # on a CPU: the same code paths, CPU expectations
