@@ -105,7 +105,8 @@ def test_the_package_installs_with_console_scripts_that_run_the_root_scripts_cod
     assert (REPO / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
     scripts = project["scripts"]
     assert scripts["colintern-train"] == "colintern.scripts.train:console"
-    assert {target.split(":")[0] for target in scripts.values()} == {f"colintern.scripts.{s}" for s in SCRIPTS}
+    assert {target.split(":")[0] for target in scripts.values()} == \
+        {f"colintern.scripts.{s}" for s in SCRIPTS} | {"colintern.make_dataset"}
     bin_dir = Path(sys.executable).parent
     for command, target in scripts.items():
         out = subprocess.run([str(bin_dir / command), "--help"], capture_output=True, text=True, timeout=120,

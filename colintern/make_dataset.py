@@ -1,0 +1,296 @@
+"""Your PDFs in, a training and an evaluation set out: python -m colintern.make_dataset --inputs PDFS_OR_FOLDERS --out OUT
+
+    OUT/pages/<document>/page-NNN.png   the training documents' pages, rendered (--dpi)
+    OUT/train.jsonl                     {"query", "pos", "negs": []} per query, paths relative to OUT, so that
+                                        train.py --train_jsonl OUT/train.jsonl --root OUT and mine.py read it as is
+    OUT/eval/                           a BEIR-layout set (corpus.jsonl, queries.jsonl, qrels.jsonl, pages/) of the
+                                        held-out documents: eval.py --local_dataset OUT/eval
+    OUT/dataset.json                    what was made from what: inputs (sha256), settings, counts, skipped pages
+
+Queries come from each page's own text layer (pypdfium2): its sentences and lines, without the boilerplate a page
+shares with the rest of its document (headers, footers, running titles: lines on at least --boilerplate_share of
+its pages), page numbers, fragments shorter than --min_words or longer than --max_words words and text that is
+mostly not letters (tables, code); a sentence
+that occurs on more than one page is dropped (it would have two right answers). Up to --queries_per_page per page,
+the longest first. Pages without a text layer or without a usable sentence are reported and left out.
+
+Evaluation is held out by document, not by page: pages of one document share their layout and vocabulary, so a
+split by page would score the model on near-copies of what it trained on. --eval_fraction of the documents (at
+least one) go to OUT/eval; the choice is deterministic (--seed) and recorded in dataset.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import re
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from colintern.cli import run_cli, setup_logging
+from colintern.errors import UserError
+from colintern.files import atomic_write_json, atomic_write_text, display, file_sha256, make_output_dir
+
+log = logging.getLogger("colintern.make_dataset")
+OUT_FLAG = "--out"
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+HEADING_WORDS = 6  # a line of at most this many words without closing punctuation is a heading
+PAGE_NUMBER = re.compile(r"^(page\s*)?([0-9]+|[ivxlcdm]+)(\s*(of|/)\s*[0-9]+)?$", re.IGNORECASE)
+
+
+@dataclass
+class Page:
+    """One PDF page: where it came from, its text layer's candidate sentences, the queries kept."""
+
+    document: str        # the document's folder name under pages/ (its stem and a short hash: unique)
+    source: str          # the PDF's path
+    number: int          # 1-based
+    lines: list[str]
+    queries: list[str] = field(default_factory=list)
+    image: str = ""      # path relative to the set's root
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m colintern.make_dataset", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", nargs="+", required=True, help="PDF files or folders of them")
+    p.add_argument("--out", required=True, help="the dataset folder to write (new or empty, or --overwrite)")
+    p.add_argument("--eval_fraction", type=float, default=0.2, help="share of the documents held out for "
+                   "evaluation, at least one (default: 0.2); 0 writes no eval set")
+    p.add_argument("--queries_per_page", type=int, default=3, help="at most this many queries per page "
+                   "(default: 3)")
+    p.add_argument("--min_words", type=int, default=5, help="shorter sentences are not queries (default: 5)")
+    p.add_argument("--max_words", type=int, default=30, help="longer sentences are not queries either "
+                   "(default: 30)")
+    p.add_argument("--boilerplate_share", type=float, default=0.3, help="a line on at least this share of a "
+                   "document's pages (and on two or more) is a header or footer, never a query (default: 0.3)")
+    p.add_argument("--dpi", type=int, default=150, help="page rendering resolution, at most 1200 (default: 150)")
+    p.add_argument("--seed", type=int, default=0, help="which documents are held out (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier dataset in --out")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    args = p.parse_args(argv)
+    if not 0 <= args.eval_fraction < 1:
+        raise UserError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    for name in ("queries_per_page", "min_words", "max_words", "dpi"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.boilerplate_share <= 1:
+        raise UserError(f"--boilerplate_share must be in (0, 1], got {args.boilerplate_share}")
+    if args.dpi > 1200:
+        raise UserError(f"--dpi {args.dpi} is over 1200; pages are resized to the model's tiles, so 150 is plenty")
+    return args
+
+
+# -- text layer -> queries ----------------------------------------------------------------------------------
+def clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def text_lines(page_text: str) -> list[str]:
+    """The text layer's lines, whitespace folded; words hyphenated across a line break joined again (pdfium marks
+    the break of a soft hyphen with U+FFFE)."""
+    text = re.sub(r"[\ufffe\u00ad]\r?\n", "", page_text).replace("\ufffe", "").replace("\u00ad", "")
+    return [clean(line) for line in text.splitlines() if clean(line)]
+
+
+def sentences(lines: list[str]) -> list[str]:
+    """The sentences of a page's (non-boilerplate) lines: split at sentence ends, list bullets and headings (a short
+    line that ends without punctuation stands alone), section numbers ("2.1", "1.3.") taken off their front."""
+    blocks, current = [], []
+    for line in lines:
+        if len(line.split()) <= HEADING_WORDS and not line.endswith((".", ",", ";", ":", "-")):
+            blocks += [" ".join(current), line]
+            current = []
+        else:
+            current.append(line)
+    blocks.append(" ".join(current))
+    parts = [part for block in blocks for part in
+             re.split(r"(?<=[.!?:;])\s+(?=[A-Z0-9\"'(])|\s*[•▪◦●]\s*", block)]
+    out = [re.sub(r"^(?:\d+(?:\.\d+)*\.?\s+)+", "", clean(part)) for part in parts]
+    return [part for part in out if part]
+
+
+def line_shape(line: str) -> str:
+    """A line with its digits folded, so a running header or footer with the page number in it repeats."""
+    return re.sub(r"\d+", "#", line)
+
+
+def is_query(text: str, min_words: int, max_words: int) -> bool:
+    """A sentence a person could have typed: min_words to max_words words, mostly letters, not a page number or a
+    table-of-contents line."""
+    words = text.split()
+    letters = sum(ch.isalpha() for ch in text)
+    return min_words <= len(words) <= max_words and letters >= 0.6 * len(text.replace(" ", "")) \
+        and not PAGE_NUMBER.match(text) and "...." not in text and ". . ." not in text
+
+
+def choose_queries(pages: list[Page], args: argparse.Namespace) -> None:
+    """Fill each page's queries: its sentences without its document's boilerplate lines, without sentences found
+    on two pages, longest first."""
+    by_document: dict[str, list[Page]] = {}
+    for page in pages:
+        by_document.setdefault(page.document, []).append(page)
+    boilerplate: set[tuple[str, str]] = set()
+    for document, members in by_document.items():  # digits folded: "Chapter 2: Parsing 4" on page 4 is a header
+        counts = Counter(shape for page in members for shape in {line_shape(line) for line in page.lines})
+        least = max(2, args.boilerplate_share * len(members))
+        boilerplate |= {(document, shape) for shape, n in counts.items() if n >= least}
+    found = {id(page): sentences([line for line in page.lines if (page.document, line_shape(line)) not in boilerplate
+                                  and not PAGE_NUMBER.match(line)]) for page in pages}
+    seen = Counter(s.lower() for page in pages for s in set(found[id(page)]))
+    for page in pages:
+        usable = [s for s in found[id(page)] if seen[s.lower()] == 1 and is_query(s, args.min_words, args.max_words)]
+        usable.sort(key=lambda s: (-len(s.split()), s))
+        page.queries = list(dict.fromkeys(usable))[:args.queries_per_page]
+
+
+# -- documents ----------------------------------------------------------------------------------------------
+def read_documents(files: list[Path]) -> tuple[list[Page], list[dict[str, Any]], list[tuple[str, str]]]:
+    """Every page's text lines; (pages, documents for dataset.json, [(where, why)] for unreadable files)."""
+    import pypdfium2 as pdfium
+
+    from colintern.page_index import pdf_page_count
+
+    pages, documents, bad = [], [], []
+    for path in files:
+        if path.suffix.lower() != ".pdf":
+            bad.append((display(path), "not a PDF (images have no text layer: index them with search.py)"))
+            continue
+        try:
+            count = pdf_page_count(path)
+        except ValueError as err:
+            bad.append((display(path), f"bad PDF: {err}"))
+            continue
+        sha = file_sha256(path)
+        name = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', path.stem)[:60]}-{sha[:8]}"
+        document = pdfium.PdfDocument(str(path))
+        try:
+            for number in range(1, count + 1):
+                text = document[number - 1].get_textpage().get_text_range()
+                pages.append(Page(name, str(path), number, text_lines(text)))
+        finally:
+            document.close()
+        documents.append({"document": name, "file": str(path), "sha256": sha, "pages": count})
+    return pages, documents, bad
+
+
+def hold_out(documents: list[dict[str, Any]], fraction: float, seed: int) -> set[str]:
+    """The documents of the evaluation set: round(fraction * n), at least one, chosen by a seeded shuffle of the
+    documents' sha256 order (so the choice does not depend on file names or the order of --inputs)."""
+    if fraction == 0:
+        return set()
+    if len(documents) < 2:
+        raise UserError("a split by document needs at least two PDFs (evaluation holds out whole documents); "
+                        "give more --inputs, or --eval_fraction 0 for a training set only")
+    order = sorted(documents, key=lambda d: d["sha256"])
+    random.Random(seed).shuffle(order)
+    n = min(len(order) - 1, max(1, round(fraction * len(order))))
+    return {d["document"] for d in order[:n]}
+
+
+def render(pages: list[Page], root: Path, dpi: int) -> None:
+    """Render each page with queries to root/pages/<document>/page-NNN.png; page.image relative to root."""
+    from tqdm.auto import tqdm
+
+    from colintern.page_index import PageSource, render_page
+
+    for page in tqdm(pages, desc="render pages", unit="page", disable=not sys.stderr.isatty()):
+        relative = Path("pages") / page.document / f"page-{page.number:03d}.png"
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        image = render_page(PageSource(page.source, "", page.number, "pdf"), dpi)
+        tmp = root / relative.with_name(f".{relative.name}.tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(root / relative)
+        page.image = relative.as_posix()
+
+
+def jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def write_sets(train: list[Page], held: list[Page], out: Path) -> dict[str, int]:
+    atomic_write_text(out / "train.jsonl", jsonl([{"query": q, "pos": p.image, "negs": []}
+                                                  for p in train for q in p.queries]))
+    counts = {"train_pages": len(train), "train_queries": sum(len(p.queries) for p in train)}
+    if held:
+        corpus = [{"corpus-id": f"{p.document}/page-{p.number:03d}", "image": p.image} for p in held]
+        queries, qrels = [], []
+        for p in held:
+            for k, q in enumerate(p.queries, start=1):
+                qid = f"{p.document}/page-{p.number:03d}/q{k}"
+                queries.append({"query-id": qid, "query": q})
+                qrels.append({"query-id": qid, "corpus-id": f"{p.document}/page-{p.number:03d}", "score": 1})
+        for name, rows in (("corpus", corpus), ("queries", queries), ("qrels", qrels)):
+            atomic_write_text(out / "eval" / f"{name}.jsonl", jsonl(rows))
+        counts.update(eval_pages=len(held), eval_queries=len(queries))
+    return counts
+
+
+def make_dataset(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything the command does; returns what dataset.json records."""
+    from colintern.page_index import find_inputs
+
+    files = find_inputs(args.inputs)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not args.overwrite or not out.is_dir():
+            raise UserError(f"--out {args.out} exists and is not an empty folder; choose a new one or pass "
+                            "--overwrite")
+        if not (out / "dataset.json").is_file():
+            raise UserError(f"--out {args.out} is not a dataset this command wrote (no dataset.json); --overwrite "
+                            "replaces only those")
+        shutil.rmtree(out)
+    pages, documents, bad = read_documents(files)
+    for where, why in bad:
+        log.warning("skipped %s: %s", where, why)
+    if not documents:
+        raise UserError("no readable PDF among --inputs; nothing to make")
+    held = hold_out(documents, args.eval_fraction, args.seed)
+    choose_queries(pages, args)
+    empty = [p for p in pages if not p.queries]
+    for p in empty:
+        log.warning("%s page %d: %s; left out", display(p.source), p.number,
+                    "no text layer (a scan? OCR it first)" if not p.lines else "no sentence usable as a query")
+    kept = [p for p in pages if p.queries]
+    if not kept:
+        raise UserError("no page has a usable sentence in its text layer; nothing to make")
+    make_output_dir(out, OUT_FLAG)
+    render([p for p in kept if p.document not in held], out, args.dpi)
+    render([p for p in kept if p.document in held], out / "eval", args.dpi)
+    counts = write_sets([p for p in kept if p.document not in held], [p for p in kept if p.document in held], out)
+    record = {"command": "python -m colintern.make_dataset", "queries_from": "text layer",
+              "settings": {k: getattr(args, k) for k in ("eval_fraction", "queries_per_page", "min_words",
+                                                         "max_words", "boilerplate_share", "dpi", "seed")},
+              "documents": [{**d, "split": "eval" if d["document"] in held else "train"} for d in documents],
+              "counts": {**counts, "pages_left_out": len(empty), "files_skipped": len(bad)},
+              "left_out": [{"file": p.source, "page": p.number, "why": "no text layer" if not p.lines else
+                            "no usable sentence"} for p in empty],
+              "skipped_files": [{"file": where, "why": why} for where, why in bad]}
+    atomic_write_json(out / "dataset.json", record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    record = make_dataset(args)
+    counts = record["counts"]
+    held = [d["document"] for d in record["documents"] if d["split"] == "eval"]
+    print(f"{counts['train_queries']} training queries on {counts['train_pages']} pages -> {args.out}/train.jsonl"
+          + (f"; {counts['eval_queries']} evaluation queries on {counts['eval_pages']} pages of {len(held)} "
+             f"held-out document(s) -> {args.out}/eval" if held else "")
+          + (f"; {counts['pages_left_out']} page(s) left out (see the warnings)" if counts["pages_left_out"] else ""))
+    return 0
+
+
+def console() -> None:
+    sys.exit(run_cli(main, out_flag=OUT_FLAG))
+
+
+if __name__ == "__main__":
+    console()
