@@ -152,8 +152,11 @@ class Qwen3VLProcessor(PageProcessor):
         self.factor = self.patch_size * self.merge_size  # px per side of one visual token
         self.min_pixels = config.min_visual_tokens * self.factor ** 2
         self.max_pixels = config.max_visual_tokens * self.factor ** 2
+        # The processor only cuts the page into patches: resized_size decides the size (Qwen's min and max rules
+        # and the cap), and a page is resized to it beforehand. Given the real min, the processor would scale a page
+        # that the cap had shrunk below it back up, past the cap (a small page at a cap near 64 tokens).
         self.image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=self.min_pixels, max_pixels=self.max_pixels, patch_size=self.patch_size,
+            min_pixels=self.factor ** 2, max_pixels=self.max_pixels, patch_size=self.patch_size,
             temporal_patch_size=int(sig["temporal_patch_size"]), merge_size=self.merge_size,
             image_mean=config.image_mean, image_std=config.image_std, do_convert_rgb=True,
         )
@@ -201,11 +204,8 @@ class Qwen3VLProcessor(PageProcessor):
         for i, image in enumerate(images):
             image = check_page_image(image, f"image {i}")
             h, w = self.resized_size(image)
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-            if smart_resize(image.height, image.width, factor=self.factor, min_pixels=self.min_pixels,
-                            max_pixels=self.max_pixels) != (h, w):
-                image = image.resize((w, h), Image.BICUBIC)  # capped size; the processor keeps it as is
+            if image.size != (w, h):
+                image = image.resize((w, h), Image.BICUBIC)  # the processor keeps this size as it is
             out = self.image_processor(image, return_tensors="pt")
             grid = out["image_grid_thw"][0]  # (3,) = (1, h / patch, w / patch)
             if (int(grid[1]) * self.patch_size, int(grid[2]) * self.patch_size) != (h, w):
@@ -288,7 +288,9 @@ def build_tiny_qwen3vl(out_dir: str, seed: int = 0) -> str:
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.save_pretrained(out_dir)
     preprocessor = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
-                    "size": {"shortest_edge": 4 * 32 * 32, "longest_edge": 16384 * 32 * 32},
+                    # Qwen3-VL's own limits: at least 64 tokens of 32 x 32 px a page (a page below that is scaled
+                    # up), so a --max_visual_tokens under 64 fails here as on the real model
+                    "size": {"shortest_edge": QWEN3VL_MIN_PIXELS, "longest_edge": 16384 * 32 * 32},
                     "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "do_resize": True,
                     "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
                     "image_mean": QWEN3VL_IMAGE_MEAN, "image_std": QWEN3VL_IMAGE_STD}

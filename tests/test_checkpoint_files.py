@@ -91,6 +91,13 @@ def test_qwen3_vl_reads_processor_config_json_and_its_real_smallest_page(tiny_qw
     model = ColIntern.from_pretrained(str(folder), max_visual_tokens=64)
     small = noisy_page(50, 60, (0, 0, 255), 2)  # scaled up to the smallest page the model takes
     assert model.config.min_visual_tokens == 64 and model.processor.page_cost(small) == 64
+    # pages that Qwen's minimum puts over a cap of 64 and the cap brings back under the minimum (224 x 300 px: 10 x 8
+    # tokens, capped to 9 x 7): the processor must keep that size (it used to scale them up again to the minimum and
+    # stop with "processor resized to ...", on the real model too)
+    for odd in (noisy_page(224, 300, (0, 255, 0), 3), noisy_page(60, 200, (0, 255, 0), 4)):
+        inputs = model.processor.process_images([odd])
+        tokens = int(inputs["image_grid_thw"][0].prod()) // 4
+        assert tokens == model.processor.page_cost(odd) <= 64
     with pytest.raises(UserError, match="--max_visual_tokens 32 is below this model's smallest page, 64 visual "
                                         "tokens"):
         ColIntern.from_pretrained(str(folder), max_visual_tokens=32)

@@ -37,7 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model(tiny_qwen_dir):
-    return ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=MAX_TOKENS)
+    # min_visual_tokens 4 (Qwen3-VL's is 64, the tiny model's default too): small pages keep the small grids these
+    # tests count; the real minimum is checked in test_config_records_the_colqwen3_formatting
+    return ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=MAX_TOKENS, min_visual_tokens=4)
 
 
 
@@ -61,14 +63,15 @@ def test_tiny_model_folder_is_a_seeded_qwen3_vl(tiny_qwen_dir, tmp_path):
     assert not torch.equal(a["model.visual.patch_embed.proj.weight"], other["model.visual.patch_embed.proj.weight"])
 
 
-def test_config_records_the_colqwen3_formatting(model):
+def test_config_records_the_colqwen3_formatting(tiny_qwen_dir):
+    model = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=MAX_TOKENS)
     cfg = model.config
     assert cfg.backbone == "qwen3_vl" and cfg.source_layout == "native" and cfg.hidden_size == 128
     assert cfg.page_prompt == "<|im_start|>user\n<image>Describe the image.<|im_end|><|endoftext|>"
     assert (cfg.image_start_token, cfg.image_token, cfg.image_end_token) == \
         ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
     assert cfg.image_mean == [0.5, 0.5, 0.5] and cfg.image_std == [0.5, 0.5, 0.5]
-    assert cfg.max_visual_tokens == MAX_TOKENS and cfg.min_visual_tokens == 4  # tiny preprocessor: 4 x 32 x 32 px
+    assert cfg.max_visual_tokens == MAX_TOKENS and cfg.min_visual_tokens == 64  # Qwen3-VL's: 64 x 32 x 32 px
     assert (cfg.query_prefix, cfg.augmentation_token, cfg.n_augmentation) == ("Query: ", "<|endoftext|>", 10)
     assert model.signature["patch_size"] == 16 and model.signature["spatial_merge_size"] == 2
     assert model.processor.format_query("abc") == "Query: abc" + "<|endoftext|>" * 10
@@ -122,7 +125,7 @@ def test_visual_tokens_never_exceed_the_cap(tiny_qwen_dir, model):
     assert model.processor.page_cost(model.processor.worst_case_page()) == MAX_TOKENS
     # A 50:1 strip under a 16-token cap: smart_resize alone would keep 1 x 28 tokens; the cap wins.
     strip = noisy_page(5000, 100, (0, 0, 0), 9)
-    capped = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=16)
+    capped = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=16, min_visual_tokens=4)  # below Qwen's 64
     assert capped.processor.page_cost(strip) == 16
     inputs = capped.processor.process_images([strip])
     assert int(inputs["mm_token_type_ids"].sum()) == 16 and inputs["image_grid_thw"].tolist() == [[1, 2, 32]]
@@ -153,7 +156,7 @@ def test_a_few_steps_of_late_interaction_loss_make_it_fall(tiny_qwen_dir):
     from colintern.losses import late_interaction_scores
 
     torch.manual_seed(0)
-    m = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=16, keep_page_tokens="image")
+    m = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=16, min_visual_tokens=4, keep_page_tokens="image")
     m.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
     trainable = {n for n, _ in m.named_parameters() if "lora_" in n or n.startswith("head.")}
     for n, p in m.named_parameters():
@@ -186,7 +189,7 @@ def test_a_few_steps_of_late_interaction_loss_make_it_fall(tiny_qwen_dir):
 @pytest.fixture(scope="module")
 def qwen_ckpt(tiny_qwen_dir, tmp_path_factory) -> tuple[ColIntern, str]:
     """A checkpoint with its own cap, dim and head seed, and non-trivial LoRA adapters (LoRA B starts at zero)."""
-    m = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=32, dim=64, head_seed=5)
+    m = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=32, min_visual_tokens=4, dim=64, head_seed=5)
     m.add_lora(r=4, lora_alpha=8, lora_dropout=0.0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
