@@ -185,8 +185,8 @@ def hold_out(documents: list[dict[str, Any]], fraction: float, seed: int) -> set
     if fraction == 0:
         return set()
     if len(documents) < 2:
-        raise UserError("a split by document needs at least two PDFs (evaluation holds out whole documents); "
-                        "give more --inputs, or --eval_fraction 0 for a training set only")
+        raise UserError("a split by document needs at least two PDFs with usable text (evaluation holds out whole "
+                        "documents); give more --inputs, or --eval_fraction 0 for a training set only")
     order = sorted(documents, key=lambda d: d["sha256"])
     random.Random(seed).shuffle(order)
     n = min(len(order) - 1, max(1, round(fraction * len(order))))
@@ -250,8 +250,9 @@ def make_dataset(args: argparse.Namespace) -> dict[str, Any]:
         log.warning("skipped %s: %s", where, why)
     if not documents:
         raise UserError("no readable PDF among --inputs; nothing to make")
-    held = hold_out(documents, args.eval_fraction, args.seed)
     choose_queries(pages, args)
+    usable = {p.document for p in pages if p.queries}  # a document without a usable page cannot be held out
+    held = hold_out([d for d in documents if d["document"] in usable], args.eval_fraction, args.seed)
     empty = [p for p in pages if not p.queries]
     for p in empty:
         log.warning("%s page %d: %s; left out", display(p.source), p.number,

@@ -46,7 +46,7 @@ def test_queries_come_from_their_own_page_and_evaluation_holds_out_whole_documen
     out, scan = made
     record = json.loads((out / "dataset.json").read_text())
     split = {d["file"]: d["split"] for d in record["documents"]}
-    assert sorted(split.values()) == ["eval", "train", "train"] and split[str(scan)] == "train"
+    assert sorted(split.values()) == ["eval", "train", "train"] and split[str(scan)] == "train"  # no text: never held
     held = next(d for d in record["documents"] if d["split"] == "eval")
     by_name = {d["document"]: d["file"] for d in record["documents"]}
     train = rows(out / "train.jsonl")
@@ -102,7 +102,8 @@ def test_train_mine_and_eval_read_the_dataset_as_it_is(made, tiny_model_dir, tmp
 def test_one_document_cannot_be_split_by_document(tmp_path, capsys):
     code = run_cli(main, ["--inputs", str(PDFS[0]), "--out", str(tmp_path / "one")])
     assert code == 2 and capsys.readouterr().err.strip() == "error: a split by document needs at least two PDFs " \
-        "(evaluation holds out whole documents); give more --inputs, or --eval_fraction 0 for a training set only"
+        "with usable text (evaluation holds out whole documents); give more --inputs, or --eval_fraction 0 for a " \
+        "training set only"
     assert not (tmp_path / "one").exists()
     assert run_cli(main, ["--inputs", str(PDFS[0]), "--out", str(tmp_path / "one"), "--eval_fraction", "0",
                           "--dpi", "72"]) == 0
