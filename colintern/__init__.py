@@ -12,8 +12,9 @@ from colintern.errors import UserError
 
 if TYPE_CHECKING:
     from colintern.model import ColIntern
+    from colintern.search_index import Index
 
-__all__ = ["ColIntern", "ColInternConfig", "UserError"]
+__all__ = ["ColIntern", "ColInternConfig", "Index", "UserError"]
 __version__ = "0.1.0"
 
 
@@ -22,4 +23,8 @@ def __getattr__(name: str) -> Any:
         from colintern.model import ColIntern
 
         return ColIntern
+    if name == "Index":
+        from colintern.search_index import Index
+
+        return Index
     raise AttributeError(f"module 'colintern' has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
 Layout of an index folder:
     index.json          model id, checkpoint (+ sha256), the ColIntern config, DPI, the committed segments, the
-                        files indexed (path -> sha256) and pages hidden because their file changed
+                        files indexed (path -> sha256), their metadata (--meta), and the uids of pages hidden
+                        because their file changed or was removed
     seg-NNNNN/          one committed batch of pages: tokens.f16 (raw float16, (tokens, dim) row-major, read
                         through a memory map) and pages.json (file, sha256, page, offset, length, where the image
                         tokens are among the page's vectors, page size)
@@ -258,7 +259,7 @@ class PageIndex:
                   "ckpt_sha256": ckpt_sha, "config": config, "dpi": dpi or DEFAULT_DPI,
                   "pool_factor": pool_factor or 1}
         write_checked_json(folder / "header.json", dict(header))
-        meta = {**header, "segments": [], "segment_files": {}, "files": {}, "hidden": []}
+        meta = {**header, "segments": [], "segment_files": {}, "files": {}, "hidden": [], "hidden_uids": []}
         index = cls(folder, meta)
         index.save_meta()
         return index
@@ -284,9 +285,19 @@ class PageIndex:
             meta["segment_files"][seg.name] = {k: v for k, v in manifest.items() if k != "checksum"}
             for page in pages:
                 meta["files"][page["file"]] = page["sha256"]
+        last: dict[tuple[str, str, int], int] = {}  # (file, sha256, page) -> uid of its newest copy
+        hidden_uids: list[int] = []
         for name in meta["segments"]:
             pages = json.loads((folder / name / PAGES).read_text(encoding="utf-8"))
-            meta["hidden"] += [[p["sha256"], p["page"]] for p in pages if meta["files"][p["file"]] != p["sha256"]]
+            for n, p in enumerate(pages):
+                uid = segment_number(name) * PAGES_PER_SEGMENT_MAX + n
+                if meta["files"][p["file"]] != p["sha256"]:
+                    hidden_uids.append(uid)  # an older content of a file indexed again
+                elif (key := (p["file"], p["sha256"], p["page"])) in last:
+                    hidden_uids.append(last[key])  # the same page indexed again later: the newest copy counts
+                if meta["files"][p["file"]] == p["sha256"]:
+                    last[(p["file"], p["sha256"], p["page"])] = uid
+        meta["hidden_uids"] = hidden_uids
         log.warning("%s was %s: rebuilt from header.json and %d intact segment(s)", folder / "index.json", why,
                     len(meta["segments"]))
         return meta
@@ -304,12 +315,14 @@ class PageIndex:
         size = (self.folder / name / TOKENS).stat().st_size
         raw = np.memmap(self.folder / name / TOKENS, dtype="<f2", mode="r") if size else np.empty(0, "<f2")
         self.tokens[name] = raw.reshape(-1, dim)
-        hidden = {(h[0], h[1]) for h in self.meta.get("hidden", [])}
+        hidden = {(h[0], h[1]) for h in self.meta.get("hidden", [])}  # format 1: by content and page number
+        hidden_uids = set(self.meta.get("hidden_uids", []))
         number = segment_number(name)
         for n, page in enumerate(pages):
-            if (page["sha256"], page["page"]) not in hidden:
+            uid = number * PAGES_PER_SEGMENT_MAX + n
+            if (page["sha256"], page["page"]) not in hidden and uid not in hidden_uids:
                 # uid: stable when pages before it are hidden (a changed file) or a damaged segment is dropped
-                self.pages.append({**page, "segment": name, "uid": number * PAGES_PER_SEGMENT_MAX + n})
+                self.pages.append({**page, "segment": name, "uid": uid})
 
     def _drop_damaged(self) -> None:
         """Writers: forget damaged segments (their folders removed) and list the files they held for re-encoding."""
@@ -388,11 +401,9 @@ class PageIndex:
             sha = file_sha256(path)
             old = self.meta["files"].get(str(path))
             if old and old != sha:
-                hidden = [[p["sha256"], p["page"]] for p in self.pages if p["file"] == str(path)]
-                self.meta["hidden"] += hidden
-                self.pages = [p for p in self.pages if p["file"] != str(path)]
+                hidden = self.hide(lambda p, path=str(path): p["file"] == path)
                 log.info("%s changed since it was indexed: %d old page(s) hidden, its pages are indexed again",
-                         path, len(hidden))
+                         display(path), hidden)
             if path.suffix.lower() == ".pdf":
                 try:
                     count = pdf_page_count(path)
@@ -407,6 +418,63 @@ class PageIndex:
                 continue
             todo += [s for s in sources if (s.sha256, s.page) not in done]
         return todo
+
+    def hide(self, which: Any) -> int:
+        """Hide the visible pages for which which(page) is true (by uid: the same content indexed again later is not
+        hidden with them); returns how many. The caller saves the meta (atomically)."""
+        gone = [p for p in self.pages if which(p)]
+        self.meta.setdefault("hidden_uids", []).extend(p["uid"] for p in gone)
+        self.pages = [p for p in self.pages if not which(p)]
+        return len(gone)
+
+    def remove(self, patterns: list[str]) -> tuple[list[str], int]:
+        """Take files out of the index: each pattern is a file, a folder (every file under it) or a glob, matched
+        against the indexed paths. Returns (the files removed, their pages). Writers only; the next index or
+        sync drops their Qdrant points."""
+        import fnmatch
+
+        files = list(self.meta["files"])
+        chosen = []
+        for pattern in patterns:
+            path = os.path.abspath(os.path.expanduser(pattern))
+            matched = [f for f in files if f == path or f.startswith(path.rstrip(os.sep) + os.sep)
+                       or fnmatch.fnmatch(f, path) or fnmatch.fnmatch(os.path.basename(f), pattern)]
+            if not matched:
+                raise UserError(f"{display(pattern)}: no indexed file matches it (search.py info --index "
+                                f"{self.folder} lists them); nothing removed")
+            chosen += [f for f in matched if f not in chosen]
+        pages = self.hide(lambda p: p["file"] in chosen)
+        for file in chosen:
+            self.meta["files"].pop(file, None)
+            self.meta.get("file_meta", {}).pop(file, None)
+        self.save_meta()
+        return chosen, pages
+
+    def info(self) -> dict[str, Any]:
+        """What the index holds and was built with (search.py info)."""
+        stored = sum((self.folder / name / TOKENS).stat().st_size for name in self.tokens)
+        meta = self.meta
+        return {"index": str(self.folder), "version": meta.get("version", 1), "model_id": meta["model_id"],
+                "ckpt": meta["ckpt"], "ckpt_sha256": meta["ckpt_sha256"], "dim": meta["config"]["dim"],
+                "embedding": meta["config"].get("embedding", "multi"), "backbone": meta["config"].get("backbone"),
+                "dpi": meta.get("dpi"), "pool_factor": meta.get("pool_factor", 1), "pages": len(self.pages),
+                "files": len({p["file"] for p in self.pages}), "tokens": sum(p["length"] for p in self.pages),
+                "segments": len(meta["segments"]), "damaged_segments": sorted(self.damaged),
+                "hidden_pages": len(meta.get("hidden_uids", [])) + len(meta.get("hidden", [])),
+                "bytes_on_disk": stored, "backends": ["embedded"] + (["qdrant"] if meta.get("qdrant_collection")
+                                                                      else []),
+                "qdrant_collection": meta.get("qdrant_collection"), "file_meta_keys":
+                sorted({k for values in meta.get("file_meta", {}).values() for k in values})}
+
+    def subset(self, keep: Any) -> "PageIndex":
+        """A read-only view of the pages for which keep(page, file_meta) is true (the same memory maps): what
+        filtered queries search. Positions in the view are its own."""
+        import copy
+
+        view = copy.copy(self)
+        file_meta = self.meta.get("file_meta", {})
+        view.pages = [p for p in self.pages if keep(p, file_meta.get(p["file"], {}))]
+        return view
 
     def commit(self, entries: list[tuple[PageSource, torch.Tensor, int, int, tuple[int, int]]]) -> None:
         """Write one segment: (source, (L, dim) vectors, image-token start, image tokens, page size) each."""

@@ -166,7 +166,8 @@ class FaissFirstStage:
 
         self.view, self.token_k, self.candidates = TokenView(index), token_k, candidates
         factory = search_factory(self.view.n_tokens) if factory == "auto" else factory
-        state = json.dumps([index.meta["segments"], index.meta.get("hidden", []), factory]).encode()
+        state = json.dumps([index.meta["segments"], index.meta.get("hidden", []), index.meta.get("hidden_uids", []),
+                            factory]).encode()
         cache = Path(index.folder) / f"faiss-{hashlib.sha1(state).hexdigest()[:12]}.index"
         for stale in Path(index.folder).glob("faiss-*"):
             if not stale.name.startswith(cache.stem + "."):  # built for pages (or a factory) that changed since

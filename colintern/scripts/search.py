@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ix.add_argument("--segment_pages", type=int, default=64, help="pages committed at once: the unit of resume "
                     "(default: 64)")
     ix.add_argument("--strict", action="store_true", help="stop at the first bad file or page")
+    ix.add_argument("--meta", action="append", default=None, metavar="KEY=VALUE", help="metadata of every file "
+                    "of this run, for query --where; repeat it for more (a sidecar FILE.meta.json, a JSON object, "
+                    "adds its own)")
     q = sub.add_parser("query", help="the best pages for each query")
     q.add_argument("--index", required=True, help="index folder")
     q.add_argument("--model_id", default=None, help="base model (default: the one the index records; pass it "
@@ -72,11 +75,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     q.add_argument("queries", nargs="*", help="query texts")
     q.add_argument("--queries_file", default=None, help="more queries, one per line (UTF-8)")
     q.add_argument("--k", type=int, default=5, help="results per query (default: 5)")
+    q.add_argument("--files", default=None, metavar="GLOB", help="only pages of files whose path or name matches "
+                   "this glob (exact search over them)")
+    q.add_argument("--where", action="append", default=None, metavar="KEY=VALUE", help="only pages of files whose "
+                   "metadata (index --meta, or FILE.meta.json) has KEY=VALUE; repeat it for more (exact search over "
+                   "them)")
     q.add_argument("--json", action="store_true", help="one JSON object per query instead of a table")
     q.add_argument("--explain", default=None, metavar="DIR", help="write a similarity map (PNG) per result here")
     ex = sub.add_parser("export", help="every page's vectors and source as Parquet")
     ex.add_argument("--index", required=True, help="index folder")
     ex.add_argument("--out", required=True, help="the .parquet file to write")
+    inf = sub.add_parser("info", help="what an index holds and was built with")
+    inf.add_argument("--index", required=True, help="index folder")
+    inf.add_argument("--json", action="store_true", help="one JSON object")
+    rm = sub.add_parser("remove", help="take files out of an index (and its Qdrant collection)")
+    rm.add_argument("--index", required=True, help="index folder")
+    rm.add_argument("paths", nargs="+", help="indexed files, folders (every file under them) or globs")
     ve = sub.add_parser("verify", help="check every file of an index against its checksum")
     ve.add_argument("--index", required=True, help="index folder")
     ve.add_argument("--repair", action="store_true", help="drop the damaged segments (search.py index then encodes "
@@ -101,7 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "FAISS first stage or of Qdrant against it")
     q.add_argument("--exact_scan", action="store_true", help="--backend qdrant with --url: score every point "
                    "instead of Qdrant's HNSW graph (local mode always does)")
-    for sp in (ix, q):
+    for sp in (ix, q, rm):
         sp.add_argument("--backend", choices=["embedded", "qdrant"], default="embedded",
                         help="embedded: the index folder alone; qdrant: also a Qdrant collection, which answers the "
                         "queries (default: embedded)")
@@ -112,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the index used before, else colintern_<index folder name>)")
     for sp in (ix, q, ex, em):
         sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    for sp in (ix, q, ex, ve, em):
+    for sp in (ix, q, ex, ve, em, inf, rm):
         sp.add_argument("-v", "--verbose", action="store_true", help="log details")
     args = p.parse_args(argv)
     for name in ("dpi", "batch_size", "segment_pages", "k", "pool_factor", "candidates", "token_k", "nprobe"):
@@ -175,6 +189,7 @@ def index_command(args: argparse.Namespace) -> int:
             else:
                 log.warning("%s: its pages were in a damaged segment and the file is gone; they are no longer in "
                             "the index", display(name))
+        record_file_meta(index, files, parse_pairs(args.meta, "--meta"))
         report = SkipReport(strict=args.strict, logger=log)
         todo = index.plan(files, report)
         added = index_pages(index, model, todo, report, args.batch_size, args.segment_pages,
@@ -189,6 +204,27 @@ def index_command(args: argparse.Namespace) -> int:
         if args.backend == "qdrant":
             sync_qdrant(index, args)
     return 1 if report.count else 0
+
+
+def record_file_meta(index, files: list[Path], given: dict[str, str]) -> None:
+    """Each file's metadata for query --where: --meta's pairs, then its sidecar FILE.meta.json (a JSON object)
+    on top; saved now."""
+    table = index.meta.setdefault("file_meta", {})
+    for path in files:
+        values = dict(given)
+        sidecar = Path(f"{path}.meta.json")
+        if sidecar.is_file():
+            try:
+                extra = json.loads(sidecar.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as err:
+                raise UserError(f"{display(sidecar)}: not a readable JSON object ({err})") from None
+            if not isinstance(extra, dict):
+                raise UserError(f"{display(sidecar)}: expected a JSON object of KEY: VALUE")
+            values.update({str(k): str(v) for k, v in extra.items()})
+        if values:
+            table[str(path)] = {**table.get(str(path), {}), **values}
+    if table:
+        index.save_meta()
 
 
 def sync_qdrant(index, args: argparse.Namespace) -> None:
@@ -226,37 +262,61 @@ def read_queries(args: argparse.Namespace) -> list[str]:
 
 
 def query_command(args: argparse.Namespace) -> None:
-    from colintern.device import resolve_device
-    from colintern.page_index import PageIndex
+    from colintern.search_index import Index, SearchSettings
 
     check_ready(args)
-    queries = args.query_texts
-    index = PageIndex.open(args.index)
-    if not index.pages:
-        raise UserError(f"--index {args.index} holds no page yet; add some with search.py index")
-    check_index_checkpoint(index)
+    index = Index.open(args.index, model_id=args.model_id, device=args.device)
     if args.explain:
         make_output_dir(args.explain, "--explain")
-    device = resolve_device(args.device)
-    from colintern.checkpoint import resolve_recorded_model
-
-    recorded = resolve_recorded_model(index.meta["model_id"], index.folder / "index.json")
-    _, model = load_model(args.model_id or recorded, index.meta["ckpt"], device)
-    qs = model.encode_queries(queries, show_progress=False)
-    values, ids = ranked_pages(args, index, qs, device)  # (n_q, k) each
-    for qi, query in enumerate(queries):
-        results = []
-        for rank, (score, i) in enumerate(zip(values[qi].tolist(), ids[qi].tolist()), start=1):
-            source = index.source(i)
-            results.append({"rank": rank, "score": round(score, 6), "file": source.file, "page": source.page})
-            if args.explain:
-                explain(index, model, i, qs[qi], query, rank, Path(args.explain) / f"q{qi + 1:03d}_r{rank:02d}.png")
+    settings = SearchSettings(**{f: getattr(args, f) for f in SearchSettings.__dataclass_fields__})
+    lines, view, qs, ids = index.ranked(args.query_texts, settings, args.files, parse_pairs(args.where, "--where"))
+    for qi, line in enumerate(lines):
+        if args.explain:
+            for r, i in zip(line["results"], ids[qi].tolist()):
+                path = Path(args.explain) / f"q{qi + 1:03d}_r{r['rank']:02d}.png"
+                if explain(view, index.model, int(i), qs[qi], line["query"], r["rank"], path):
+                    r["map"] = str(path)
         if args.json:
-            print(json_line({"query": query, "results": results}))
+            print(json_line(line))
         else:
-            print(f"\n{display(query)}")
-            for r in results:
-                print(f"  {r['rank']:>2}  {r['score']:9.4f}  {display(r['file'])} page {r['page']}")
+            print(f"\n{display(line['query'])}")
+            for r in line["results"]:
+                print(f"  {r['rank']:>2}  {r['score']:9.4f}  {display(r['file'])} page {r['page']}"
+                      + (f"  (map: {r['map']})" if "map" in r else ""))
+
+
+def parse_pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    """KEY=VALUE items of a flag as a dict; one line for an item without '='."""
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} {item!r}: expected KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def info_command(args: argparse.Namespace) -> None:
+    from colintern.search_index import Index
+
+    info = Index.open(args.index).info()
+    if args.json:
+        print(json_line(info))
+        return
+    for key, value in info.items():
+        print(f"{key:>18}: {value}")
+
+
+def remove_command(args: argparse.Namespace) -> int:
+    from colintern.search_index import Index
+
+    index = Index.open(args.index)
+    files, pages = index.remove(args.paths)
+    print(f"removed {pages} page(s) of {len(files)} file(s) from {args.index}; {len(index.pages.pages)} page(s) "
+          "left")
+    if args.backend == "qdrant":
+        sync_qdrant(index.pages, args)
+    return 0
 
 
 def json_line(obj: object) -> str:
@@ -267,52 +327,9 @@ def json_line(obj: object) -> str:
     return re.sub(r"[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-def check_index_checkpoint(index) -> None:
-    """Queries must be encoded by the checkpoint the pages were: one line when it is gone or was changed."""
-    from colintern.files import file_sha256
-
-    ckpt = index.meta.get("ckpt")
-    if not ckpt:
-        return
-    if not Path(ckpt).is_file():
-        raise UserError(f"the index's checkpoint {ckpt} (recorded in {index.folder / 'index.json'}) does not exist "
-                        "here; put it back at that path or index again with the checkpoint where it is now")
-    if file_sha256(ckpt) != index.meta.get("ckpt_sha256"):
-        raise UserError(f"the index's checkpoint {ckpt} changed since the index was built (another sha256): "
-                        "queries would be encoded by another model; restore it or index into a new --index")
-
-
-def ranked_pages(args: argparse.Namespace, index, qs: list, device: str):
-    """(n_q, k) scores and page positions from the chosen backend (and first stage), with --check_recall."""
-    from colintern.page_search import FaissFirstStage, TokenView, choose_first_stage, exact_topk, recall_at_k
-
-    if args.backend == "qdrant":
-        from colintern.qdrant_store import QdrantPages
-
-        store = QdrantPages(index, args.url, args.path, args.collection)
-        try:
-            values, ids = store.topk([q.numpy() for q in qs], args.k, exact_scan=args.exact_scan)
-        finally:
-            store.close()
-        what = f"Qdrant ({store.collection})"
-    else:
-        method, why = choose_first_stage(args.first_stage, TokenView(index).n_tokens)
-        log.info("first stage: %s (%s)", method, why)
-        if method == "exact":
-            return exact_topk(index, qs, args.k, device)
-        stage = FaissFirstStage(index, args.nprobe, args.token_k, args.candidates, args.faiss_factory,
-                                show_progress=sys.stderr.isatty())
-        values, ids = stage.topk(qs, args.k, device)
-        what = f"the FAISS first stage ({stage.info['factory']}, {args.candidates} candidates)"
-    if args.check_recall:
-        _, exact_ids = exact_topk(index, qs, args.k, device)
-        log.info("recall@%d of %s against exact MaxSim on these %d queries: %.4f", args.k, what, len(qs),
-                 recall_at_k(ids, exact_ids))
-    return values, ids
-
-
-def explain(index, model, i: int, query_vectors, query: str, rank: int, path: Path) -> None:
-    """One similarity map: the page re-rendered, its image tokens' boxes, the query's best similarity per box."""
+def explain(index, model, i: int, query_vectors, query: str, rank: int, path: Path) -> bool:
+    """One similarity map: the page re-rendered, its image tokens' boxes, the query's best similarity per box;
+    whether it was written (a warning says why not)."""
     from colintern.files import file_sha256
     from colintern.page_index import render_page
     from colintern.simmap import paint, save_map, token_maps
@@ -321,20 +338,20 @@ def explain(index, model, i: int, query_vectors, query: str, rank: int, path: Pa
     where = f"{display(page['file'])} page {page['page']}"
     if not Path(page["file"]).is_file():
         log.warning("%s: the file is gone; no similarity map", where)
-        return
+        return False
     if file_sha256(page["file"]) != page["sha256"]:
         log.warning("%s: the file changed since it was indexed; no similarity map (search.py index updates it)", where)
-        return
+        return False
     if not page["image_tokens"]:
-        log.warning("%s page %d: no token map (a single-vector checkpoint, or a pooled index); --explain skipped",
-                    page["file"], page["page"])
-        return
+        log.warning("%s: no token map (a single-vector checkpoint, or a pooled index); --explain skipped", where)
+        return False
     image = render_page(index.source(i), index.meta["dpi"])
     vectors = index.vectors(i)[page["image_start"]:page["image_start"] + page["image_tokens"]]
     boxes = model.processor.image_token_boxes(image)
     _, best = token_maps(query_vectors, vectors)
     heat = paint(best, boxes, min(image.width, 1024), int(min(image.width, 1024) * image.height / image.width))
     save_map(image, heat, f"#{rank}: {Path(page['file']).name} page {page['page']} — {query}"[:120], path)
+    return True
 
 
 def export_command(args: argparse.Namespace) -> None:
@@ -408,8 +425,9 @@ def export_model_command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    return {"index": index_command, "query": query_command, "export": export_command, "verify": verify_command,
-            "export_model": export_model_command}[args.command](args) or 0
+    commands = {"index": index_command, "query": query_command, "export": export_command, "verify": verify_command,
+                "export_model": export_model_command, "info": info_command, "remove": remove_command}
+    return commands[args.command](args) or 0
 
 
 def console() -> None:
