@@ -27,7 +27,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a record is emitted (so captured and redirected stderr both work)."""
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self):
         return sys.stderr
 
     @stream.setter
@@ -57,11 +57,12 @@ OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 def output_error_message(err: OSError, out_flag: str) -> str:
     """One line for an OSError of OUTPUT_ERRNOS: what happened, to which file, and what to do."""
     where = err.filename or "an output file"
+    reason = (err.strerror or str(err)).lower()
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on device while writing {where}; free space or choose another {out_flag}"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {where}: {err.strerror.lower()}; choose another {out_flag}"
-    return f"cannot write {where}: {err.strerror.lower()} (a file stands where a folder should, or the " \
+        return f"cannot write {where}: {reason}; choose another {out_flag}"
+    return f"cannot write {where}: {reason} (a file stands where a folder should, or the " \
            f"reverse); choose another {out_flag}"
 
 

@@ -51,11 +51,12 @@ def display(path: str | Path) -> str:
 def os_error_behind(err: BaseException) -> OSError | None:
     """The OSError an exception is, or was raised while handling (its __cause__/__context__ chain), or None."""
     seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return None
 
 
@@ -92,7 +93,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: None if f.write(data) else None)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

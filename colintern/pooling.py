@@ -41,7 +41,8 @@ class LatentAttentionPooler(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.latents.normal_(generator=generator)
-            for layer in (self.to_q, self.to_kv, self.to_out, self.mlp[0], self.mlp[2]):
+            layers: tuple[Any, ...] = (self.to_q, self.to_kv, self.to_out, self.mlp[0], self.mlp[2])
+            for layer in layers:  # nn.Linear each
                 bound = layer.in_features ** -0.5
                 layer.weight.uniform_(-bound, bound, generator=generator)
                 if layer.bias is not None:
@@ -80,6 +81,8 @@ def pool(hidden: torch.Tensor, keep: torch.Tensor, mode: str, pooler: nn.Module 
     if mode == "mean":
         return masked_mean(hidden, keep)
     if mode == "latent":
+        if pooler is None:
+            raise ValueError("pooling 'latent' needs its pooler")
         return pooler(hidden, keep)
     raise ValueError(f"unknown pooling {mode!r}; expected one of {POOLINGS}")
 
@@ -89,13 +92,14 @@ def set_text_attention(lm: nn.Module, attention: str) -> None:
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; expected one of {ATTENTIONS}")
     causal = attention == "causal"
+    config: Any = lm.config
     if causal:
-        vars(lm.config).pop("is_causal", None)  # back to the class default, no stale override
+        vars(config).pop("is_causal", None)  # back to the class default, no stale override
     else:
-        lm.config.is_causal = False  # read by the mask builder and injected into the attention kernels
-    layers = [m for m in lm.modules() if m is not lm and hasattr(m, "is_causal")]
-    if len(layers) != lm.config.num_hidden_layers:  # guards against transformers changing the layout
-        raise RuntimeError(f"expected {lm.config.num_hidden_layers} decoder attention modules with is_causal, "
+        config.is_causal = False  # read by the mask builder and injected into the attention kernels
+    layers: list[Any] = [m for m in lm.modules() if m is not lm and hasattr(m, "is_causal")]
+    if len(layers) != config.num_hidden_layers:  # guards against transformers changing the layout
+        raise RuntimeError(f"expected {config.num_hidden_layers} decoder attention modules with is_causal, "
                            f"found {len(layers)}")
     for module in layers:
         module.is_causal = causal

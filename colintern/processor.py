@@ -230,6 +230,6 @@ def grid_boxes(x0: float, y0: float, x1: float, y1: float, cols: int, rows: int)
     """(rows * cols, 4) boxes of a cols x rows grid over the rectangle (x0, y0)-(x1, y1), row by row."""
     xs = np.linspace(x0, x1, cols + 1)
     ys = np.linspace(y0, y1, rows + 1)
-    gx, gy = np.meshgrid(np.arange(cols), np.arange(rows))  # (rows, cols) each
-    gx, gy = gx.ravel(), gy.ravel()
+    grid_x, grid_y = np.meshgrid(np.arange(cols), np.arange(rows))  # (rows, cols) each
+    gx, gy = grid_x.ravel(), grid_y.ravel()  # (rows * cols,)
     return np.stack([xs[gx], ys[gy], xs[gx + 1], ys[gy + 1]], axis=1)
