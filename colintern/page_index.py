@@ -477,10 +477,23 @@ class PageIndex:
         return view
 
     def commit(self, entries: list[tuple[PageSource, torch.Tensor, int, int, tuple[int, int]]]) -> None:
-        """Write one segment: (source, (L, dim) vectors, image-token start, image tokens, page size) each."""
-        taken = [segment_number(n) for n in self.meta["segments"]] + \
+        """Write one segment and name it in index.json: (source, (L, dim) vectors, image-token start, image tokens,
+        page size) each."""
+        name, manifest = self.write_segment(entries)
+        self.meta["segments"].append(name)
+        self.meta.setdefault("segment_files", {})[name] = manifest
+        for source, *_ in entries:
+            self.meta["files"][source.file] = source.sha256
+        self.save_meta()
+        self._load_segment(name, full_check=False)
+
+    def write_segment(self, entries: list[tuple[PageSource, torch.Tensor, int, int, tuple[int, int]]],
+                      taken: list[str] = ()) -> tuple[str, dict[str, Any]]:
+        """Write one segment folder (fsynced, renamed into place) without naming it in index.json: (its name, its
+        manifest). Until index.json names it, it is a leftover the next writer removes. `taken`: names to avoid."""
+        numbers = [segment_number(n) for n in [*self.meta["segments"], *taken]] + \
             [segment_number(p.name) for p in self.folder.glob("seg-*")]
-        name = f"seg-{max(taken, default=-1) + 1:05d}"
+        name = f"seg-{max(numbers, default=-1) + 1:05d}"
         tmp = self.folder / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -504,12 +517,7 @@ class PageIndex:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.meta["segments"].append(name)
-        self.meta.setdefault("segment_files", {})[name] = {k: v for k, v in manifest.items() if k != "checksum"}
-        for source, *_ in entries:
-            self.meta["files"][source.file] = source.sha256
-        self.save_meta()
-        self._load_segment(name, full_check=False)
+        return name, {k: v for k, v in manifest.items() if k != "checksum"}
 
     # -- reading ------------------------------------------------------------------------------------------
     def page_rows(self, i: int) -> np.ndarray:

@@ -6,6 +6,7 @@
     index.search(["a", "b"], files="*/manuals/*", where={"lang": "en"})   # filtered: exact over the matching pages
     index.info()                                       # pages, files, tokens, bytes, model, pool factor, ...
     index.remove(["old.pdf", "drafts/"])               # under the writer lock
+    index.compact()                                    # reclaim the space of removed and replaced pages
 
 Filters: `files` is a glob matched against a page's file path or its name; `where` is {key: value} pairs that the
 file's metadata (`search.py index --meta key=value`, or a sidecar FILE.meta.json) must all have. A filtered search
@@ -131,6 +132,14 @@ class Index:
             lines.append({"query": query, "results": results})
         return lines, view, qs, ids
 
+    def compact(self) -> tuple[int, int]:
+        """Reclaim the space of removed and replaced pages: (segments rewritten, bytes freed); see compact()."""
+        result = compact(self.folder)
+        from colintern.page_index import PageIndex
+
+        self.pages = PageIndex.open(self.folder)
+        return result
+
     def remove(self, patterns: list[str]) -> tuple[list[str], int]:
         """Take files (paths, folders or globs) out of the index under the writer lock; (files, pages) removed."""
         from colintern.page_index import PageIndex, writer_lock
@@ -140,6 +149,55 @@ class Index:
             removed = index.remove(patterns)
         self.pages = PageIndex.open(self.folder)
         return removed
+
+
+def compact(folder: str | Path) -> tuple[int, int]:
+    """Rewrite the segments that hold hidden pages (removed or changed files) without them, under the writer lock;
+    returns (segments rewritten, bytes freed). The new segments are written first and index.json then swaps them in
+    in one atomic write, so a crash leaves the old ones named (the new ones are leftovers the next writer removes):
+    never a page lost or doubled. The rewritten pages get new uids, so a Qdrant collection re-uploads them on its
+    next sync."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from colintern.page_index import PAGES_PER_SEGMENT_MAX, PageIndex, PageSource, writer_lock
+    from colintern.segments import PAGES, TOKENS, segment_number
+
+    with writer_lock(folder):
+        index = PageIndex.open(folder, writer=True)
+        visible: dict[str, list[int]] = {}
+        for i, page in enumerate(index.pages):
+            visible.setdefault(page["segment"], []).append(i)
+        stale = [name for name in index.meta["segments"]
+                 if len(visible.get(name, [])) < index.meta["segment_files"][name]["n_pages"]]
+        if not stale:
+            return 0, 0
+        freed = sum((index.folder / name / TOKENS).stat().st_size + (index.folder / name / PAGES).stat().st_size
+                    for name in stale)
+        fresh: dict[str, dict[str, Any]] = {}
+        for name in stale:
+            entries = [(PageSource(p["file"], p["sha256"], p["page"], p["kind"]),
+                        torch.from_numpy(np.array(index.page_rows(i))),  # (L, dim) float16, the stored bytes
+                        p["image_start"], p["image_tokens"], (p["width"], p["height"]))
+                       for i in visible.get(name, []) for p in [index.pages[i]]]
+            if entries:
+                new, manifest = index.write_segment(entries, taken=list(fresh))
+                fresh[new] = manifest
+                freed -= manifest["tokens"]["bytes"] + manifest["pages_file"]["bytes"]
+        gone = {segment_number(name) for name in stale}
+        meta = index.meta
+        meta["segments"] = [n for n in meta["segments"] if n not in stale] + list(fresh)
+        for name in stale:
+            meta["segment_files"].pop(name)
+        meta["segment_files"].update(fresh)
+        meta["hidden_uids"] = [u for u in meta.get("hidden_uids", []) if u // PAGES_PER_SEGMENT_MAX not in gone]
+        index.save_meta()  # the one atomic switch
+        for name in stale:
+            shutil.rmtree(index.folder / name, ignore_errors=True)
+    log.info("compacted %d segment(s) of %s: %d bytes freed", len(stale), folder, freed)
+    return len(stale), freed
 
 
 def _exact(settings: SearchSettings) -> SearchSettings:

@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     rm = sub.add_parser("remove", help="take files out of an index (and its Qdrant collection)")
     rm.add_argument("--index", required=True, help="index folder")
     rm.add_argument("paths", nargs="+", help="indexed files, folders (every file under them) or globs")
+    cp = sub.add_parser("compact", help="reclaim the space of removed and replaced pages")
+    cp.add_argument("--index", required=True, help="index folder")
     ve = sub.add_parser("verify", help="check every file of an index against its checksum")
     ve.add_argument("--index", required=True, help="index folder")
     ve.add_argument("--repair", action="store_true", help="drop the damaged segments (search.py index then encodes "
@@ -126,7 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the index used before, else colintern_<index folder name>)")
     for sp in (ix, q, ex, em):
         sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    for sp in (ix, q, ex, ve, em, inf, rm):
+    for sp in (ix, q, ex, ve, em, inf, rm, cp):
         sp.add_argument("-v", "--verbose", action="store_true", help="log details")
     args = p.parse_args(argv)
     for name in ("dpi", "batch_size", "segment_pages", "k", "pool_factor", "candidates", "token_k", "nprobe"):
@@ -313,10 +315,18 @@ def remove_command(args: argparse.Namespace) -> int:
     index = Index.open(args.index)
     files, pages = index.remove(args.paths)
     print(f"removed {pages} page(s) of {len(files)} file(s) from {args.index}; {len(index.pages.pages)} page(s) "
-          "left")
+          "left (search.py compact reclaims their space)")
     if args.backend == "qdrant":
         sync_qdrant(index.pages, args)
     return 0
+
+
+def compact_command(args: argparse.Namespace) -> None:
+    from colintern.search_index import compact
+
+    segments, freed = compact(args.index)
+    print(f"compacted {segments} segment(s) of {args.index}: {freed} bytes freed" if segments else
+          f"nothing to compact in {args.index}")
 
 
 def json_line(obj: object) -> str:
@@ -426,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     commands = {"index": index_command, "query": query_command, "export": export_command, "verify": verify_command,
-                "export_model": export_model_command, "info": info_command, "remove": remove_command}
+                "export_model": export_model_command, "info": info_command, "remove": remove_command,
+                "compact": compact_command}
     return commands[args.command](args) or 0
 
 
