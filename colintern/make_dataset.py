@@ -34,7 +34,7 @@ from typing import Any
 
 from colintern.cli import run_cli, setup_logging
 from colintern.errors import UserError
-from colintern.files import atomic_write_json, atomic_write_text, display, file_sha256, make_output_dir
+from colintern.files import atomic_write, atomic_write_json, atomic_write_text, display, file_sha256, make_output_dir
 
 log = logging.getLogger("colintern.make_dataset")
 OUT_FLAG = "--out"
@@ -76,13 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.eval_fraction < 1:
         raise UserError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
-    for name in ("queries_per_page", "min_words", "max_words", "dpi"):
+    for name in ("queries_per_page", "min_words", "max_words"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 < args.boilerplate_share <= 1:
         raise UserError(f"--boilerplate_share must be in (0, 1], got {args.boilerplate_share}")
-    if args.dpi > 1200:
-        raise UserError(f"--dpi {args.dpi} is over 1200; pages are resized to the model's tiles, so 150 is plenty")
+    from colintern.page_index import check_dpi
+
+    check_dpi(args.dpi)
     return args
 
 
@@ -201,11 +202,8 @@ def render(pages: list[Page], root: Path, dpi: int) -> None:
 
     for page in tqdm(pages, desc="render pages", unit="page", disable=not sys.stderr.isatty()):
         relative = Path("pages") / page.document / f"page-{page.number:03d}.png"
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
         image = render_page(PageSource(page.source, "", page.number, "pdf"), dpi)
-        tmp = root / relative.with_name(f".{relative.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(root / relative)
+        atomic_write(root / relative, lambda f, image=image: image.save(f, format="PNG"))
         page.image = relative.as_posix()
 
 

@@ -151,6 +151,14 @@ def render_page(source: PageSource, dpi: int) -> Image.Image:
         document.close()
 
 
+def check_dpi(dpi: int) -> None:
+    """One line for a rendering resolution that is not 1..MAX_DPI (search.py index, make_dataset)."""
+    if dpi < 1:
+        raise UserError(f"--dpi must be at least 1, got {dpi}")
+    if dpi > MAX_DPI:
+        raise UserError(f"--dpi {dpi} is over {MAX_DPI}; pages are resized to the model's tiles, so 150 is plenty")
+
+
 def render_scale(width_pt: float, height_pt: float, dpi: int) -> float:
     """pdfium's scale for a page of that size at `dpi`, lowered so the bitmap stays under MAX_RENDER_PIXELS (a
     200 x 200 inch page at 150 dpi would otherwise need 900 Mpx, several GB)."""
@@ -161,21 +169,15 @@ def render_scale(width_pt: float, height_pt: float, dpi: int) -> float:
     return scale
 
 
-class IndexBusy(UserError):
-    pass
-
-
 @contextlib.contextmanager
 def writer_lock(folder: str | Path) -> Iterator[None]:
     """Hold the index folder's writer lock (IDX/.lock, flock: released when the holder dies); a second writer stops
     with one line instead of racing the first."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--index {folder} is a file, not a folder; choose another --index")
-    make_output_dir(folder, "--index")
+    make_output_dir(folder, "--index")  # one line when a file stands there
     with file_lock(folder / LOCK_FILE, blocking=False) as held:
         if not held:
-            raise IndexBusy(f"--index {folder} is being written by another process (search.py index, verify "
+            raise UserError(f"--index {folder} is being written by another process (search.py index, verify "
                             "--repair or remove); wait for it to finish, or use another --index")
         yield
 
@@ -258,7 +260,7 @@ class PageIndex:
         header = {"version": INDEX_VERSION, "model_id": model_id, "ckpt": ckpt and str(Path(ckpt).resolve()),
                   "ckpt_sha256": ckpt_sha, "config": config, "dpi": dpi or DEFAULT_DPI,
                   "pool_factor": pool_factor or 1}
-        write_checked_json(folder / "header.json", dict(header))
+        write_checked_json(folder / "header.json", header)
         meta = {**header, "segments": [], "segment_files": {}, "files": {}, "hidden": [], "hidden_uids": []}
         index = cls(folder, meta)
         index.save_meta()
@@ -272,9 +274,9 @@ class PageIndex:
         if header is None:
             raise UserError(f"{folder / 'index.json'} is {why} and header.json is {header_why or 'missing'}: the "
                             "index cannot be rebuilt; index the files again into a new --index folder")
-        meta = {k: v for k, v in header.items() if k != "checksum"}
-        meta.update(segments=[], segment_files={}, files={}, hidden=[])
+        meta = {**header, "segments": [], "segment_files": {}, "files": {}, "hidden": []}
         dim = int(meta["config"]["dim"])
+        intact: list[tuple[str, list[dict[str, Any]]]] = []  # (segment, its pages) in segment order
         for seg in sorted(folder.glob("seg-*"), key=lambda p: segment_number(p.name)):
             manifest, _ = read_checked_json(seg / MANIFEST)
             pages, bad = check_segment(seg, manifest, dim, full=True) if manifest else (None, "no manifest")
@@ -282,13 +284,13 @@ class PageIndex:
                 log.warning("%s: not taken back into the rebuilt index.json (%s)", seg, bad)
                 continue
             meta["segments"].append(seg.name)
-            meta["segment_files"][seg.name] = {k: v for k, v in manifest.items() if k != "checksum"}
+            meta["segment_files"][seg.name] = manifest
+            intact.append((seg.name, pages))
             for page in pages:
                 meta["files"][page["file"]] = page["sha256"]
         last: dict[tuple[str, str, int], int] = {}  # (file, sha256, page) -> uid of its newest copy
         hidden_uids: list[int] = []
-        for name in meta["segments"]:
-            pages = json.loads((folder / name / PAGES).read_text(encoding="utf-8"))
+        for name, pages in intact:
             for n, p in enumerate(pages):
                 uid = segment_number(name) * PAGES_PER_SEGMENT_MAX + n
                 if meta["files"][p["file"]] != p["sha256"]:
@@ -361,7 +363,6 @@ class PageIndex:
             if name not in self.meta.setdefault("segment_files", {}):
                 pages = json.loads((self.folder / name / PAGES).read_text(encoding="utf-8"))
                 self.meta["segment_files"][name] = write_manifest(self.folder / name, pages, dim)
-                del self.meta["segment_files"][name]["checksum"]
         self.meta["version"] = INDEX_VERSION
         header = {k: self.meta.get(k) for k in HEADER_FIELDS}
         write_checked_json(self.folder / "header.json", header)
@@ -517,7 +518,7 @@ class PageIndex:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return name, {k: v for k, v in manifest.items() if k != "checksum"}
+        return name, manifest
 
     # -- reading ------------------------------------------------------------------------------------------
     def page_rows(self, i: int) -> np.ndarray:

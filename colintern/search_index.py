@@ -43,6 +43,22 @@ class SearchSettings:
     exact_scan: bool = False
 
 
+def load_model(model_id: str | None, ckpt: str | None, device: str) -> tuple[str, Any]:
+    """(the base model id in use, the model): the checkpoint's own base model unless model_id is given; a warning
+    when there is no trained head (no checkpoint, and not an exported model folder)."""
+    from colintern.checkpoint import base_model_of, load_checkpoint, recorded_model_id
+    from colintern.model import ColIntern, is_exported_model
+
+    if ckpt is None and model_id is None:
+        raise UserError("pass --ckpt (a trained ColIntern checkpoint) or --model_id")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise UserError(f"--ckpt {ckpt}: no such file")
+    model_id = recorded_model_id(model_id or base_model_of(load_checkpoint(ckpt), ckpt))
+    if ckpt is None and not is_exported_model(model_id):
+        log.warning("no --ckpt: the base model %s with an UNTRAINED head; results will be close to random", model_id)
+    return model_id, ColIntern.from_pretrained(model_id, ckpt=ckpt, device=device)
+
+
 def page_filter(files: str | None, where: dict[str, str] | None):
     """keep(page, file_meta) for PageIndex.subset, or None when there is no filter."""
     if not files and not where:
@@ -77,7 +93,6 @@ class Index:
             from colintern.checkpoint import resolve_recorded_model
             from colintern.device import resolve_device
             from colintern.files import file_sha256
-            from colintern.model import ColIntern
 
             meta = self.pages.meta
             ckpt = meta.get("ckpt")
@@ -89,7 +104,7 @@ class Index:
                                 "queries would be encoded by another model; restore it or index into a new --index")
             model_id = self.model_id or resolve_recorded_model(meta["model_id"], self.folder / "index.json")
             self.device = resolve_device(self.device)
-            self._model = ColIntern.from_pretrained(model_id, ckpt=ckpt, device=self.device)
+            self._model = load_model(model_id, ckpt, self.device)[1]
         return self._model
 
     def info(self) -> dict[str, Any]:

@@ -35,13 +35,13 @@ def json_checksum(obj: dict[str, Any]) -> str:
 
 
 def write_checked_json(path: Path, obj: dict[str, Any]) -> None:
-    """Write obj (atomically) with its "checksum" field set."""
-    obj["checksum"] = json_checksum(obj)
-    atomic_write_json(path, obj)
+    """Write obj (atomically) with a "checksum" field added in the file (obj itself is left as it is)."""
+    atomic_write_json(path, {**obj, "checksum": json_checksum(obj)})
 
 
 def read_checked_json(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """(the object, "") when it parses and its checksum (if any) matches, else (None, why not)."""
+    """(the object without its "checksum" field, "") when it parses and its checksum (if any) matches, else
+    (None, why not)."""
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
@@ -52,7 +52,7 @@ def read_checked_json(path: Path) -> tuple[dict[str, Any] | None, str]:
         return None, "not valid JSON (truncated or overwritten)"
     if not isinstance(obj, dict):
         return None, "not a JSON object"
-    if "checksum" in obj and obj["checksum"] != json_checksum(obj):
+    if "checksum" in obj and obj.pop("checksum") != json_checksum(obj):
         return None, "its checksum does not match its content (edited or damaged)"
     return obj, ""
 
@@ -86,8 +86,7 @@ def check_segment(folder: Path, record: dict[str, Any] | None, dim: int, full: b
         manifest, why = read_checked_json(folder / MANIFEST)
         if manifest is None:
             return None, f"{folder.name}/{MANIFEST}: {why}"
-        if {k: v for k, v in manifest.items() if k != "checksum"} != \
-                {k: v for k, v in record.items() if k not in ("checksum", "verified_mtime_ns")}:
+        if manifest != {k: v for k, v in record.items() if k != "verified_mtime_ns"}:
             return None, f"{folder.name}/{MANIFEST}: does not match what index.json recorded for this segment"
     tokens, pages_path = folder / TOKENS, folder / PAGES
     for path in (tokens, pages_path):

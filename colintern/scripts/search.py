@@ -131,32 +131,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for sp in (ix, q, ex, ve, em, inf, rm, cp):
         sp.add_argument("-v", "--verbose", action="store_true", help="log details")
     args = p.parse_args(argv)
-    for name in ("dpi", "batch_size", "segment_pages", "k", "pool_factor", "candidates", "token_k", "nprobe"):
+    for name in ("batch_size", "segment_pages", "k", "pool_factor", "candidates", "token_k", "nprobe"):
         value = getattr(args, name, 1)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
-    if getattr(args, "dpi", None):
-        from colintern.page_index import MAX_DPI
+    if getattr(args, "dpi", None) is not None:
+        from colintern.page_index import check_dpi
 
-        if args.dpi > MAX_DPI:
-            raise UserError(f"--dpi {args.dpi} is over {MAX_DPI}; pages are resized to the model's tiles, so 150 "
-                            "is plenty")
+        check_dpi(args.dpi)
     return args
-
-
-def load_model(model_id: str | None, ckpt: str | None, device: str):
-    """(the base model id in use, the model): the checkpoint's own base model unless --model_id is given."""
-    from colintern.checkpoint import base_model_of, load_checkpoint, recorded_model_id
-    from colintern.model import ColIntern, is_exported_model
-
-    if ckpt is None and model_id is None:
-        raise UserError("pass --ckpt (a trained ColIntern checkpoint) or --model_id")
-    if ckpt is not None and not Path(ckpt).is_file():
-        raise UserError(f"--ckpt {ckpt}: no such file")
-    model_id = recorded_model_id(model_id or base_model_of(load_checkpoint(ckpt), ckpt))
-    if ckpt is None and not is_exported_model(model_id):
-        log.warning("no --ckpt: the base model %s with an UNTRAINED head; results will be close to random", model_id)
-    return model_id, ColIntern.from_pretrained(model_id, ckpt=ckpt, device=device)
 
 
 def check_ready(args: argparse.Namespace) -> None:
@@ -178,6 +161,7 @@ def index_command(args: argparse.Namespace) -> int:
     from colintern.data import SkipReport
     from colintern.device import resolve_device
     from colintern.page_index import PageIndex, find_inputs, index_pages, writer_lock
+    from colintern.search_index import load_model
 
     files = find_inputs(args.inputs)
     check_ready(args)
@@ -186,11 +170,11 @@ def index_command(args: argparse.Namespace) -> int:
         index = PageIndex.create_or_open(args.index, model_id, args.ckpt, model.config.to_dict(), args.dpi,
                                          args.pool_factor)
         for name in index.redo_files:  # files of damaged segments dropped on open: encoded again
-            if Path(name).is_file():
-                files.append(Path(name)) if Path(name) not in files else None
-            else:
+            if not Path(name).is_file():
                 log.warning("%s: its pages were in a damaged segment and the file is gone; they are no longer in "
                             "the index", display(name))
+            elif Path(name) not in files:
+                files.append(Path(name))
         record_file_meta(index, files, parse_pairs(args.meta, "--meta"))
         report = SkipReport(strict=args.strict, logger=log)
         todo = index.plan(files, report)
@@ -210,8 +194,9 @@ def index_command(args: argparse.Namespace) -> int:
 
 def record_file_meta(index, files: list[Path], given: dict[str, str]) -> None:
     """Each file's metadata for query --where: --meta's pairs, then its sidecar FILE.meta.json (a JSON object)
-    on top; saved now."""
+    on top; saved now when anything changed."""
     table = index.meta.setdefault("file_meta", {})
+    before = json.dumps(table, sort_keys=True)
     for path in files:
         values = dict(given)
         sidecar = Path(f"{path}.meta.json")
@@ -225,7 +210,7 @@ def record_file_meta(index, files: list[Path], given: dict[str, str]) -> None:
             values.update({str(k): str(v) for k, v in extra.items()})
         if values:
             table[str(path)] = {**table.get(str(path), {}), **values}
-    if table:
+    if json.dumps(table, sort_keys=True) != before:
         index.save_meta()
 
 
@@ -426,6 +411,7 @@ def verify_command(args: argparse.Namespace) -> int:
 def export_model_command(args: argparse.Namespace) -> None:
     from colintern.device import resolve_device
     from colintern.export import export_model
+    from colintern.search_index import load_model
 
     model_id, model = load_model(args.model_id, args.ckpt, resolve_device(args.device))
     out = export_model(model, args.out, model_id)
