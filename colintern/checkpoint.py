@@ -101,7 +101,7 @@ def resolve_recorded_model(base: str, recorded_in: str | Path) -> str:
     """A base model recorded in a file (a checkpoint, an index.json): an absolute folder or hub id as is; a relative
     folder found from the working directory or from a folder above `recorded_in`, made absolute."""
     if os.path.isabs(base) or os.path.isdir(base):
-        return os.path.abspath(base) if os.path.isdir(base) else base
+        return recorded_model_id(base)
     for folder in Path(recorded_in).resolve().parents:
         if (folder / base).is_dir():
             log.info("%s records the base model as %s (relative): using %s", recorded_in, base, folder / base)

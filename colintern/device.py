@@ -2,12 +2,27 @@
 asked for but absent is a one-line user error, never a silent CPU run."""
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
+from collections.abc import Iterator
 
 import torch
 
 from colintern.errors import UserError
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` (None: left as it is) for the block, then given back, so an
+    in-process caller (tests, notebooks) keeps its own setting (train.py --threads, for both tasks)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(spec: str | torch.device | None = None, flag: str = "--device") -> str:

@@ -69,7 +69,7 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Call write(f) on a temp file beside `path`, fsync, rename over `path`; the temp file never outlives a
     failure (including KeyboardInterrupt), and the previous `path` stays intact."""
     path = Path(path)
@@ -93,7 +93,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda f: None if f.write(data) else None)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -428,14 +428,10 @@ class ItrTrainer:
 
 def main(argv: list[str]) -> int:
     from colintern.cli import setup_logging
+    from colintern.device import torch_threads
 
     args = parse_args(argv)
     setup_logging(args.verbose)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         print(ItrTrainer(args).run(), flush=True)
-    finally:  # an in-process caller gets its thread count back
-        torch.set_num_threads(threads)
     return 0

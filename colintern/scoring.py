@@ -187,11 +187,13 @@ def _fused_available() -> bool:
 FUSED_DOC_TOKENS = 1 << 21
 
 
-def _iter_fused(qs: list[torch.Tensor], docs: list[torch.Tensor],
-                dev: torch.device) -> Iterator[tuple[list[int], torch.Tensor]]:
+def _iter_fused(qs: list[torch.Tensor], docs: list[torch.Tensor], dev: torch.device,
+                fallback: tuple[int | None, int | None, int | None] = (None, None, None)
+                ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """The fused Triton kernel (colintern.maxsim_kernel) over groups of docs: float16/bfloat16 when queries and
     docs are both in that dtype (the caller's choice: tensor cores, float32 accumulation), else IEEE float32 (the
-    same arithmetic as the GEMM path). Falls back to that path, with a warning, if the kernel cannot compile here."""
+    same arithmetic as the GEMM path). Falls back to that path (with the caller's `fallback` doc_chunk, query_chunk
+    and workers), with a warning, if the kernel cannot compile here."""
     from colintern.maxsim_kernel import maxsim_fused
 
     dtypes = {t.dtype for t in qs} | {t.dtype for t in docs}
@@ -213,7 +215,7 @@ def _iter_fused(qs: list[torch.Tensor], docs: list[torch.Tensor],
             logger.warning("the fused MaxSim kernel failed here (%s: %s); using the GEMM path "
                            "(COLINTERN_FUSED_MAXSIM=0 skips the attempt)", type(err).__name__, err)
             os.environ["COLINTERN_FUSED_MAXSIM"] = "0"
-            yield from _iter_scores(qs, docs, dev, None, None)
+            yield from _iter_scores(qs, docs, dev, *fallback)
             return
         yield list(range(start, end)), scores
         start = end
@@ -241,7 +243,7 @@ def _iter_scores(
     if not qs_l or not docs_l:
         return
     if dev.type == "cuda" and _fused_available():
-        yield from _iter_fused(qs_l, docs_l, dev)
+        yield from _iter_fused(qs_l, docs_l, dev, (doc_chunk, query_chunk, workers))
         return
     with torch.no_grad():
         qt = _QueryTokens(qs_l, dev)

@@ -71,7 +71,7 @@ def test_scoring_takes_the_fused_path_on_cuda_in_the_callers_dtype(monkeypatch):
     today's float32 inputs are multiplied in IEEE float32, 16-bit ones only when both sides are 16-bit."""
     qs, docs = ragged((3, 5), 16, torch.float32, 4), ragged((4, 9, 2), 16, torch.float32, 5)
     routed = []
-    monkeypatch.setattr(scoring, "_iter_fused", lambda q, d, dev: routed.append(dev.type) or iter(()))
+    monkeypatch.setattr(scoring, "_iter_fused", lambda q, d, dev, fallback: routed.append(dev.type) or iter(()))
     assert list(scoring._iter_scores(qs, docs, "cuda", None, None)) == [] and routed == ["cuda"]
     assert list(scoring._iter_scores(qs, docs, "cpu", None, None)) and routed == ["cuda"]  # CPU: the GEMM path
     monkeypatch.undo()

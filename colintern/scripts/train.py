@@ -35,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402
-from colintern.device import resolve_device  # noqa: E402
+from colintern.device import resolve_device, torch_threads  # noqa: E402
 from colintern.distributed import cleanup, init_distributed  # noqa: E402
 from colintern.errors import UserError  # noqa: E402
 from colintern.trainer import Trainer  # noqa: E402
@@ -236,17 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, quiet=not dist.is_main)
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled())
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        summary = Trainer(args, dist).run()
+        with torch_threads(args.threads):
+            summary = Trainer(args, dist).run()
         if dist.is_main:
             print(summary, flush=True)
         return 0
     finally:  # an in-process caller (tests, notebooks) gets its global torch settings back
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-        torch.set_num_threads(threads)
         cleanup()
 
 
