@@ -32,16 +32,16 @@ test: venv
 	$(PY) -m pytest -q tests
 
 demo: venv
-	$(PY) -m colintern.demo --out outputs/demo
+	$(PY) -m colintern.scripts.demo --out outputs/demo
 
 # The seed-002 single-vector grid (pooling x attention, 2 seeds) on the tiny model and synthetic pages, on a CPU.
 ablate: venv
-	$(PY) -m colintern.ablate --out outputs/ablate
+	$(PY) -m colintern.scripts.ablate --out outputs/ablate
 
 # Seed 004 on the tiny model and generated scenes, on a CPU: single-stage against two-stage at equal steps, evaluated
 # after every epoch, with the comparison and efficiency tables (about 5 minutes on 2 cores).
 itr-demo: venv
-	$(PY) -m colintern.itr_demo --out outputs/itr_demo
+	$(PY) -m colintern.itr.demo --out outputs/itr_demo
 
 # On a machine with a CUDA GPU, with that machine's own python (torch, transformers, peft, accelerate; no venv
 # needed): the one prepared measurement, about 8 minutes, results in outputs/bench/gpu_suite/ (docs/BENCHMARKS.md).

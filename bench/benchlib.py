@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # `python bench/x.py` from anywhere imports this checkout's colintern
 
-from colintern.scoring import exact_fp32  # noqa: E402
+from colintern.retriever.scoring import exact_fp32  # noqa: E402
 
 
 def cpu_name() -> str:

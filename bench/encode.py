@@ -46,7 +46,7 @@ from benchlib import (env, loadavg, matmul_tflops, print_table, reset_peak, sync
 from colintern.cli import run_cli, setup_logging  # noqa: E402
 from colintern.errors import UserError  # noqa: E402
 from colintern.device import peak_memory_gib  # noqa: E402
-from colintern.internvl import internvl35_1b_config  # noqa: E402  (the real shapes, shared with tests/test_realsize.py)
+from colintern.backbones.internvl import internvl35_1b_config  # noqa: E402  (the real shapes, shared with tests/test_realsize.py)
 
 log = logging.getLogger("colintern.bench.encode")
 
@@ -69,11 +69,11 @@ def random_internvl35_1b(tokenizer_dir: str, device: torch.device, dtype: torch.
     """ColIntern on a randomly initialised InternVL3.5-1B backbone, built directly on the device."""
     from transformers import InternVLModel
 
-    from colintern.backbone import LoadedBackbone, load_tokenizer
-    from colintern.model import ColIntern, config_for_backbone
+    from colintern.backbones.base import LoadedBackbone, load_tokenizer
+    from colintern.retriever.model import ColIntern, config_for_backbone
 
     tokenizer = load_tokenizer(tokenizer_dir)  # any InternVL tokenizer: its ids only need to be < 151936
-    config = internvl35_1b_config(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), attn)  # colintern.tiny
+    config = internvl35_1b_config(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), attn)  # colintern.testing.tiny
     torch.manual_seed(seed)
     backbone = build_on(device, dtype, lambda: InternVLModel(config).eval())
     text = config.text_config
@@ -87,7 +87,7 @@ def save_random_internvl35_1b(out_dir: str, device: torch.device, dtype: torch.d
                               seed: int = 0) -> str:
     """Write a model folder with InternVL3.5-1B's shapes and random weights (+ the tiny model's tokenizer), so
     scripts that take --model_id (train.py, mine.py) can run at the real size offline. Returns out_dir."""
-    from colintern.toy_tokenizer import build_tokenizer
+    from colintern.testing.toy_tokenizer import build_tokenizer
 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
@@ -102,7 +102,7 @@ def save_random_internvl35_1b(out_dir: str, device: torch.device, dtype: torch.d
 
 def local_model(model_dir: str, device: torch.device, dtype: torch.dtype, attn: str):
     """A local model directory (real weights) with the attention implementation asked for."""
-    from colintern.model import ColIntern
+    from colintern.retriever.model import ColIntern
 
     model = ColIntern.from_pretrained(model_dir, device=str(device), dtype=dtype,
                                       use_flash_attn=attn == "flash_attention_2")
@@ -112,7 +112,7 @@ def local_model(model_dir: str, device: torch.device, dtype: torch.dtype, attn: 
 
 def with_max_tiles(model, max_tiles: int) -> None:
     """Re-make the model's processor for another max_tiles (the only formatting setting this varies)."""
-    from colintern.families import make_processor
+    from colintern.backbones.registry import make_processor
 
     model.config = dataclasses.replace(model.config, max_tiles=max_tiles)
     model.processor = make_processor(model.tokenizer, model.config)
@@ -188,7 +188,7 @@ def simulate_device(model, tflops: float) -> None:
 
 def accelerator_prep_workers() -> int:
     """ColIntern's default number of preprocessing threads on an accelerator (0 where it has no such setting)."""
-    from colintern import model as model_module
+    from colintern.retriever import model as model_module
 
     return getattr(model_module, "default_prep_workers", lambda device: 0)("cuda")
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok_dir, tmp = args.tokenizer_dir, None
     if args.model_dir is None and tok_dir is None:
-        from colintern.internvl import build_tiny_internvl
+        from colintern.backbones.internvl import build_tiny_internvl
 
         tmp = tempfile.TemporaryDirectory(prefix="bench_encode_")
         tok_dir = build_tiny_internvl(tmp.name, layout="native", seed=0)

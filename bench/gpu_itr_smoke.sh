@@ -5,8 +5,8 @@
 set -euo pipefail
 out=${1:-outputs/gpu_itr_smoke}; dev=${2:-cuda}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -m colintern.tiny "$out/tiny" > /dev/null
-python3 -m colintern.scenes "$out/scenes" --n_train 256 --n_eval 16
+python3 -m colintern.testing.tiny "$out/tiny" > /dev/null
+python3 -m colintern.itr.scenes "$out/scenes" --n_train 256 --n_eval 16
 common=(--task itr --model_id "$out/tiny" --train_itr "$out/scenes/train/itr.jsonl" --dim 64 --fusion_dim 64
         --image_size 224 --max_tiles 4 --batch_size 32 --lr 1e-3 --device "$dev")
 python3 train.py "${common[@]}" --out_dir "$out/single" --stage single --epochs 2

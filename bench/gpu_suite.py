@@ -13,7 +13,7 @@ Sections, each skipped (and said so) when the time budget left is below its esti
             tokens/s, MFU (FLOPs counted from the forward itself: every linear/conv layer and every attention
             call) and peak memory. Target: >= 40 % MFU at 4+1 tiles (about 60 pages/s for the 1B model on an H100)
   numerics  bf16-on-the-GPU against fp32 embeddings of the same pages and queries (same weights): cosine
-  maxsim    colintern.scoring.maxsim against mteb's max_sim (or its algorithm restated when mteb is absent) on the
+  maxsim    colintern.retriever.scoring.maxsim against mteb's max_sim (or its algorithm restated when mteb is absent) on the
             same ragged inputs: speed-up and max difference against float64. Target: >= 5x
   mining    exact mining (mine.py's exact_search over a page store) of 10,000 pages on the GPU: queries/s
   gpu_paths the GPU-only code paths run for real on the tiny model: the TF32 guard from both torch APIs, the head
@@ -105,7 +105,7 @@ class Suite:
         """A tiny model folder of that family (dry runs), built once."""
         path = self.work / f"tiny_{family}"
         if not path.exists():
-            from colintern.families import get_family
+            from colintern.backbones.registry import get_family
 
             get_family(family).build_tiny(str(path), seed=0)
         return str(path)
@@ -114,7 +114,7 @@ class Suite:
         """A folder with the toy tokenizer (its special-token ids fit the real vocabularies), built once."""
         path = self.work / "tokenizer"
         if not path.exists():
-            from colintern.toy_tokenizer import build_tokenizer
+            from colintern.testing.toy_tokenizer import build_tokenizer
 
             build_tokenizer(str(path))
         return path
@@ -250,7 +250,7 @@ def internvl_model(suite: Suite, dtype: torch.dtype, attn: str = "sdpa"):
     """A random InternVL3.5-1B on the device (dry run: the tiny model)."""
     from encode import random_internvl35_1b
 
-    from colintern.model import ColIntern
+    from colintern.retriever.model import ColIntern
 
     if suite.args.dry_run:
         return ColIntern.from_pretrained(suite.tiny("internvl"), device=str(suite.device), dtype=dtype)
@@ -261,9 +261,9 @@ def qwen_model(suite: Suite, dtype: torch.dtype):
     """A random Qwen3-VL-2B on the device (dry run: the tiny model)."""
     from encode import build_on
 
-    from colintern.backbone import load_tokenizer
-    from colintern.model import ColIntern, config_for_backbone
-    from colintern.qwen3vl import backbone_class, describe_qwen3vl, qwen3vl_2b_config, qwen3vl_token_ids
+    from colintern.backbones.base import load_tokenizer
+    from colintern.retriever.model import ColIntern, config_for_backbone
+    from colintern.backbones.qwen3vl import backbone_class, describe_qwen3vl, qwen3vl_2b_config, qwen3vl_token_ids
 
     if suite.args.dry_run:
         return ColIntern.from_pretrained(suite.tiny("qwen3_vl"), device=str(suite.device), dtype=dtype,
@@ -280,8 +280,8 @@ def single_vector(model):
     """The same backbone as a single-vector (mean-pooled), bidirectional ColIntern with a fresh head."""
     import dataclasses
 
-    from colintern.backbone import LoadedBackbone
-    from colintern.model import ColIntern
+    from colintern.backbones.base import LoadedBackbone
+    from colintern.retriever.model import ColIntern
 
     loaded = LoadedBackbone(model=model.backbone, tokenizer=model.tokenizer, family=model.config.backbone,
                             layout="native", hidden_size=model.config.hidden_size, signature=model.signature)
@@ -361,7 +361,7 @@ def section_maxsim(suite: Suite) -> dict[str, Any]:
     from scoring import errors, ragged, reference_sample, time_it
     from torch.nn.utils.rnn import pad_sequence
 
-    from colintern.scoring import maxsim
+    from colintern.retriever.scoring import maxsim
 
     g = torch.Generator().manual_seed(0)
     n_q, n_d = suite.size((256, 2000), (8, 24))
@@ -395,15 +395,15 @@ def section_maxsim(suite: Suite) -> dict[str, Any]:
 
 def fused_rows(suite: Suite, qs: list, docs: list, sample: tuple, other_s: float, flop: int,
                repeats: int) -> list[dict[str, Any]]:
-    """The fused Triton kernel (colintern.maxsim_kernel) in float32 (IEEE), float16 and bfloat16 inputs against the
+    """The fused Triton kernel (colintern.retriever.maxsim_kernel) in float32 (IEEE), float16 and bfloat16 inputs against the
     GEMM path (COLINTERN_FUSED_MAXSIM=0) and the other scorer: seconds, TFLOP/s, speedup, error against float64 of
     the float32 vectors. On a CPU dry run it runs in Triton's interpreter (no bfloat16 there: its tl.dot is wrong)."""
     import os
 
     from scoring import errors, time_it
 
-    from colintern import maxsim_kernel
-    from colintern.scoring import maxsim
+    from colintern.retriever import maxsim_kernel
+    from colintern.retriever.scoring import maxsim
 
     device = suite.device
     os.environ["COLINTERN_FUSED_MAXSIM"] = "0"
@@ -411,7 +411,7 @@ def fused_rows(suite: Suite, qs: list, docs: list, sample: tuple, other_s: float
         gemm_t, _ = time_it(lambda: maxsim(qs, [d.to(device) for d in docs], device=device), repeats, device)
     finally:
         os.environ.pop("COLINTERN_FUSED_MAXSIM")
-    rows = [{"kernel": "gemm (colintern.scoring, fp32)", "seconds": gemm_t,
+    rows = [{"kernel": "gemm (colintern.retriever.scoring, fp32)", "seconds": gemm_t,
              "speedup_vs_other": other_s / statistics.median(gemm_t)}]
     if not maxsim_kernel.available():
         return rows + [{"kernel": "fused", "skipped": "Triton is not importable here"}]
@@ -431,8 +431,8 @@ def fused_rows(suite: Suite, qs: list, docs: list, sample: tuple, other_s: float
 def section_mining(suite: Suite) -> dict[str, Any]:
     from mining import clustered_corpus, write_page_store
 
-    from colintern.mining import Pair, exact_search, positive_scores
-    from colintern.scoring import maxsim
+    from colintern.mine.search import Pair, exact_search, positive_scores
+    from colintern.retriever.scoring import maxsim
 
     n_pages, n_queries = suite.size((10_000, 1_000), (60, 20))
     qs, pages = clustered_corpus(n_pages, n_queries, (20, 40), suite.size((300, 1800), (30, 180)), 128, seed=0)
@@ -535,7 +535,7 @@ def _check_tf32_guard(suite: Suite) -> dict[str, Any]:
     """maxsim stays float32-exact after a caller enabled TF32 through either API, and leaves that choice alone."""
     from scoring import errors, ragged, reference_sample
 
-    from colintern.scoring import maxsim
+    from colintern.retriever.scoring import maxsim
 
     g = torch.Generator().manual_seed(0)
     qs, docs = ragged(16, 5, 30, 128, g), ragged(64, 50, 400, 128, g)
@@ -556,7 +556,7 @@ def _check_tf32_guard(suite: Suite) -> dict[str, Any]:
 
 def _check_head_seed(suite: Suite) -> dict[str, Any]:
     """The projection head is seeded by a CPU generator: the same weights under a CUDA default device."""
-    from colintern.model import ColIntern
+    from colintern.retriever.model import ColIntern
 
     tiny = suite.tiny("internvl")
     on_cpu = ColIntern.from_pretrained(tiny, device="cpu", dtype="fp32").head.state_dict()
@@ -576,7 +576,7 @@ def _check_paged_resume(suite: Suite) -> dict[str, Any]:
 
     import bitsandbytes as bnb
 
-    from colintern.trainer import repage_optimizer_states
+    from colintern.train.trainer import repage_optimizer_states
 
     g = torch.Generator(device=suite.device).manual_seed(0)
     start = torch.randn(300_000, device=suite.device, generator=g)

@@ -8,13 +8,13 @@ its words from its topic's vocabulary, and a query's tokens are noisy copies of 
 timing depends only on the shapes; the recall printed here describes this synthetic data, not a real model
 (mine.py measures the real one on every run: candidate_recall in its .meta.json).
 
-1. Exact: colintern.scoring.maxsim (what mine.py --method exact runs, part by part) on N x N, timed at each N.
+1. Exact: colintern.retriever.scoring.maxsim (what mine.py --method exact runs, part by part) on N x N, timed at each N.
    Work grows as N^2: time = a x N^2 is fitted (least squares through the origin) and extrapolated to
    --target_queries x --target_pages (default 118,695 x 118,695: colpali_train_set has 118,695 rows; assuming
    every row its own page is the upper bound, mine.py dedupes pages by image_filename).
-2. FAISS: the pages are written as a colintern.mining page store (fp16, the on-disk format mine.py uses) and
-   searched with colintern.mining.faiss_search (token-level FAISS first stage + exact re-rank), per index type,
-   against colintern.mining.exact_search; candidate recall@k = share of exact's k best negatives among the
+2. FAISS: the pages are written as a colintern.mine.search page store (fp16, the on-disk format mine.py uses) and
+   searched with colintern.mine.search.faiss_search (token-level FAISS first stage + exact re-rank), per index type,
+   against colintern.mine.search.exact_search; candidate recall@k = share of exact's k best negatives among the
    FAISS candidates (mine.py's candidate_recall), negatives overlap = share of exact's negatives FAISS returns.
    The alternative users would otherwise pick, a single mean-pooled vector per page and query in a FAISS
    inner-product index (the seed's miner), is measured on the same data.
@@ -84,9 +84,9 @@ def clustered_corpus(n_pages: int, n_queries: int, q_len: tuple[int, int], d_len
 
 
 def write_page_store(store_dir: Path, pages: list[torch.Tensor], pages_per_part: int = 1024):
-    """The pages as a colintern.mining page store (fp16 token file + part.json per part); returns PageStore."""
+    """The pages as a colintern.mine.search page store (fp16 token file + part.json per part); returns PageStore."""
     from colintern.files import atomic_write_json
-    from colintern.page_store import PART_META, TOKENS_FILE, PageStore, StoreSpec, _part_dir
+    from colintern.mine.page_store import PART_META, TOKENS_FILE, PageStore, StoreSpec, _part_dir
 
     spec = StoreSpec(model_id="synthetic", ckpt_sha256=None, config={}, dtype="fp16", dataset="synthetic",
                      split="train", limit=None, dedupe="filename", keys_sha256="", n_pages=len(pages),
@@ -116,7 +116,7 @@ def fit_quadratic(sizes: list[int], seconds: list[float]) -> float:
 
 
 def exact_rows(args, device: torch.device) -> list[dict[str, Any]]:
-    from colintern.scoring import maxsim
+    from colintern.retriever.scoring import maxsim
 
     rows = []
     for n in args.sizes:
@@ -182,8 +182,8 @@ def pooled_row(qs: list[torch.Tensor], pages: list[torch.Tensor], pairs, exact, 
 
 def faiss_rows(args, device: torch.device, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """mine.py's two search paths on the same page store and queries: time and recall of FAISS vs exact."""
-    from colintern.mining import Pair, build_faiss_index, exact_search, faiss_search, positive_scores
-    from colintern.scoring import maxsim
+    from colintern.mine.search import Pair, build_faiss_index, exact_search, faiss_search, positive_scores
+    from colintern.retriever.scoring import maxsim
 
     qs, pages = clustered_corpus(args.faiss_pages, args.faiss_queries, args.q_len, args.d_len, args.dim,
                                  args.seed + 7)
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nMining, synthetic clustered embeddings (queries {args.q_len[0]}-{args.q_len[1]} tokens, pages "
           f"{args.d_len[0]}-{args.d_len[1]}, dim {args.dim}) on {info['device']}; torch {info['torch']}, faiss "
           f"{info['faiss']}; fp32 matmul ceiling {ceiling:.0f} GFLOP/s; load {load_before} -> {loadavg()}")
-    print("\nexact MaxSim, N queries x N pages (colintern.scoring.maxsim):")
+    print("\nexact MaxSim, N queries x N pages (colintern.retriever.scoring.maxsim):")
     for r in rows:
         r["pct_ceiling"] = 100 * r["gflops"] / ceiling
         r["fit_s"] = extra["fit_a_s_per_pair"] * r["n"] ** 2

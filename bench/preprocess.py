@@ -57,8 +57,8 @@ def render_pdf(path: str, dpi: float, max_pages: int) -> list:
 
 def processors(max_tiles: int, tokenizer: Any):
     """(ColIntern's InternVLProcessor, the transformers GotOcr2ImageProcessorPil it holds, with the same settings)."""
-    from colintern.config import ColInternConfig
-    from colintern.internvl import InternVLProcessor
+    from colintern.retriever.config import ColInternConfig
+    from colintern.backbones.internvl import InternVLProcessor
 
     ours = InternVLProcessor(tokenizer, ColInternConfig(max_tiles=max_tiles))
     return ours, ours.image_processor
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from colintern.toy_tokenizer import build_tokenizer
+    from colintern.testing.toy_tokenizer import build_tokenizer
 
     pages = render_pdf(args.pdf, args.dpi, args.pages)
     sizes = Counter(p.size for p in pages)

@@ -30,7 +30,7 @@ def build_sets(pdfs: list[str], dpi: int, out: Path) -> int:
     """Render every page with text; write the training triples and both BEIR sets; returns the page count."""
     import pypdfium2 as pdfium
 
-    from colintern.page_index import PageSource, render_page
+    from colintern.index.sources import PageSource, render_page
 
     (out / "data" / "pages").mkdir(parents=True, exist_ok=True)
     triples, corpus = [], []
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     import token_pooling
     from train_step import load_train_module
 
-    from colintern.families import get_family
-    from colintern.model import ColIntern
+    from colintern.backbones.registry import get_family
+    from colintern.retriever.model import ColIntern
 
     out = Path(args.out)
     n_pages = build_sets(args.pdfs, args.dpi, out)

@@ -1,4 +1,4 @@
-"""Benchmark colintern.scoring.maxsim against mteb's max_sim on ViDoRe-like ragged embeddings.
+"""Benchmark colintern.retriever.scoring.maxsim against mteb's max_sim on ViDoRe-like ragged embeddings.
 
 Builds random L2-normalised multi-vector embeddings (queries 20-40 tokens, pages 300-1800 tokens, dim 128),
 times both scorers on the same device, checks both against a float64 reference on a random sample of
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import loadavg, matmul_tflops, sync  # noqa: E402
 
-from colintern.scoring import maxsim  # noqa: E402
+from colintern.retriever.scoring import maxsim  # noqa: E402
 
 
 def ragged(n: int, lo: int, hi: int, dim: int, g: torch.Generator) -> list[torch.Tensor]:

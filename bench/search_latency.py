@@ -8,7 +8,7 @@ tiles), written as a search.py index folder (fp16 segments) without a model. Tok
 words" of the page's topic (as bench/mining.py's clustered corpus); a query is ~25 noisy copies of tokens of its
 target page, so exact search has a right answer and an approximate one can miss it (pure random vectors would make
 every page tie). Rows, each with build seconds, bytes per page, median ms per query and recall@10 against exact:
-  exact     search.py's exact MaxSim over every page (colintern.page_search.exact_topk): the ceiling, ~115 GFLOP
+  exact     search.py's exact MaxSim over every page (colintern.index.page_search.exact_topk): the ceiling, ~115 GFLOP
             per query at 10,000 pages
   faiss     the FAISS first stage (IVF-PQ over every page token: centroid interaction picks the candidates) + exact
             re-rank, for each --faiss_grid setting (nprobe = centroids per query token)
@@ -78,8 +78,9 @@ def build_index(folder: Path, corpus: Corpus, n_pages: int, pool_factor: int = 1
     """A search.py index folder of the first n_pages pages (pooled when pool_factor > 1)."""
     from tqdm.auto import tqdm
 
-    from colintern.page_index import PageIndex, PageSource
-    from colintern.token_pooling import pool_tokens
+    from colintern.index.page_index import PageIndex
+    from colintern.index.sources import PageSource
+    from colintern.retriever.token_pooling import pool_tokens
 
     index = PageIndex.create_or_open(folder, "synthetic", None, {"dim": DIM}, 150, pool_factor)
     if len(index.pages) == n_pages:  # a --work folder of an earlier run: the same deterministic pages
@@ -116,7 +117,7 @@ def timed_queries(search: Callable[[list[torch.Tensor]], tuple[np.ndarray, np.nd
 
 def row(name: str, pages: int, build_s: float, bytes_per_page: float, seconds: list[float], ids: np.ndarray,
         exact_ids: np.ndarray, targets: list[int], **extra: Any) -> dict[str, Any]:
-    from colintern.page_search import recall_at_k
+    from colintern.index.page_search import recall_at_k
 
     out = {"backend": name, "pages": pages, "build_s": round(build_s, 2), "bytes_per_page": round(bytes_per_page),
            "ms_per_query_median": round(1000 * statistics.median(seconds), 1),
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json_out", default="outputs/bench/search_latency.json", help="results (default: %(default)s)")
     args = p.parse_args(argv)
     setup_logging()
-    from colintern.page_search import FaissFirstStage, exact_topk
+    from colintern.index.page_search import FaissFirstStage, exact_topk
 
     corpus = Corpus()
     work = Path(args.work or tempfile.mkdtemp(prefix="search_latency_"))
@@ -190,7 +191,7 @@ def subset_queries(args, corpus: Corpus, n: int) -> tuple[list[torch.Tensor], li
 
 def pooled_rows(args, corpus: Corpus, work: Path) -> list[dict[str, Any]]:
     """Exact over the first --pooled_pages pages, unpooled and pooled with K = 3."""
-    from colintern.page_search import exact_topk
+    from colintern.index.page_search import exact_topk
 
     n = min(args.pooled_pages, args.pages)
     qs, targets = subset_queries(args, corpus, n)
@@ -214,8 +215,8 @@ def qdrant_rows(args, corpus: Corpus, work: Path) -> list[dict[str, Any]]:
     if importlib.util.find_spec("qdrant_client") is None:
         log.info("qdrant-client not installed: no Qdrant row")
         return []
-    from colintern.page_search import exact_topk
-    from colintern.qdrant_store import QdrantPages
+    from colintern.index.page_search import exact_topk
+    from colintern.index.qdrant_store import QdrantPages
 
     n = min(args.qdrant_pages, args.pages)
     qs, targets = subset_queries(args, corpus, n)

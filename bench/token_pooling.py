@@ -4,7 +4,7 @@
         --eval_dir outputs/demo/synthetic/eval --json_out outputs/bench/token_pooling.json --plot docs/assets/pooling.png
     python bench/token_pooling.py ... --eval_dir my_pdf_pages_beir   # any BEIR-layout set, e.g. rendered PDF pages
 
-Pages are encoded once; each K pools every page's vectors (colintern/token_pooling.py) and scores the same queries
+Pages are encoded once; each K pools every page's vectors (colintern/retriever/token_pooling.py) and scores the same queries
 with exact MaxSim. Bytes per page are those search.py stores (float16). The published anchor for comparison:
 pool factor 3 keeps about 97-98 % of nDCG@5 on ViDoRe (ColPali authors' token-pooling study).
 """
@@ -24,8 +24,8 @@ from colintern.errors import UserError  # noqa: E402
 
 def measure(model, eval_dir: str, factors: list[int]) -> list[dict]:
     """One row per pool factor: nDCG@5/10, recall@5, vectors and float16 bytes per page, retention vs K = 1."""
-    from colintern.evaluation import LocalEvaluator
-    from colintern.token_pooling import pool_tokens
+    from colintern.eval.evaluation import LocalEvaluator
+    from colintern.retriever.token_pooling import pool_tokens
 
     evaluator = LocalEvaluator(eval_dir)
     pages = model.encode_images(evaluator.pages, show_progress=False)  # encoded once for every K
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.factors) < 1 or args.factors[0] != 1:
         raise UserError("--factors must start with 1 (the reference) and be at least 1")
     setup_logging()
-    from colintern.model import ColIntern
+    from colintern.retriever.model import ColIntern
 
     model = ColIntern.from_pretrained(args.model_id, ckpt=args.ckpt, device="cpu")
     rows = measure(model, args.eval_dir, args.factors)

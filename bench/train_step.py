@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model_id", default=None, help=f"model folder or hub id for train.py; '{RANDOM_1B}' writes a "
                    "random-weight InternVL3.5-1B-shaped folder first (default: the tiny model, built in a "
                    "temporary folder)")
-    p.add_argument("--data_dir", default=None, help="a colintern.synthetic output folder (its train/ split is "
+    p.add_argument("--data_dir", default=None, help="a colintern.testing.synthetic output folder (its train/ split is "
                    "used); default: generated in a temporary folder with enough rows for the largest batch")
     p.add_argument("--modes", nargs="+", default=["lora_gc", "heads", "gradcache"], choices=MODES,
                    help="training modes (default: lora_gc heads gradcache)")
@@ -198,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="bench_train_")
     try:
         if args.model_id is None:
-            from colintern.internvl import build_tiny_internvl
+            from colintern.backbones.internvl import build_tiny_internvl
 
             args.model_id = build_tiny_internvl(os.path.join(tmp.name, "tiny"), layout="native", seed=0)
-            model_label = "tiny InternVL3.5-architecture model (colintern.tiny)"
+            model_label = "tiny InternVL3.5-architecture model (colintern.testing.tiny)"
         elif args.model_id == RANDOM_1B:
             from encode import save_random_internvl35_1b
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                           max(args.batch_sizes) * 3)  # heads: >= 3 steps per epoch at the largest batch
         data_dir = args.data_dir
         if data_dir is None:
-            from colintern.synthetic import generate
+            from colintern.testing.synthetic import generate
 
             data_dir = os.path.join(tmp.name, "data")
             generate(data_dir, n_train_pages=-(-rows_needed // 3), n_eval_pages=1, queries_per_page=3,

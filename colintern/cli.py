@@ -1,18 +1,40 @@
-"""The conventions every script shares: one error format, one log format, one way to run main().
+"""The command-line layer every script shares: typed settings become flags, one error format, one log format.
+
+Settings (colintern/settings/) are frozen dataclasses, one per concern; each field is one flag:
+
+    @dataclass(frozen=True, kw_only=True)
+    class LoraOptions(Options):
+        "LoRA adapters"                                    # the --help group's title
+        lora_r: int = option(32, help="LoRA rank", at_least=1)
+
+    config = parse_config(TrainConfig, argv)              # flags > --config FILE > the fields' defaults
+    save_config(config, out_dir / "train_config.yaml")    # the resolved settings, to re-run exactly
+
+From Python no parser is involved: `TrainConfig(model_id=..., train_hub=..., lr=1e-4)` checks the same rules
+(`at_least`, `choices` and each concern's `check`) and raises `UserError` with the flag's name. The package reads
+these objects, never an `argparse.Namespace`.
 
 - `run_cli(main, argv)`: a `UserError` (bad input the user must fix) becomes exactly one line `error: ...` on stderr
   and exit status 2, never a traceback; Ctrl-C exits 130 with one warning; argparse's exits become statuses.
 - `setup_logging(verbose)`: the same timestamped format for every script, on the `colintern` logger hierarchy
   (every script logs as `colintern.<script>`); `-v` shows details.
 
-No torch here: the plot scripts import this module and start quickly.
+No torch here: `--help` and the plot scripts start quickly.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import difflib
 import errno
+import json
 import logging
 import sys
-from typing import Callable
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from colintern.errors import UserError
 
@@ -87,3 +109,283 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         logging.getLogger("colintern").warning("interrupted")
         return 130
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings classes -> flags, --config files, resolved settings
+
+C = TypeVar("C", bound="Options")
+CONFIG_FLAG = "--config"
+
+
+def option(default: Any = MISSING, *, help: str, flags: tuple[str, ...] = (), choices: tuple[Any, ...] | None = None,
+           at_least: float | None = None, metavar: str | None = None, positional: bool = False,
+           repeat: bool = False, cli: bool = True) -> Any:
+    """A settings field: its default (none: required), the help text (" (default: X)" is added unless the help
+    speaks of the default itself), extra spellings of its flag (`flags`, e.g. ("--device_map",), or ("-v",)), the
+    allowed values, a lower bound, a positional argument instead of a flag (a list: zero or more when it has a
+    default, else one or more), a list flag given once per item (`repeat`: --meta a=1 --meta b=2), and cli=False
+    for a field set by code only."""
+    meta = {"help": help, "flags": flags, "choices": choices, "at_least": at_least, "metavar": metavar,
+            "positional": positional, "repeat": repeat, "cli": cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def with_default(base: type, name: str, default: Any, positional: bool | None = None) -> Any:
+    """The field `name` of concern class `base` with another default (one script's default, e.g. mine.py's
+    --fn_filter 0.95; MISSING: required), or as a positional argument: the help, type and rules stay written once,
+    in `base`."""
+    original = {f.name: f for f in dataclasses.fields(base)}[name]
+    home = original.metadata.get("home") or next(k for k in base.__mro__ if name in k.__dict__.get("__annotations__", {}))
+    meta = {k: v for k, v in original.metadata.items() if k not in ("cli", "home")}
+    if positional is not None:  # e.g. the output folder as the first argument (python -m colintern.testing.tiny OUT)
+        meta["positional"] = positional
+    result = option(default, **meta)
+    result.metadata = types.MappingProxyType({**result.metadata, "home": home})
+    return result
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Base of every settings class: checks the fields' rules when an object is made (from flags, a file or
+    Python), then each concern's own `check(self)` (cross-field rules, derived values)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, bound = getattr(self, f.name), f.metadata.get("at_least")
+            choices = f.metadata.get("choices")
+            for item in (value if isinstance(value, list) else [value]):
+                if choices is not None and item is not None and item not in choices:
+                    raise UserError(f"{flag_of(f.name)} must be one of {', '.join(map(str, choices))}, got {item!r}")
+            if bound is not None and value is not None and value < bound:
+                what = "must not be negative" if bound == 0 else f"must be at least {bound:g}"
+                raise UserError(f"{flag_of(f.name)} {what}, got {value}")
+        for klass in reversed(type(self).__mro__):
+            check = klass.__dict__.get("check")
+            if check is not None:
+                check(self)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def flag_of(name: str) -> str:
+    return f"--{name}"
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether it is a list) of a field annotation such as `int | None` or `list[str]`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _help(f: dataclasses.Field, default: Any) -> str:
+    text = f.metadata["help"]
+    if "default" in text or default is MISSING or default is False:
+        return text
+    shown = "none" if default is None else " ".join(map(str, default)) if isinstance(default, list) else default
+    return f"{text} (default: {shown})"
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type[Options], given: dict[str, Any] | None = None) -> None:
+    """One argument group per concern class of `cls`, one flag per field. A required field whose value the config
+    file gives (`given`) is not required on the command line."""
+    hints, given = _hints(cls), given or {}
+    final = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    home = {}  # a field's group: the most basic class that declares it (a with_default override stays there)
+    for klass in cls.__mro__:
+        for name in klass.__dict__.get("__annotations__", {}):
+            if name in final:
+                home[name] = final[name].metadata.get("home") or klass
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for klass in [*cls.__mro__, *dict.fromkeys(h for h in home.values() if h not in cls.__mro__)]:
+        own = [name for name in final if home[name] is klass]  # the concerns in the order the class lists them
+        if not own:
+            continue
+        title = (klass.__doc__ or klass.__name__).strip().splitlines()[0]
+        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
+        for name in own:
+            f, (kind, is_list) = final[name], _base_type(hints[name])
+            default = _default_of(f)
+            kwargs: dict[str, Any] = {"dest": name, "help": _help(f, default)}
+            if kind is bool:
+                kwargs["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = kind
+                if is_list and f.metadata.get("repeat"):
+                    kwargs["action"] = "append"
+                elif is_list:
+                    kwargs["nargs"] = "*" if f.metadata.get("positional") and default is not MISSING else "+"
+                if f.metadata.get("choices") is not None:
+                    kwargs["choices"] = f.metadata["choices"]
+                if f.metadata.get("metavar"):
+                    kwargs["metavar"] = f.metadata["metavar"]
+            if f.metadata.get("positional"):
+                del kwargs["dest"]
+                group.add_argument(name, **kwargs, **({} if default is MISSING else {"default": default}))
+                continue
+            if default is MISSING:
+                kwargs["required"] = name not in given
+            else:
+                kwargs["default"] = None if f.metadata.get("repeat") else default  # append adds to a fresh list
+            spellings = sorted([flag_of(name), *f.metadata["flags"]], key=lambda s: s.startswith("--"))  # -v first
+            group.add_argument(*spellings, **kwargs)
+
+
+def read_config_file(path: str | Path, cls: type[Options]) -> dict[str, Any]:
+    """The settings a YAML or JSON file gives: a mapping of field names to values, each checked against the
+    field's type. Unknown names, wrong types and unreadable files are one-line errors naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{CONFIG_FLAG} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{CONFIG_FLAG} {path}: cannot read it ({err})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    else:
+        import yaml
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping of settings (name: value), got {type(values).__name__}")
+    fields_ = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    hints = _hints(cls)
+    checked = {}
+    for name, value in values.items():
+        if name not in fields_:
+            close = difflib.get_close_matches(str(name), list(fields_), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{path}: unknown setting {name!r}{hint}; see --help for the names")
+        checked[name] = _coerce(value, hints[name], f"{path}: {name}")
+    return checked
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """A file's value as the field's type (YAML reads 5e-5 as a string: it becomes a float here)."""
+    kind, is_list = _base_type(hint)
+    if value is None:
+        return None
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, kind, where) for v in items]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind in (int, float) and isinstance(value, bool):
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    if kind is int and isinstance(value, float) and converted != value:
+        raise UserError(f"{where}: expected a whole number, got {value!r}")
+    return converted
+
+
+def build_parser(cls: type[Options], description: str | None, given: dict[str, Any] | None = None,
+                 extra: typing.Callable[[argparse.ArgumentParser], None] | None = None,
+                 **parser_kwargs: Any) -> argparse.ArgumentParser:
+    """The command line of a settings class: --config FILE, then its groups (`extra` adds script-only flags;
+    parser_kwargs go to ArgumentParser: prog, epilog)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     **parser_kwargs)
+    parser.add_argument(CONFIG_FLAG, metavar="FILE", default=None,
+                        help="read settings from a YAML or JSON file (field: value, the flag names without --; a run's "
+                             "resolved *_config.yaml re-runs it); flags given as well override the file")
+    if extra is not None:
+        extra(parser)
+    add_options(parser, cls, given)
+    return parser
+
+
+def parse_config(cls: type[C], argv: list[str] | None, description: str | None = None,
+                 extra: typing.Callable[[argparse.ArgumentParser], None] | None = None, **parser_kwargs: Any) -> C:
+    """Settings from the command line: the fields' defaults, overridden by --config FILE, overridden by flags."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(CONFIG_FLAG, default=None)
+    file_name = pre.parse_known_args(argv)[0].config
+    given = read_config_file(file_name, cls) if file_name else {}
+    parser = build_parser(cls, description, given, extra, **parser_kwargs)
+    parser.set_defaults(**given)
+    namespace = parser.parse_args(argv)
+    fields_ = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    values = {k: v for k, v in vars(namespace).items() if k in fields_}
+    for name, f in fields_.items():  # a repeated flag not given: the file's list, else the field's default
+        if f.metadata.get("repeat") and values.get(name) is None:
+            values[name] = given.get(name, _default_of(f))
+    return cls(**values)
+
+
+def config_text(config: Options, command: str) -> str:
+    """The resolved settings as YAML, with a first line saying how to re-run them."""
+    import yaml
+
+    header = f"# resolved settings of this run; re-run it exactly with: {command} --config THIS_FILE\n"
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("cli", True)}
+    return header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+
+
+def save_config(config: Options, path: str | Path, command: str) -> Path:
+    """Write the resolved settings atomically (a run's `*_config.yaml`)."""
+    from colintern.files import atomic_write_text
+
+    atomic_write_text(path, config_text(config, command))
+    return Path(path)
+
+
+def parse_command(commands: dict[str, type[Options]], argv: list[str] | None, description: str | None,
+                  prog: str) -> tuple[str, Options]:
+    """(command, its settings) of a command line such as `search.py query --index IDX TEXT`: one settings class per
+    command, whose docstring's first line ("search.py query: what it does") is its help."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    name = argv[0] if argv and not argv[0].startswith("-") else None
+    if name not in commands:  # --help, no command or an unknown one: argparse prints the help or the usage error
+        top = argparse.ArgumentParser(prog=prog, description=description,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = top.add_subparsers(dest="command", required=True)
+        for command, cls in commands.items():
+            sub.add_parser(command, help=_summary(cls))
+        top.parse_args(argv)
+        raise UserError(f"unknown command {name!r}")  # not reached: argparse exits first
+    cls = commands[name]
+    return name, parse_config(cls, argv[1:], _summary(cls), prog=f"{prog} {name}")
+
+
+def _summary(cls: type) -> str:
+    """'what it does' from a docstring 'search.py query: what it does'."""
+    return (cls.__doc__ or "").strip().splitlines()[0].partition(": ")[2]

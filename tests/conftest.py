@@ -34,7 +34,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """The tiny InternVL3.5-architecture model in the transformers-native layout."""
-    from colintern.internvl import build_tiny_internvl
+    from colintern.backbones.internvl import build_tiny_internvl
 
     return build_tiny_internvl(str(tmp_path_factory.mktemp("tiny_native")), layout="native", seed=0)
 
@@ -42,15 +42,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_remote_dir(tmp_path_factory) -> str:
     """The same tiny model written as an original internvl_chat checkpoint."""
-    from colintern.internvl import build_tiny_internvl
+    from colintern.backbones.internvl import build_tiny_internvl
 
     return build_tiny_internvl(str(tmp_path_factory.mktemp("tiny_remote")), layout="remote", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory) -> str:
-    """A tiny Qwen3-VL, built through the CLI entry point (`python -m colintern.tiny OUT --backbone qwen3_vl`)."""
-    from colintern.tiny import main
+    """A tiny Qwen3-VL, built through the CLI entry point (`python -m colintern.testing.tiny OUT --backbone qwen3_vl`)."""
+    from colintern.testing.tiny import main
 
     out = str(tmp_path_factory.mktemp("tiny_qwen3vl"))
     assert main([out, "--backbone", "qwen3_vl", "--seed", "0"]) == 0
@@ -66,8 +66,8 @@ def tiny_backbone(request) -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> str:
-    """The synthetic page corpus (colintern.synthetic defaults: 240 train pages x 3 queries, 60 eval pages)."""
-    from colintern.synthetic import generate
+    """The synthetic page corpus (colintern.testing.synthetic defaults: 240 train pages x 3 queries, 60 eval pages)."""
+    from colintern.testing.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic")
     generate(str(out))
@@ -77,7 +77,7 @@ def synthetic_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def synthetic_small_dir(tmp_path_factory) -> str:
     """A small synthetic corpus (40 train pages x 3 queries = 120 rows, 12 eval pages) for fast trainer tests."""
-    from colintern.synthetic import generate
+    from colintern.testing.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic_small")
     generate(str(out), n_train_pages=40, n_eval_pages=12)
@@ -101,7 +101,7 @@ def search_docs(tmp_path_factory):
 def search_ckpt(tiny_model_dir, tmp_path_factory) -> str:
     """A checkpoint of the tiny model (untrained head, dim 32, 2 tiles) to index and query with."""
     from colintern import ColIntern
-    from colintern.checkpoint import save_checkpoint
+    from colintern.retriever.checkpoint import save_checkpoint
 
     model = ColIntern.from_pretrained(tiny_model_dir, max_tiles=2, dim=32)
     path = tmp_path_factory.mktemp("ckpt") / "colintern_heads_step1.pt"

@@ -16,7 +16,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # The command-line scripts at the repository root are shims over these modules (the code the tests exercise).
 SCRIPT_MODULES = {name: f"colintern.scripts.{name}" for name in
                   ("train", "eval", "mine", "search", "plot_training_loss", "plot_vidore_metrics")}
-SCRIPT_MODULES["mteb_model"] = "colintern.mteb_model"
+SCRIPT_MODULES["mteb_model"] = "colintern.eval.mteb_model"
 
 
 def load_script(name: str, module_name: str | None = None) -> ModuleType:

@@ -1,4 +1,4 @@
-"""python -m colintern.ablate: the single-vector grid end to end on tiny data; its table equals the per-cell
+"""python -m colintern.scripts.ablate: the single-vector grid end to end on tiny data; its table equals the per-cell
 summaries it wrote, and it says whether the differences exceed the seed noise."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from colintern import ablate
+from colintern.scripts import ablate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from colintern import ColIntern, UserError
-from colintern.backbone import BackboneFamily, read_model_config
-from colintern.checkpoint import load_checkpoint, save_checkpoint
-from colintern.families import BY_MODEL_TYPE, FAMILIES, get_family
-from colintern.processor import PageProcessor
+from colintern.backbones.base import BackboneFamily, read_model_config
+from colintern.retriever.checkpoint import load_checkpoint, save_checkpoint
+from colintern.backbones.registry import BY_MODEL_TYPE, FAMILIES, get_family
+from colintern.backbones.processor import PageProcessor
 from helpers import max_diff, noisy_page
 
 PAGES = [noisy_page(224, 300, (255, 0, 0), 1), noisy_page(100, 100, (0, 0, 255), 2),

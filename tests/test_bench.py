@@ -135,7 +135,7 @@ def test_encode_pipeline_simulation(tiny_model_dir, tmp_path, one_thread):
 def test_prep_workers_give_identical_embeddings(tiny_model_dir, one_thread):
     """ColIntern.prep_workers > 0 prepares later batches in background threads: same vectors, same order."""
     from colintern import ColIntern
-    from colintern.model import default_prep_workers
+    from colintern.retriever.model import default_prep_workers
 
     model = ColIntern.from_pretrained(tiny_model_dir, max_tiles=4)
     sizes = [(112, 112), (224, 224), (336, 112), (224, 300), (112, 224), (300, 200), (150, 150)]
@@ -263,7 +263,7 @@ def test_rerank_blocks_equal_float64_reference(chunk_tokens, tmp_path):
     """own_candidate_scores packs candidates shortest-first into blocks of at most chunk_tokens padded tokens
     (a page longer than the budget gets a block of its own); every score equals float64 MaxSim of the stored
     fp16 page, in the caller's candidate order."""
-    from colintern.mining import own_candidate_scores
+    from colintern.mine.search import own_candidate_scores
 
     mining = load_bench("mining")
     rng = np.random.default_rng(3)
@@ -369,7 +369,7 @@ def test_gpu_suite_dry_run_runs_every_section_and_counts_flops_right(tmp_path, t
     maxsim = results["sections"]["maxsim"]
     assert maxsim["colintern_err"]["max_abs_err"] < 1e-4 and maxsim["speedup"] > 0
     fused = {r["kernel"]: r for r in maxsim["fused"]}  # the Triton kernel, in its interpreter on a CPU
-    assert set(fused) == {"gemm (colintern.scoring, fp32)", "fused float32", "fused float16"}
+    assert set(fused) == {"gemm (colintern.retriever.scoring, fp32)", "fused float32", "fused float16"}
     assert fused["fused float32"]["max_rel_err"] < 1e-5 and fused["fused float16"]["max_rel_err"] < 2e-3
     assert all(r["status"] == "ok" for r in results["sections"]["train"]["rows"])
     assert results["sections"]["mining"]["resident_equals_streamed"] is True

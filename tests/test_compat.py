@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from colintern import ColIntern
-from colintern.checkpoint import load_checkpoint
-from colintern.trainer import TrainingState
+from colintern.retriever.checkpoint import load_checkpoint
+from colintern.train.trainer import TrainingState
 from helpers import FIXTURES, load_script, noisy_page
 
 V1 = FIXTURES / "v1_checkpoint"

@@ -1,4 +1,4 @@
-"""The data layer (colintern.data): dataset loading, bad rows, pseudo-paths, triples, BEIR directories."""
+"""The data layer (colintern.data.datasets): dataset loading, bad rows, pseudo-paths, triples, BEIR directories."""
 from __future__ import annotations
 
 import hashlib
@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from colintern.data import (BadRowError, ImageResolver, SkipReport, decode_image, iter_page_rows, load_beir_dir,
-                            load_page_dataset, page_key, page_keys, parse_pseudo_path, pseudo_path,
-                            read_triples_jsonl)
+from colintern.data.report import BadRowError, SkipReport
+from colintern.data.datasets import (ImageResolver, iter_page_rows, load_page_dataset, page_key, page_keys,
+                                     parse_pseudo_path, pseudo_path)
+from colintern.data.images import decode_image
+from colintern.data.beir import load_beir_dir
+from colintern.data.triples import read_triples_jsonl
 from colintern.errors import UserError
 
 
@@ -86,7 +89,7 @@ def test_load_page_dataset_errors(synthetic_dir, tmp_path):
 
 def test_hub_like_folders_never_share_a_stale_cache(tmp_path):
     """datasets caches README-config folders by folder name; two corpora (or a regenerated one) must not collide."""
-    from colintern.synthetic import generate
+    from colintern.testing.synthetic import generate
 
     queries = {}
     for name, seed in (("a", 1), ("b", 2)):
@@ -137,7 +140,7 @@ def test_bad_dataset_rows_reported_with_row_number_and_skipped(tmp_path):
 
 def test_skip_report_logs_every_skip(caplog):
     report = SkipReport()
-    with caplog.at_level("WARNING", logger="colintern.data"):
+    with caplog.at_level("WARNING", logger="colintern.data.datasets"):
         report.add("f.jsonl line 3", "empty query: blank text")
         report.add("f.jsonl line 4", "empty query: missing")
     assert report.count == 2 and report.counts() == {"empty query": 2}

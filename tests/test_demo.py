@@ -1,4 +1,4 @@
-"""Tests for colintern/demo.py (`make demo`) on a reduced configuration: 24 train pages x 2 queries, 8 held-out pages.
+"""Tests for colintern/scripts/demo.py (`make demo`) on a reduced configuration: 24 train pages x 2 queries, 8 held-out pages.
 
 One demo run (a subprocess, as `make demo` starts it) is shared by the module. It asserts what the demo writes and
 prints, not that training learns (tests/test_train.py does; the full-size bar is measured and reported in README.md).
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from colintern import demo
+from colintern.scripts import demo
 from colintern.cli import run_cli
 from colintern.errors import UserError
 from helpers import load_script
@@ -35,7 +35,7 @@ def demo_run(tmp_path_factory):
     """(out dir, completed process) of one reduced demo run. --min_gain 2 can never be met (nDCG <= 1), so the run
     also exercises the final check: everything is written, then exit status 1 with one line on stderr."""
     out = tmp_path_factory.mktemp("demo") / "out"
-    proc = subprocess.run([sys.executable, "-m", "colintern.demo", "--out", str(out), *REDUCED, "--min_gain", "2"],
+    proc = subprocess.run([sys.executable, "-m", "colintern.scripts.demo", "--out", str(out), *REDUCED, "--min_gain", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     return out, proc
 
@@ -183,7 +183,7 @@ def test_printed_commands_are_real_and_copyable(demo_run):
     assert all(Path(c[0]) == python for c in commands)
     assert (REPO / python).resolve() == Path(sys.executable).resolve() or python.resolve() == Path(
         sys.executable).resolve()
-    assert commands[0][1:3] == ["-m", "colintern.tiny"] and commands[1][1:3] == ["-m", "colintern.synthetic"]
+    assert commands[0][1:3] == ["-m", "colintern.testing.tiny"] and commands[1][1:3] == ["-m", "colintern.testing.synthetic"]
     train, mine, evaluate = load_script("train"), load_script("mine"), load_script("eval")
     scripts = [c[1] for c in commands[2:]]
     assert scripts == ["train.py", "mine.py", "train.py", "eval.py", "eval.py", "eval.py", "plot_training_loss.py",
@@ -253,6 +253,6 @@ def test_commands_find_the_package_from_any_working_directory(tmp_path, monkeypa
     monkeypatch.setenv("PYTHONPATH", f"/opt/lib:{REPO}")
     assert demo.child_env(1)[1]["PYTHONPATH"] == f"/opt/lib:{REPO}"
     assert demo.script("train.py") == str(REPO / "train.py")
-    done = subprocess.run([sys.executable, "-m", "colintern.tiny", "--help"], env=demo.child_env(1)[0],
+    done = subprocess.run([sys.executable, "-m", "colintern.testing.tiny", "--help"], env=demo.child_env(1)[0],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "tiny InternVL3.5" in done.stdout

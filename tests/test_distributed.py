@@ -10,10 +10,10 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from colintern import distributed
-from colintern.gradcache import gradcache_backward
-from colintern.training import pad_cat
-from colintern.losses import late_interaction_loss
+from colintern.train import distributed
+from colintern.train.gradcache import gradcache_backward
+from colintern.train.step import pad_cat
+from colintern.train.losses import late_interaction_loss
 
 B, L, F_IN, D = 3, 5, 6, 8  # per-rank batch, tokens, input features, embedding dim
 WORLD = 2
@@ -134,8 +134,9 @@ def _auto_batch_with_a_failing_rank(rank: int) -> str | None:
     (a rank left waiting in the gather would hang the run). The probe is faked; the gather is real."""
     from types import SimpleNamespace
 
-    from colintern import trainer
+    from colintern.train import trainer
     from colintern.errors import UserError
+    from colintern.settings import TrainConfig
 
     def probe(*args, **kwargs):
         if rank == 1:
@@ -144,9 +145,10 @@ def _auto_batch_with_a_failing_rank(rank: int) -> str | None:
 
     trainer.probe_batch_size = probe
     model = SimpleNamespace(processor=SimpleNamespace(worst_case_page=lambda: None))
-    args = SimpleNamespace(batch_size=4, optimizer="adamw", auto_max_batch=32, auto_target_frac=0.8)
+    config = TrainConfig(model_id="m", train_hub="h", batch_size=4, optimizer="adamw", auto_max_batch=32,
+                         auto_target_frac=0.8)
     try:
-        trainer.auto_batch(args, model, None, [], 0, False, torch.device("cuda", rank))
+        trainer.auto_batch(config, model, None, [], 0, False, torch.device("cuda", rank))
     except UserError as err:
         return str(err)
     return None

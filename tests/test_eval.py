@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 ev = load_script("eval")
+from colintern.eval import run as eval_run  # noqa: E402
 
 # Small pages of different sizes (1 to 5 tiles of the tiny model's 112 px) so sorting by cost matters.
 PAGE_SPECS = [("p0", (112, 112), (200, 30, 30)), ("p1", (224, 112), (30, 200, 30)), ("p2", (112, 336), (30, 30, 200)),
@@ -136,7 +137,7 @@ def assert_user_error(rc, err, *needles):
 def direct_scores(model_dir, ckpt, beir_dir) -> dict[str, dict[str, float]]:
     """Scores computed without mteb or eval.py: ColIntern embeddings of the raw pages and queries + maxsim."""
     from colintern import ColIntern
-    from colintern.scoring import maxsim
+    from colintern.retriever.scoring import maxsim
 
     model = ColIntern.from_pretrained(model_dir, ckpt=ckpt)
     pages = [Image.open(beir_dir / "images" / f"{cid}.png").convert("RGB") for cid, _, _ in PAGE_SPECS]
@@ -156,7 +157,7 @@ class Oracle:
             return image.size[0] * image.size[1]
 
     def __init__(self):
-        from colintern.config import ColInternConfig
+        from colintern.retriever.config import ColInternConfig
 
         self.dim = len(PAGE_SPECS)
         self.config = ColInternConfig(dim=self.dim)
@@ -205,7 +206,7 @@ def checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     """A checkpoint with LoRA, a perturbed head and LoRA weights, and its own formatting (prefix, augmentation,
     max_tiles), so evaluating it differs from the base model in every part that the checkpoint carries."""
     from colintern import ColIntern
-    from colintern.checkpoint import save_checkpoint
+    from colintern.retriever.checkpoint import save_checkpoint
 
     model = ColIntern.from_pretrained(tiny_model_dir, query_prefix="Question: ", n_augmentation=3, max_tiles=2)
     model.add_lora(4, 8, 0.0)
@@ -286,7 +287,7 @@ def test_base_model_ndcg_matches_independent_computation(base_run, beir_dir, tin
 
 def test_printed_table_and_existing_run(base_run, beir_dir, tiny_model_dir, capsys):
     summary = json.loads((base_run / "summary.json").read_text())
-    table = ev.format_table(summary)
+    table = eval_run.format_table(summary)
     lines = table.splitlines()
     assert lines[0].split() == ["task", "main", "metric", "nDCG@5", "nDCG@10", "recall@5"]
     assert lines[-1].split()[0] == "average"
@@ -302,7 +303,7 @@ def test_oracle_encoder_scores_perfect_ndcg(beir_dir, tmp_path, monkeypatch):
     gets nDCG@5 = nDCG@10 = recall@5 = 1 through mteb on the local set."""
     from mteb_model import ColInternMTEB
 
-    monkeypatch.setattr(ev, "load_encoder", lambda args: ColInternMTEB("oracle/model", model=Oracle(), device="cpu"))
+    monkeypatch.setattr(eval_run, "load_encoder", lambda args: ColInternMTEB("oracle/model", model=Oracle(), device="cpu"))
     assert ev.main(["--local_dataset", str(beir_dir), "--out_dir", str(tmp_path), "--run_name", "oracle"]) == 0
     summary = json.loads((tmp_path / "oracle" / "summary.json").read_text())
     assert summary["model"] == "oracle/model" and summary["benchmark"] == "local"
@@ -404,7 +405,7 @@ def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
     import mteb
     from huggingface_hub import constants
 
-    from colintern import evaluation
+    from colintern.eval import evaluation
     from colintern.errors import UserError
 
     monkeypatch.setattr(evaluation, "hub_offline", lambda: False)
@@ -432,7 +433,7 @@ def test_multilingual_vidore2_task_subsets(tmp_path, monkeypatch):
     languages = {"q0": "english", "q1": "english", "q2": "french", "q3": "spanish", "q4": "german"}
     copy = make_vidore_lookalike(tmp_path / "esg_reports_v2", languages)
     oracle = Oracle()
-    monkeypatch.setattr(ev, "load_encoder", lambda args: ColInternMTEB("oracle/model", model=oracle, device="cpu"))
+    monkeypatch.setattr(eval_run, "load_encoder", lambda args: ColInternMTEB("oracle/model", model=oracle, device="cpu"))
     assert ev.main(["--benchmark", "ViDoRe(v2)", "--tasks", "Vidore2ESGReportsRetrieval", "--task_data",
                     f"Vidore2ESGReportsRetrieval={copy}", "--out_dir", str(tmp_path / "out"), "--save_run"]) == 0
     assert oracle.image_calls == 1
@@ -479,7 +480,7 @@ def test_a_two_language_local_set_reports_each_language_and_the_english_average(
 
 def test_vidore_v3_benchmark_names_resolve():
     for name in ("ViDoRe(v3)", "ViDoRe(v3.1)"):
-        tasks = [t.metadata.name for t in ev.get_benchmark(name).tasks]
+        tasks = [t.metadata.name for t in eval_run.get_benchmark(name).tasks]
         assert tasks and all(t.startswith("Vidore3") for t in tasks), (name, tasks)
-        langs = ev.get_benchmark(name).tasks[0].metadata.eval_langs
+        langs = eval_run.get_benchmark(name).tasks[0].metadata.eval_langs
         assert isinstance(langs, dict) and langs["english"] == ["eng-Latn"]  # per-language subsets

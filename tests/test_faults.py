@@ -77,7 +77,7 @@ def test_train_on_a_full_disk_stops_in_one_line_and_resumes(tiny_model_dir, synt
         assert leftovers(out) == []
         saved = sorted(out.glob("colintern_heads_step*.pt"))
         assert saved, "some checkpoints fit before the disk filled"
-        from colintern.checkpoint import load_checkpoint
+        from colintern.retriever.checkpoint import load_checkpoint
 
         last = max(load_checkpoint(str(p))["training"]["step"] for p in saved)  # every one is whole
         remount("8m")  # space is freed
@@ -158,6 +158,7 @@ def test_a_second_training_run_never_overwrites_the_first(tiny_model_dir, synthe
     assert (out / "colintern_heads_step2.pt").read_bytes() == first
     assert run_cli(train.main, argv + ["--seed", "5", "--max_steps", "1", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["colintern_heads_step1.pt", "metrics.jsonl",
+                                                     "train_config.yaml",
                                                      "training_loss.txt"]
     capsys.readouterr()
     assert run_cli(train.main, argv + ["--resume_ckpt", "latest", "--seed", "5", "--max_steps", "1"]) == 0

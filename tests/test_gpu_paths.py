@@ -32,7 +32,7 @@ def fake_gpu(monkeypatch):
 
 
 def test_flash_attention_only_where_it_can_run(fake_gpu, monkeypatch, caplog):
-    from colintern.model import resolve_attn_implementation
+    from colintern.retriever.model import resolve_attn_implementation
 
     caplog.set_level(logging.WARNING)
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))  # importable
@@ -54,7 +54,7 @@ def test_a_faiss_gpu_index_that_refuses_attributes_is_still_used(tmp_path, monke
     sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "bench")))
     from mining import write_page_store
 
-    from colintern.mining import build_faiss_index
+    from colintern.mine.search import build_faiss_index
 
     class GpuIndex:  # like faiss 1.15 SWIG objects: no new attributes
         __slots__ = ("cpu",)
@@ -87,7 +87,7 @@ def tf32_state():
 def test_the_tf32_guard_works_from_every_starting_state(tf32_state, start):
     """torch refuses to read TF32 state through one API after the other set it; the guard must turn TF32 off
     inside and give the caller back exactly the state (and the API) it had."""
-    from colintern.scoring import exact_fp32
+    from colintern.retriever.scoring import exact_fp32
 
     mm = torch.backends.cuda.matmul
     if start == "legacy allow_tf32":
@@ -113,7 +113,7 @@ def test_the_tf32_guard_works_from_every_starting_state(tf32_state, start):
 
 
 def test_a_resume_with_fewer_gpus_restores_the_training_device(monkeypatch, caplog):
-    from colintern import training
+    from colintern.train import components as training
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -132,7 +132,7 @@ def test_a_resume_with_fewer_gpus_restores_the_training_device(monkeypatch, capl
 
 
 def test_an_oom_reported_as_a_plain_runtime_error_is_out_of_memory(monkeypatch):
-    from colintern.training import probe_batch_size
+    from colintern.train.step import probe_batch_size
 
     gib = 2 ** 30
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=16 * gib))
@@ -156,20 +156,21 @@ def test_an_oom_reported_as_a_plain_runtime_error_is_out_of_memory(monkeypatch):
 
 def test_auto_batch_failure_on_one_rank_stops_every_rank(monkeypatch):
     """A rank whose probe fails must not leave the others waiting in the gather: all raise the same line."""
-    from colintern import trainer
+    from colintern.train import trainer
+    from colintern.settings import TrainConfig
 
     monkeypatch.setattr(trainer, "probe_batch_size", lambda *a, **k: (8, ["batch 8: fits"]))
     monkeypatch.setattr(trainer, "all_gather_object",
                         lambda value: [value, (0, "auto_batch: even a batch of 1 does not fit (rank 1)")])
     model = SimpleNamespace(processor=SimpleNamespace(worst_case_page=lambda: None))
-    args = SimpleNamespace(batch_size=4, optimizer="adamw", auto_max_batch=32, auto_target_frac=0.8, loss="ce",
-                           tau=0.02)
+    config = TrainConfig(model_id="m", train_hub="h", batch_size=4, optimizer="adamw", auto_max_batch=32,
+                         auto_target_frac=0.8, loss="ce", tau=0.02)
     with pytest.raises(UserError, match=r"even a batch of 1 does not fit \(rank 1\)"):
-        trainer.auto_batch(args, model, None, [], 0, False, torch.device("cuda", 0))
+        trainer.auto_batch(config, model, None, [], 0, False, torch.device("cuda", 0))
 
 
 def test_bf16_only_on_gpus_that_have_it(monkeypatch):
-    from colintern.model import resolve_dtype
+    from colintern.retriever.model import resolve_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_dtype(None, "cuda:0") == torch.float32 and resolve_dtype("bf16", "cuda:0") == torch.bfloat16
@@ -207,7 +208,7 @@ def test_a_resident_page_store_is_read_once_and_scans_the_same_vectors(tmp_path,
 
 
 def test_a_compiler_failure_at_a_later_recompilation_falls_back_to_eager(caplog):
-    from colintern.trainer import CompiledOrEager
+    from colintern.train.trainer import CompiledOrEager
 
     calls = []
 
@@ -238,7 +239,7 @@ def test_a_compiler_failure_at_a_later_recompilation_falls_back_to_eager(caplog)
 def test_a_same_phase_resume_of_a_paged_optimizer_pages_again():
     """bitsandbytes' load_state_dict leaves ordinary tensors; repage_optimizer_states copies the big ones back into
     buffers from the optimizer's own allocator (paged on CUDA), values unchanged, small ones untouched."""
-    from colintern.trainer import repage_optimizer_states
+    from colintern.train.trainer import repage_optimizer_states
 
     big, small = torch.nn.Parameter(torch.zeros(100_000)), torch.nn.Parameter(torch.zeros(10))
 
@@ -271,7 +272,7 @@ def test_head_and_pooler_are_seeded_on_the_cpu_under_another_default_device(tiny
     """Under torch.set_default_device("cuda") a layer built without a device lands on the GPU, where the seeded CPU
     generator cannot fill it. Simulated with the meta device around ColIntern's constructor (the backbone is loaded
     first, as from_pretrained refuses a meta default): the head and latent pooler must be the usual CPU weights."""
-    from colintern.model import ColIntern
+    from colintern.retriever.model import ColIntern
 
     plain = ColIntern.from_pretrained(tiny_model_dir, device="cpu", embedding="single", pooling="latent")
     init = ColIntern.__init__
@@ -292,7 +293,7 @@ def test_head_and_pooler_are_seeded_on_the_cpu_under_another_default_device(tiny
 
 def test_mine_under_torchrun_pins_each_process_to_its_own_gpu(monkeypatch):
     """mine.py sharded with torchrun: process LOCAL_RANK=1 must allocate on cuda:1, not on cuda:0 of rank 0."""
-    from colintern import miner
+    from colintern.mine import miner
 
     pinned = []
     monkeypatch.setattr(miner, "resolve_device", lambda spec: "cuda")

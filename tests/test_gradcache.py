@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from colintern.gradcache import gradcache_backward
-from colintern.training import pad_cat
-from colintern.losses import late_interaction_loss
+from colintern.train.gradcache import gradcache_backward
+from colintern.train.step import pad_cat
+from colintern.train.losses import late_interaction_loss
 
 N, MICRO = 8, 2  # big batch, micro-batch (4 micro-batches of queries and 4 of pages)
 TEMP = 0.05

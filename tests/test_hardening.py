@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from colintern import ColIntern
-from colintern.checkpoint import atomic_torch_save, base_model_of, load_checkpoint, resolve_recorded_model
+from colintern.retriever.checkpoint import atomic_torch_save, base_model_of, load_checkpoint, resolve_recorded_model
 from colintern.cli import run_cli
 from colintern.errors import UserError
 from helpers import load_script, search_page, search_run as run
@@ -81,7 +81,7 @@ def test_checkpoints_record_an_absolute_base_model_and_old_relative_ones_are_fou
 
 def test_an_index_works_from_any_directory_and_query_takes_model_id(tiny_model_dir, search_ckpt, search_docs,
                                                                     tmp_path, capsys, monkeypatch):
-    from colintern.page_index import PageIndex
+    from colintern.index.page_index import PageIndex
 
     index = tmp_path / "index"
     assert run(capsys, "index", "--ckpt", search_ckpt, "--model_id", tiny_model_dir, "--inputs",
@@ -120,8 +120,8 @@ def test_explain_skips_a_changed_or_deleted_file_with_a_warning(tiny_model_dir, 
 def test_a_huge_pdf_page_is_rendered_under_the_pixel_cap(tmp_path, monkeypatch, caplog):
     from PIL import Image
 
-    from colintern import page_index
-    from colintern.page_index import PageSource, render_page, render_scale
+    from colintern.index import page_index
+    from colintern.index.sources import PageSource, render_page, render_scale
 
     assert render_scale(200 * 72, 200 * 72, 150) * 72 == pytest.approx(150 * (64e6 / 900e6) ** 0.5)
     assert render_scale(612, 792, 150) == 150 / 72  # a letter page is far below the cap
@@ -160,7 +160,7 @@ def test_undecodable_bytes_in_queries_and_file_names_never_break_the_output(tiny
 
 
 def test_an_unreadable_subfolder_is_a_warning_and_an_unreadable_input_folder_says_so(tmp_path, monkeypatch, caplog):
-    from colintern.page_index import find_inputs
+    from colintern.index.sources import find_inputs
 
     (tmp_path / "top" / "locked").mkdir(parents=True)
     search_page(0).save(tmp_path / "top" / "a.png")
@@ -183,8 +183,8 @@ def test_an_unreadable_subfolder_is_a_warning_and_an_unreadable_input_folder_say
 
 def test_two_processes_on_one_qdrant_folder_take_turns(tiny_model_dir, search_ckpt, search_docs, tmp_path, capsys):
     pytest.importorskip("qdrant_client")
-    from colintern.page_index import PageIndex
-    from colintern.qdrant_store import QdrantPages
+    from colintern.index.page_index import PageIndex
+    from colintern.index.qdrant_store import QdrantPages
 
     index, qdrant = tmp_path / "index", tmp_path / "qdrant"
     assert run(capsys, "index", "--ckpt", search_ckpt, "--model_id", tiny_model_dir, "--inputs", search_docs / "c.png",
@@ -304,8 +304,8 @@ def test_checkpoints_record_their_training_data_and_mteb_meta_declares_it(tiny_m
 def test_image_text_training_takes_threads_workers_and_device_map(tmp_path):
     from types import SimpleNamespace
 
-    from colintern.itr import open_images
-    from colintern.itr_train import parse_args
+    from colintern.itr.model import open_images
+    from colintern.itr.train import parse_args
 
     args = parse_args(["--model_id", "m", "--train_itr", "t.jsonl", "--threads", "1", "--num_workers", "2",
                        "--device_map", "cpu"])

@@ -104,7 +104,7 @@ def test_json_explain_names_each_results_map(built, tmp_path, capsys):
 
 
 def test_removing_needs_the_writer_lock(built, docs, capsys):
-    from colintern.page_index import writer_lock
+    from colintern.index.page_index import writer_lock
 
     index, _ = built
     with writer_lock(index):
@@ -116,7 +116,7 @@ def test_compact_reclaims_removed_pages_and_a_crash_loses_nothing(built, docs, c
     """compact rewrites the segments holding hidden pages: the same pages and scores afterwards (the stored float16
     bytes are copied), less on disk, verify clean; killed before its one index.json write, the old segments stay
     named and the new ones are leftovers: nothing lost or doubled."""
-    from colintern.page_index import PageIndex
+    from colintern.index.page_index import PageIndex
 
     index, _ = built
     assert run(capsys, "remove", "--index", index, str(docs / "a.pdf"))[0] == 0

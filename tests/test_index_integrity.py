@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from colintern.page_index import PageIndex, writer_lock
+from colintern.index.page_index import PageIndex, writer_lock
 from helpers import search_run as run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -212,7 +212,7 @@ def test_a_copied_folder_is_hashed_once_then_trusted(built, index, tmp_path, cap
     records the new mtimes so readers trust them again."""
     plain = tmp_path / "plain"
     shutil.copytree(index, plain, copy_function=shutil.copyfile)
-    from colintern import segments
+    from colintern.index import segments
 
     calls = []
     real = segments.file_sha256

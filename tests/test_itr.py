@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from colintern import scenes
+from colintern.itr import scenes
 from colintern.cli import run_cli
 from helpers import REPO, load_script
 
@@ -54,9 +54,9 @@ def summary_of(ckpt, model_dir, dataset, tmp_path, name, *extra) -> dict:
 
 
 def test_heads_learn_held_out_retrieval_relations_and_boxes(trained, scene_dir, tiny_model_dir, tmp_path):
-    from colintern.data import SkipReport
-    from colintern.itr import ImageText, ItrHeads, read_itr_jsonl
-    from colintern.itr_eval import evaluate_itr
+    from colintern.data.report import SkipReport
+    from colintern.itr.model import ImageText, ItrHeads, read_itr_jsonl
+    from colintern.itr.evaluate import evaluate_itr
 
     got = summary_of(trained, tiny_model_dir, scene_dir / "eval", tmp_path, "trained", "--itm_rerank", "8")["tasks"]
     m = ImageText.from_pretrained(tiny_model_dir, str(trained))
@@ -74,9 +74,9 @@ def test_heads_learn_held_out_retrieval_relations_and_boxes(trained, scene_dir, 
 
 
 def test_retrieval_metrics_equal_a_float64_brute_force(trained, scene_dir, tiny_model_dir):
-    from colintern.data import SkipReport
-    from colintern.itr import ImageText, read_itr_jsonl
-    from colintern.itr_eval import evaluate_itr
+    from colintern.data.report import SkipReport
+    from colintern.itr.model import ImageText, read_itr_jsonl
+    from colintern.itr.evaluate import evaluate_itr
     from PIL import Image
 
     rows = read_itr_jsonl(scene_dir / "eval" / "itr.jsonl", SkipReport(strict=True))[:40]
@@ -132,9 +132,9 @@ def test_stage_2_is_a_new_phase_from_stage_1_and_a_killed_run_resumes_bit_for_bi
 
 
 def test_bad_rows_are_reported_by_line_and_skipped(scene_dir, tmp_path, capsys):
-    from colintern.data import SkipReport
+    from colintern.data.report import SkipReport
     from colintern.errors import UserError
-    from colintern.itr import read_itr_jsonl
+    from colintern.itr.model import read_itr_jsonl
 
     good = (scene_dir / "train" / "itr.jsonl").read_text().splitlines()[0].replace(
         '"images/', f'"{scene_dir}/train/images/')
@@ -168,7 +168,7 @@ def test_qwen3_vl_backbone_trains_and_evaluates(scene_dir, tiny_qwen_dir, tmp_pa
 def test_the_itr_demo_tables_are_the_summaries_and_the_logs(tmp_path, capsys):
     """make itr-demo, reduced: 2 epochs single-stage against 1 + 1 two-stage; every number of both tables comes
     from the eval summaries and metrics.jsonl, and every step is printed as a command."""
-    from colintern import itr_demo
+    from colintern.itr import demo as itr_demo
 
     out = tmp_path / "demo"
     assert run_cli(itr_demo.main, ["--out", str(out), "--epochs", "2", "--stage1_epochs", "1", "--n_train", "96",
@@ -201,8 +201,8 @@ def test_the_itr_demo_tables_are_the_summaries_and_the_logs(tmp_path, capsys):
 def test_coco_captions_and_instances_read_back_as_the_same_examples(scene_dir, tmp_path):
     """A COCO mirror of scene rows (captions JSON + instances JSON with [x, y, w, h] pixel boxes) reads back to the
     same captions and boxes; a caption of an unknown image is reported and skipped."""
-    from colintern.data import SkipReport
-    from colintern.itr import read_rows
+    from colintern.data.report import SkipReport
+    from colintern.itr.model import read_rows
 
     rows = [json.loads(x) for x in (scene_dir / "eval" / "itr.jsonl").read_text().splitlines()[:6]]
     size = 224
@@ -232,7 +232,7 @@ def test_coco_captions_and_instances_read_back_as_the_same_examples(scene_dir, t
 
 
 def test_lora_trains_the_backbone_adapters_and_the_checkpoint_carries_them(scene_dir, tiny_model_dir, tmp_path):
-    from colintern.itr import ImageText
+    from colintern.itr.model import ImageText
 
     small = first_rows(scene_dir, tmp_path, 32)
     out = tmp_path / "lora"

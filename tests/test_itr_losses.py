@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from colintern.itr_losses import (box_from_raw, box_losses, clamp_temperature_, generalized_box_iou, itc_loss,
+from colintern.itr.losses import (box_from_raw, box_losses, clamp_temperature_, generalized_box_iou, itc_loss,
                                   itm_loss, macro_f1, relation_loss, sample_itm_negatives)
 
 

@@ -1,4 +1,4 @@
-"""Tests for colintern.losses: golden values (tests/fixtures/loss_golden.json, docs/CONTRACT.md §5), a naive
+"""Tests for colintern.train.losses: golden values (tests/fixtures/loss_golden.json, docs/CONTRACT.md §5), a naive
 reference, gradients, edge cases."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from colintern import losses
-from colintern.losses import late_interaction_loss, late_interaction_scores
+from colintern.train import losses
+from colintern.train.losses import late_interaction_loss, late_interaction_scores
 from helpers import FIXTURES
 
 GOLDEN = json.loads((FIXTURES / "loss_golden.json").read_text())["cases"]

@@ -1,4 +1,4 @@
-"""python -m colintern.make_dataset on real PDFs (six pages of the GNU Libtasn1 manual, four of the freedesktop.org
+"""python -m colintern.data.make_dataset on real PDFs (six pages of the GNU Libtasn1 manual, four of the freedesktop.org
 shared-MIME-info specification, tests/fixtures/): queries from each page's own text layer point at that page,
 evaluation holds out whole documents, running headers are never queries, a page without text is reported, and
 train.py and eval.py read the result as it is."""
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from colintern.cli import run_cli
-from colintern.make_dataset import main, text_lines
+from colintern.data.make_dataset import main, text_lines
 from helpers import FIXTURES, load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,3 +111,17 @@ def test_one_document_cannot_be_split_by_document(tmp_path, capsys):
     code = run_cli(main, ["--inputs", str(PDFS[0]), "--out", str(tmp_path / "one"), "--eval_fraction", "0"])
     assert code == 2 and "exists and is not an empty folder" in capsys.readouterr().err
     assert os.listdir(tmp_path / "one")  # the earlier dataset is intact
+
+
+def test_make_dataset_from_python_equals_the_command(made, tmp_path):
+    """docs/API.md: make_dataset(DatasetConfig(...)) is the command; the same inputs give the same files."""
+    from colintern import DatasetConfig
+    from colintern.data.make_dataset import make_dataset
+
+    out, scan = made
+    record = make_dataset(DatasetConfig(inputs=[*map(str, PDFS), str(scan)], out=str(tmp_path / "set"), dpi=72))
+    assert record["counts"] == json.loads((out / "dataset.json").read_text())["counts"]
+    for name in ("train.jsonl", "eval/queries.jsonl", "eval/qrels.jsonl"):
+        assert (tmp_path / "set" / name).read_bytes() == (out / name).read_bytes(), name
+    resolved = (tmp_path / "set" / "dataset_config.yaml").read_text()
+    assert "dpi: 72\n" in resolved and resolved.startswith("# resolved settings of this run")

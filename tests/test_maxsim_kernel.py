@@ -1,4 +1,4 @@
-"""The fused MaxSim kernel (colintern.maxsim_kernel) in Triton's interpreter (TRITON_INTERPRET=1, set by conftest on
+"""The fused MaxSim kernel (colintern.retriever.maxsim_kernel) in Triton's interpreter (TRITON_INTERPRET=1, set by conftest on
 this CPU suite) against a float64 reference: ragged pages without padding, empty and one-token bags, pages longer
 than a tile, queries of several lengths (one block of several queries, and a query longer than a block), float16
 and float32 inputs with float32 accumulation. bfloat16 is left to the GPU: the interpreter's tl.dot computes
@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 from colintern import scoring  # noqa: E402
-from colintern.maxsim_kernel import BLOCK_N, maxsim_fused  # noqa: E402
+from colintern.retriever.maxsim_kernel import BLOCK_N, maxsim_fused  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUERY_LENGTHS = (1, 3, 25, 0, 70, 16)
@@ -67,7 +67,7 @@ def test_queries_are_rounded_to_the_pages_dtype_and_a_long_query_spans_a_block()
 
 
 def test_scoring_takes_the_fused_path_on_cuda_in_the_callers_dtype(monkeypatch):
-    """On a CUDA device colintern.scoring's iterator (behind maxsim and maxsim_topk) yields the kernel's scores;
+    """On a CUDA device colintern.retriever.scoring's iterator (behind maxsim and maxsim_topk) yields the kernel's scores;
     today's float32 inputs are multiplied in IEEE float32, 16-bit ones only when both sides are 16-bit."""
     qs, docs = ragged((3, 5), 16, torch.float32, 4), ragged((4, 9, 2), 16, torch.float32, 5)
     routed = []
@@ -82,7 +82,7 @@ def test_scoring_takes_the_fused_path_on_cuda_in_the_callers_dtype(monkeypatch):
         chosen.append(dtype)
         return real(q, d, dtype=dtype, device=device)
 
-    monkeypatch.setattr("colintern.maxsim_kernel.maxsim_fused", recording)
+    monkeypatch.setattr("colintern.retriever.maxsim_kernel.maxsim_fused", recording)
     cpu = torch.device("cpu")
     (ids, fused), = scoring._iter_fused(qs, docs, cpu)
     assert ids == [0, 1, 2] and chosen == [torch.float32]

@@ -18,9 +18,10 @@ from PIL import Image
 import torch
 
 from colintern import ColIntern
-from colintern.checkpoint import save_checkpoint
-from colintern.config import ColInternConfig
-from colintern.data import ImageResolver, load_page_dataset, parse_pseudo_path, read_triples_jsonl
+from colintern.retriever.checkpoint import save_checkpoint
+from colintern.retriever.config import ColInternConfig
+from colintern.data.datasets import ImageResolver, load_page_dataset, parse_pseudo_path
+from colintern.data.triples import read_triples_jsonl
 from colintern.errors import UserError
 from helpers import load_script, perturb_lora
 
@@ -221,7 +222,7 @@ def test_faiss_equals_exact_when_candidates_cover_the_corpus(index, tiny_model_d
 def test_auto_method_is_exact_on_small_corpora_and_on_a_gpu(tiny_model_dir, ckpt, corpus, work):
     """The default --method auto searches this 13-page corpus exactly (the same file as --method exact) and says
     why in the meta; above AUTO_EXACT_MAX_TOKENS on a CPU it takes FAISS."""
-    from colintern.mining import AUTO_EXACT_MAX_TOKENS, choose_method
+    from colintern.mine.search import AUTO_EXACT_MAX_TOKENS, choose_method
 
     exact_out = work / "auto_exact" / "mined.jsonl"
     run_mine(tiny_model_dir, ckpt, corpus, exact_out, "--method", "exact", "--k", 4)
@@ -274,8 +275,8 @@ def test_deepening_recovers_what_the_filter_ate(tiny_model_dir, ckpt, corpus, wo
 def test_interrupted_and_resumed_run_writes_the_same_file(tiny_model_dir, ckpt, corpus, work, monkeypatch):
     args = ("--method", "faiss", "--k", 4, "--search_batch", 8, "--pages_per_part", 4, "--candidates", 6,
             "--token_k", 16)
-    import colintern.mining as mining
-    import colintern.page_store as page_store
+    import colintern.mine.search as mining
+    import colintern.mine.page_store as page_store
 
     out = work / "resume" / "mined.jsonl"
     emb = work / "resume_pages"
@@ -334,7 +335,7 @@ def test_shards_merge_into_the_single_run_file(tiny_model_dir, ckpt, corpus, wor
     assert out.read_bytes() == single.read_bytes()
     assert meta["counts"]["lines"] == 39 and json.loads(out.with_suffix(".meta.json").read_text())["shard"][
         "num_shards"] == 3
-    assert sorted(p.name for p in out.parent.iterdir()) == ["mined.jsonl", "mined.meta.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mined.config.yaml", "mined.jsonl", "mined.meta.json"]
 
 
 def test_hash_dedupe_without_image_filename(tiny_model_dir, ckpt, corpus, work):
@@ -383,7 +384,7 @@ def test_bad_input_fails_with_one_clear_line(tiny_model_dir, ckpt, corpus, work,
 
 def test_output_trains_with_train_py(exact_all, tiny_model_dir, ckpt, tmp_path):
     """train.py --train_jsonl reads the mined file directly (pseudo-paths resolved, hard negatives used)."""
-    from colintern.checkpoint import load_checkpoint
+    from colintern.retriever.checkpoint import load_checkpoint
 
     train = load_script("train")
     out_dir = tmp_path / "phase2"
@@ -437,8 +438,8 @@ def test_local_pages_need_no_datasets_package(tmp_path, monkeypatch):
 
     from PIL import Image
 
-    from colintern.data import SkipReport
-    from colintern.miner import local_corpus
+    from colintern.data.report import SkipReport
+    from colintern.mine.corpus import local_corpus
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # any `import datasets` now raises ImportError
     (tmp_path / "p").mkdir()

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from colintern import ColIntern, UserError
-from colintern.checkpoint import load_checkpoint, save_checkpoint
-from colintern.config import ColInternConfig
+from colintern.retriever.checkpoint import load_checkpoint, save_checkpoint
+from colintern.retriever.config import ColInternConfig
 from helpers import noisy_page, max_diff, perturb_lora
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +53,8 @@ def test_tiling_is_bit_identical_to_transformers_gotocr2(tiny_model_dir, max_til
     with a thumbnail, extreme aspect ratios, a 1x1 page, grey and RGBA inputs, the real 448-px size."""
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    from colintern.internvl import InternVLProcessor
-    from colintern.processor import check_page_image
+    from colintern.backbones.internvl import InternVLProcessor
+    from colintern.backbones.processor import check_page_image
 
     pages = PAGES + [noisy_page(1, 1, (7, 7, 7), 9), noisy_page(2000, 60, (30, 60, 90), 10),
                      noisy_page(330, 700, (120, 40, 10), 11).convert("L"),
@@ -175,7 +175,7 @@ def test_checkpoint_for_another_base_model_fails_clearly(tiny_model_dir, tmp_pat
 def test_transparent_pages_are_white_in_the_api_as_in_the_datasets(model, tmp_path):
     """A transparent PNG given to encode_images (eval, the Python API) embeds exactly as the same file read by the
     dataset/JSONL loaders (training, mining): transparent areas are white paper in both, never black."""
-    from colintern.data import decode_image
+    from colintern.data.images import decode_image
 
     page = noisy_page(224, 300, (200, 30, 30), 13).convert("RGBA")
     alpha = Image.new("L", page.size, 255)
@@ -207,7 +207,7 @@ def test_bad_inputs_give_one_clear_line(model, tmp_path):
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "colintern.tiny", str(tmp_path / "t"), "--layout", "nope"],
+    proc = subprocess.run([sys.executable, "-m", "colintern.testing.tiny", str(tmp_path / "t"), "--layout", "nope"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
@@ -219,7 +219,7 @@ def test_imports_and_encodes_without_torchvision(tiny_model_dir):
         sys.modules["torchvision"] = None  # any 'import torchvision' now raises ImportError
         from PIL import Image
         from colintern import ColIntern
-        from colintern.scoring import maxsim
+        from colintern.retriever.scoring import maxsim
         m = ColIntern.from_pretrained({tiny_model_dir!r}, device="cpu")
         docs = m.encode_images([Image.new("RGB", (300, 400), "red"), Image.new("RGB", (64, 64), "blue")], batch_size=8)
         qs = m.encode_queries(["red page", "blue page"], batch_size=32)
@@ -239,7 +239,7 @@ def test_a_checkpoint_on_other_weights_of_the_same_architecture_is_refused(tiny_
     same architecture with other weights (another seed) is refused in one line unless allow_other_base."""
     import shutil
 
-    from colintern.internvl import build_tiny_internvl
+    from colintern.backbones.internvl import build_tiny_internvl
 
     m = ColIntern.from_pretrained(tiny_model_dir, max_tiles=2)
     assert len(m.config.base_weights) == 16

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from colintern import ColIntern, UserError
-from colintern.checkpoint import load_checkpoint, save_checkpoint
-from colintern.losses import late_interaction_loss
+from colintern.retriever.checkpoint import load_checkpoint, save_checkpoint
+from colintern.train.losses import late_interaction_loss
 from helpers import noisy_page, load_script, max_diff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def model(tiny_qwen_dir):
 def test_tiny_model_folder_is_a_seeded_qwen3_vl(tiny_qwen_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from colintern.qwen3vl import build_tiny_qwen3vl
+    from colintern.backbones.qwen3vl import build_tiny_qwen3vl
 
     cfg = json.load(open(os.path.join(tiny_qwen_dir, "config.json")))
     assert cfg["model_type"] == "qwen3_vl" and cfg["architectures"] == ["Qwen3VLForConditionalGeneration"]
@@ -153,7 +153,7 @@ def test_a_few_steps_of_late_interaction_loss_make_it_fall(tiny_qwen_dir):
     Only image tokens are kept here: with a causal LM the prompt tokens before the image are identical for every
     page, and on 4 pairs of a random tiny model the optimiser can park all queries on them (loss = log 4).
     """
-    from colintern.losses import late_interaction_scores
+    from colintern.train.losses import late_interaction_scores
 
     torch.manual_seed(0)
     m = ColIntern.from_pretrained(tiny_qwen_dir, max_visual_tokens=16, min_visual_tokens=4, keep_page_tokens="image")
@@ -243,7 +243,7 @@ def ndcg(qrels: dict, run: dict, k: int) -> float:
 def test_eval_script_on_a_qwen3_vl_checkpoint(tiny_qwen_dir, qwen_ckpt, tmp_path):
     """eval.py --ckpt (base model from the checkpoint) on a local BEIR set: its run scores are this model's MaxSim,
     its nDCG is the run's."""
-    from colintern.scoring import maxsim
+    from colintern.retriever.scoring import maxsim
 
     _, ckpt = qwen_ckpt
     root = tmp_path / "qset"
@@ -277,7 +277,7 @@ def test_eval_script_on_a_qwen3_vl_checkpoint(tiny_qwen_dir, qwen_ckpt, tmp_path
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> str:
     """A small synthetic corpus (8 train pages x 3 queries, 96-px wide pages) for the script runs."""
-    from colintern.synthetic import generate
+    from colintern.testing.synthetic import generate
 
     out = tmp_path_factory.mktemp("qwen_synthetic")
     generate(str(out), n_train_pages=8, n_eval_pages=2, queries_per_page=3, page_size=96)
@@ -287,8 +287,9 @@ def small_corpus(tmp_path_factory) -> str:
 def test_mine_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, qwen_ckpt, tmp_path):
     """mine.py --method exact with a Qwen3-VL checkpoint (LoRA, 32-token cap, dim 64): every line's positive and
     negative scores are this model's MaxSim (pages stored in fp16), and its negatives are the best other pages."""
-    from colintern.data import decode_image, load_page_dataset, parse_pseudo_path
-    from colintern.scoring import maxsim
+    from colintern.data.images import decode_image
+    from colintern.data.datasets import load_page_dataset, parse_pseudo_path
+    from colintern.retriever.scoring import maxsim
 
     _, ckpt = qwen_ckpt
     out = tmp_path / "mined.jsonl"
@@ -336,8 +337,9 @@ def trained(tiny_qwen_dir, small_corpus, tmp_path_factory) -> Path:
 def test_train_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, trained):
     """Step 1's logged loss is the pairwise loss of the untrained model (LoRA B = 0) on the plan's first 4 pairs,
     recomputed here; checkpoints carry the Qwen3-VL config and LoRA on the language model only, and reload."""
-    from colintern.data import decode_image, load_page_dataset
-    from colintern.training import make_plan
+    from colintern.data.images import decode_image
+    from colintern.data.datasets import load_page_dataset
+    from colintern.train.examples import make_plan
 
     lines = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all(math.isfinite(m["loss"]) for m in lines)

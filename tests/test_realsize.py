@@ -6,9 +6,9 @@ import time
 import torch
 from PIL import Image
 
-from colintern.backbone import LoadedBackbone, load_tokenizer
-from colintern.model import ColIntern, config_for_backbone
-from colintern.internvl import internvl35_1b_config
+from colintern.backbones.base import LoadedBackbone, load_tokenizer
+from colintern.retriever.model import ColIntern, config_for_backbone
+from colintern.backbones.internvl import internvl35_1b_config
 
 
 def test_internvl35_1b_shapes_bf16(tiny_model_dir):

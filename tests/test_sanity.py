@@ -1,12 +1,12 @@
-"""python -m colintern.sanity: greedy answers with the retriever's formatting, the checkpoint's LoRA in the
+"""python -m colintern.backbones.sanity: greedy answers with the retriever's formatting, the checkpoint's LoRA in the
 generator, and the decoding loop equal, token for token, to transformers' own generate (both backbones)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from colintern import sanity
-from colintern.checkpoint import save_checkpoint
+from colintern.backbones import sanity
+from colintern.retriever.checkpoint import save_checkpoint
 from helpers import perturb_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")

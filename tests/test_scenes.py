@@ -1,4 +1,4 @@
-"""python -m colintern.scenes: deterministic two-object scenes whose stored boxes are the objects' drawn pixels,
+"""python -m colintern.itr.scenes: deterministic two-object scenes whose stored boxes are the objects' drawn pixels,
 whose relations hold by geometry, and whose held-out split has unseen meanings and relation-swapped twins."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from colintern import scenes
+from colintern.itr import scenes
 
 
 @pytest.fixture(scope="module")
@@ -77,5 +77,5 @@ def test_a_foreign_folder_is_refused_in_one_line(tmp_path, capsys):
 
     (tmp_path / "mine.txt").write_text("keep me")
     assert run_cli(scenes.main, [str(tmp_path)]) == 2
-    assert "is not a colintern.scenes output" in capsys.readouterr().err
+    assert "is not a colintern.itr.scenes output" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "keep me"

@@ -1,11 +1,11 @@
-"""Tests for colintern.scoring: exact sum-MaxSim against a float64 reference, chunking, top-k, padding."""
+"""Tests for colintern.retriever.scoring: exact sum-MaxSim against a float64 reference, chunking, top-k, padding."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from colintern import scoring
-from colintern.scoring import maxsim, maxsim_topk, pad_embeddings, topk, unpad_embeddings
+from colintern.retriever import scoring
+from colintern.retriever.scoring import maxsim, maxsim_topk, pad_embeddings, topk, unpad_embeddings
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

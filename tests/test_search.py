@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from colintern import ColIntern
-from colintern.checkpoint import save_checkpoint
+from colintern.retriever.checkpoint import save_checkpoint
 from helpers import REPO, load_script, max_diff, perturb_lora, search_page as page, search_run as run
 
 search = load_script("search")
@@ -40,8 +40,9 @@ def test_index_and_query_equal_exact_maxsim_in_memory(tiny_model_dir, ckpt, docs
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["query"] for line in lines] == queries
     # the same pages rendered the same way, scored in memory: the same ranking, scores within fp16 storage error
-    from colintern.page_index import PageIndex, render_page
-    from colintern.scoring import maxsim
+    from colintern.index.page_index import PageIndex
+    from colintern.index.sources import render_page
+    from colintern.retriever.scoring import maxsim
 
     model = ColIntern.from_pretrained(tiny_model_dir, ckpt=ckpt)
     opened = PageIndex.open(index)
@@ -57,7 +58,7 @@ def test_index_and_query_equal_exact_maxsim_in_memory(tiny_model_dir, ckpt, docs
 
 def test_adding_files_encodes_only_new_pages_and_a_rerun_resumes_without_duplicates(tiny_model_dir, ckpt, docs,
                                                                                    tmp_path, capsys, monkeypatch):
-    from colintern.page_index import PageIndex
+    from colintern.index.page_index import PageIndex
 
     index = tmp_path / "index"
     base = ["index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--index", index, "--dpi", 72,
@@ -86,7 +87,7 @@ def test_adding_files_encodes_only_new_pages_and_a_rerun_resumes_without_duplica
 def test_similarity_maps_put_a_planted_match_where_its_token_is(tiny_backbone):
     """Plant the query in image token j: the map's maximum is inside token j's box (and, for InternVL, the same
     value appears in the thumbnail, which covers the page at a coarser grid)."""
-    from colintern.simmap import paint, token_maps
+    from colintern.retriever.simmap import paint, token_maps
 
     name, folder = tiny_backbone
     model = ColIntern.from_pretrained(folder, max_tiles=2, max_visual_tokens=64)
@@ -109,7 +110,7 @@ def test_similarity_maps_put_a_planted_match_where_its_token_is(tiny_backbone):
 def test_export_to_parquet_round_trips(tiny_model_dir, ckpt, docs, tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    from colintern.page_index import PageIndex
+    from colintern.index.page_index import PageIndex
 
     index = tmp_path / "index"
     run(capsys, "index", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--inputs", docs / "b.pdf", "--index", index,
@@ -153,7 +154,7 @@ def test_bad_inputs_are_one_line(tiny_model_dir, ckpt, docs, tmp_path, capsys):
 
 
 def test_token_pooling_keeps_k1_and_cuts_vectors_by_k():
-    from colintern.token_pooling import pool_tokens
+    from colintern.retriever.token_pooling import pool_tokens
 
     g = torch.Generator().manual_seed(0)
     vectors = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
@@ -170,7 +171,7 @@ def test_token_pooling_keeps_k1_and_cuts_vectors_by_k():
 
 
 def test_a_pooled_index_stores_about_k_times_fewer_vectors(tiny_model_dir, ckpt, docs, tmp_path, capsys):
-    from colintern.page_index import PageIndex
+    from colintern.index.page_index import PageIndex
 
     sizes = {}
     for k in (1, 3):
@@ -281,8 +282,8 @@ def test_the_faiss_first_stage_equals_exact_when_its_candidates_cover_the_index(
         in caplog.text
     assert "recall@10 1.000 against exact search on 8 probe queries" in caplog.text  # 6 candidates = every page
     assert len(list(index.glob("faiss-*.recall.json"))) == 1
-    from colintern.page_index import PageIndex
-    from colintern.page_search import FaissFirstStage, recall_at_k
+    from colintern.index.page_index import PageIndex
+    from colintern.index.page_search import FaissFirstStage, recall_at_k
 
     opened = PageIndex.open(index)
     model = ColIntern.from_pretrained(tiny_model_dir, ckpt=ckpt)
@@ -302,7 +303,7 @@ def test_an_index_killed_mid_run_resumes_without_duplicate_pages(tiny_model_dir,
     import subprocess
     import sys
 
-    from colintern.page_index import PageIndex
+    from colintern.index.page_index import PageIndex
 
     index = tmp_path / "index"
     cmd = [sys.executable, str(REPO / "search.py"), "index", "--ckpt", ckpt, "--model_id", tiny_model_dir,
@@ -321,9 +322,10 @@ def test_an_index_killed_mid_run_resumes_without_duplicate_pages(tiny_model_dir,
 def test_exact_search_in_groups_equals_one_pass_with_ties_to_the_lower_page(tmp_path):
     """exact_topk widens a few pages at a time and merges: the same top-k as maxsim_topk over everything, ties
     included (duplicate pages score the same: the lower page comes first)."""
-    from colintern.page_index import PageIndex, PageSource
-    from colintern.page_search import exact_topk
-    from colintern.scoring import maxsim_topk
+    from colintern.index.page_index import PageIndex
+    from colintern.index.sources import PageSource
+    from colintern.index.page_search import exact_topk
+    from colintern.retriever.scoring import maxsim_topk
 
     g = torch.Generator().manual_seed(0)
     pages = [torch.nn.functional.normalize(torch.randn(3 + i % 5, 16, generator=g), dim=-1).half().float()
@@ -355,7 +357,7 @@ def test_a_trained_model_finds_each_real_pdf_page_from_its_own_text(tiny_model_d
     The untrained checkpoint of the same model is the control (it ranks by chance)."""
     from pathlib import Path
 
-    from colintern.page_index import PageSource, render_page
+    from colintern.index.sources import PageSource, render_page
 
     pdf = Path(__file__).parent / "fixtures" / "real_pages.pdf"
     texts = page_texts(pdf)
@@ -393,8 +395,9 @@ def test_centroid_interaction_scores_pages_by_their_centroids_and_reranks_exactl
     pytest.importorskip("faiss")
     import faiss
 
-    from colintern.page_index import PageIndex, PageSource
-    from colintern.page_search import FaissFirstStage, exact_topk
+    from colintern.index.page_index import PageIndex
+    from colintern.index.sources import PageSource
+    from colintern.index.page_search import FaissFirstStage, exact_topk
 
     g = torch.Generator().manual_seed(0)
     pages = [torch.nn.functional.normalize(torch.randn(20 + i % 7, 16, generator=g), dim=-1).half().float()

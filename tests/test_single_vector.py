@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from colintern import ColIntern
-from colintern.pooling import LatentAttentionPooler, last_kept, masked_mean, pool
-from colintern.scoring import dense_scores, maxsim
+from colintern.retriever.pooling import LatentAttentionPooler, last_kept, masked_mean, pool
+from colintern.retriever.scoring import dense_scores, maxsim
 from helpers import load_script, max_diff, noisy_page
 
 PAGES = [noisy_page(224, 300, (255, 0, 0), 1), noisy_page(100, 100, (0, 0, 255), 2),
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def single(folder: str, pooling: str = "mean", attention: str = "causal", **extra) -> ColIntern:
     """A new single-vector model as train.py builds one (no augmentation, queries end with the EOS token)."""
-    from colintern.backbone import load_tokenizer
+    from colintern.backbones.base import load_tokenizer
 
     if pooling == "latent":
         extra.setdefault("latent", SMALL_LATENT)
@@ -113,7 +113,7 @@ def test_dense_scoring_is_maxsim_of_one_token():
 def test_single_vector_lora_training_learns(tiny_model_dir, synthetic_dir, tmp_path, pooling, attention):
     """nDCG@5 on the held-out synthetic pages rises by at least 0.10 over the untrained base (measured +0.27 to
     +0.41 in the four cells tried; docs/BENCHMARKS.md)."""
-    from colintern.evaluation import LocalEvaluator
+    from colintern.eval.evaluation import LocalEvaluator
 
     train = load_script("train")
     extra = ["--latent_size", "16", "--latent_heads", "2"] if pooling == "latent" else []
@@ -170,7 +170,7 @@ def test_heads_only_training_of_a_latent_pooler_uses_the_hidden_state_cache(tiny
                                                                             tmp_path):
     """Heads only (frozen backbone): the pooler and head train on cached hidden states; the saved pooler reproduces
     the trained model's embeddings."""
-    from colintern.checkpoint import load_checkpoint
+    from colintern.retriever.checkpoint import load_checkpoint
 
     train = load_script("train")
     out = tmp_path / "run"

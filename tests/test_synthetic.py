@@ -1,4 +1,4 @@
-"""The synthetic corpus: layout, schema, determinism, learnability properties (colintern.synthetic)."""
+"""The synthetic corpus: layout, schema, determinism, learnability properties (colintern.testing.synthetic)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ from PIL import Image
 
 from colintern.cli import run_cli
 from colintern.errors import UserError
-from colintern.synthetic import COLOURS, SHAPES, TEMPLATES, TRAIN_COLUMNS, WORDS, generate, main
+from colintern.testing.synthetic import COLOURS, SHAPES, TEMPLATES, TRAIN_COLUMNS, WORDS, generate, main
 
 
 def _hashes(root: str) -> dict[str, str]:
@@ -161,7 +161,7 @@ def test_cli_refuses_foreign_directory_and_bad_arguments(tmp_path, capsys):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     assert run_cli(main, [str(foreign), "--n_train_pages", "4", "--n_eval_pages", "2"]) == 2
-    assert "not a colintern.synthetic output" in capsys.readouterr().err
+    assert "not a colintern.testing.synthetic output" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine"
     with pytest.raises(UserError, match="at most"):
         generate(str(tmp_path / "huge"), n_train_pages=5000, n_eval_pages=10)

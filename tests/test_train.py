@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from colintern.checkpoint import load_checkpoint
+from colintern.retriever.checkpoint import load_checkpoint
 from colintern.cli import run_cli
 from helpers import load_script
 
@@ -78,8 +78,9 @@ def sha256(path) -> str:
 def evaluate(model_id: str, ckpt: str | None, eval_dir: str) -> tuple[float, float]:
     """(MRR, nDCG@10) of exact MaxSim ranking on a BEIR-layout evaluation set."""
     from colintern import ColIntern
-    from colintern.data import decode_image, load_beir_dir
-    from colintern.scoring import maxsim
+    from colintern.data.images import decode_image
+    from colintern.data.beir import load_beir_dir
+    from colintern.retriever.scoring import maxsim
 
     model = ColIntern.from_pretrained(model_id, ckpt=ckpt)
     corpus, queries, qrels = load_beir_dir(eval_dir)
@@ -158,7 +159,7 @@ def test_lora_training_learns_in_one_epoch(tiny_model_dir, synthetic_dir, tmp_pa
 
 def write_mined_triples(path: Path, dataset: str, n_negs: int = 3) -> int:
     """mine.py-style triples: pseudo-paths to the first row of each page, hardest negatives = other pages."""
-    from colintern.data import load_page_dataset, page_keys, pseudo_path
+    from colintern.data.datasets import load_page_dataset, page_keys, pseudo_path
 
     keys = page_keys(load_page_dataset(dataset))
     first = {}
@@ -368,8 +369,8 @@ def test_two_processes_match_one_process_on_the_combined_batch(tiny_model_dir, s
 
 def test_step_loss_excludes_duplicate_pages_and_drops_queries_without_a_page():
     """step_loss against a float64 reference of docs/CONTRACT.md §5 written out by hand."""
-    from colintern.losses import late_interaction_loss
-    from colintern.training import step_loss
+    from colintern.train.losses import late_interaction_loss
+    from colintern.train.step import step_loss
 
     g = torch.Generator().manual_seed(0)
 
@@ -410,8 +411,9 @@ def test_step_loss_excludes_duplicate_pages_and_drops_queries_without_a_page():
 
 def test_micro_batches_load_each_shared_page_once(tiny_model_dir, synthetic_small_dir):
     from colintern import ColIntern
-    from colintern.data import SkipReport
-    from colintern.training import MicroBatches, epoch_order, load_hub_examples, make_plan
+    from colintern.data.report import SkipReport
+    from colintern.train.batches import MicroBatches
+    from colintern.train.examples import epoch_order, load_hub_examples, make_plan
 
     data = load_hub_examples(os.path.join(synthetic_small_dir, "train"), "train", SkipReport())
     model = ColIntern.from_pretrained(tiny_model_dir)
@@ -426,7 +428,8 @@ def test_micro_batches_load_each_shared_page_once(tiny_model_dir, synthetic_smal
 
 def test_train_jsonl_with_local_images_hard_negatives_and_bad_lines(tiny_model_dir, synthetic_small_dir, tmp_path,
                                                                       capsys):
-    from colintern.data import decode_image, load_page_dataset, pseudo_path
+    from colintern.data.images import decode_image
+    from colintern.data.datasets import load_page_dataset, pseudo_path
 
     dataset = os.path.join(synthetic_small_dir, "train")
     rows = load_page_dataset(dataset)
@@ -466,7 +469,7 @@ def test_corrupt_dataset_images_are_reported_and_skipped_or_fatal_with_strict(ti
                                                                               tmp_path, capsys):
     import datasets
 
-    from colintern.data import load_page_dataset
+    from colintern.data.datasets import load_page_dataset
 
     src = load_page_dataset(os.path.join(synthetic_small_dir, "train")).select(range(15))
     rows = {name: list(src[name]) for name in ("query", "image_filename", "image")}
@@ -599,7 +602,7 @@ def test_auto_batch_search_picks_the_largest_fitting_batch_and_survives_oom(monk
     """probe_batch_size against a simulated GPU (16 GiB; 1 GiB of weights + 1 GiB per pair; OOM from 12 pairs)."""
     from types import SimpleNamespace
 
-    from colintern.training import probe_batch_size
+    from colintern.train.step import probe_batch_size
 
     gib = 2 ** 30
     peak, calls = {"bytes": 0}, []
@@ -629,7 +632,7 @@ def test_auto_batch_search_picks_the_largest_fitting_batch_and_survives_oom(monk
 def test_train_says_how_many_examples_lack_hard_negatives(tiny_model_dir, synthetic_small_dir, tmp_path, caplog):
     """mine.py's false-negative filter can leave lines with fewer negatives than --num_negs: train.py says how many
     (and how many have none) instead of a silent 'N per query'."""
-    from colintern.data import pseudo_path
+    from colintern.data.datasets import pseudo_path
 
     dataset = os.path.join(synthetic_small_dir, "train")
     lines = [json.dumps({"query": f"page {k}", "pos": pseudo_path(dataset, "train", 3 * k),
@@ -648,7 +651,7 @@ def test_bad_pages_are_found_before_training_even_outside_every_step(tiny_model_
     of 15 examples) is still reported, and --strict stops before step 1 (no log, no checkpoint written)."""
     import datasets
 
-    from colintern.data import load_page_dataset
+    from colintern.data.datasets import load_page_dataset
 
     src = load_page_dataset(os.path.join(synthetic_small_dir, "train")).select(range(15))
     rows = {name: list(src[name]) for name in ("query", "image_filename", "image")}
@@ -683,7 +686,7 @@ def test_eval_during_training_writes_the_checkpoints_own_scores(tiny_model_dir, 
     """--eval_local DIR --eval_every N: eval_* fields in that step's metrics.jsonl row (and at the phase end),
     equal to what the saved checkpoint scores on the same set; plot_training_loss.py draws them."""
     from colintern import ColIntern
-    from colintern.evaluation import LocalEvaluator
+    from colintern.eval.evaluation import LocalEvaluator
 
     out = tmp_path / "out"
     eval_dir = os.path.join(synthetic_small_dir, "eval")

@@ -41,8 +41,9 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.cli import build_parser as build_options_parser, parse_config, run_cli, setup_logging  # noqa: E402
 from colintern.errors import UserError  # noqa: E402
+from colintern.settings import PlotLossConfig  # noqa: E402
 
 PROG = "plot_training_loss.py"
 log = logging.getLogger("colintern.plot_training_loss")
@@ -259,36 +260,8 @@ def moving_average(values, n: int) -> np.ndarray:
 # Command line
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="one or more logs: training_loss.txt or metrics.jsonl files (or directories holding one); "
-                        "several runs are drawn on the same axes (required)")
-    p.add_argument("--labels", nargs="+", metavar="LABEL",
-                   help="legend label for each --input, in order (default: the name of each file's parent "
-                        "directory, e.g. 'train' for outputs/train/training_loss.txt)")
-    p.add_argument("--output", default="outputs/training_loss.png", metavar="PNG",
-                   help="image to write; parent directories are created; the extension picks the format "
-                        "(default: outputs/training_loss.png)")
-    p.add_argument("--smooth", type=positive_int, default=1, metavar="N",
-                   help="trailing moving average over N logged points, drawn over the faint raw curve; "
-                        "N larger than a run is clamped to its length (default: 1 = no smoothing)")
-    p.add_argument("--logy", action="store_true", help="logarithmic loss axis (default: linear)")
-    p.add_argument("--lr", action="store_true",
-                   help="also draw the learning rate of the first --input on a second y axis (default: off)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="log what was read (points, step range, last loss) to stderr (default: warnings only)")
-    return p
+    return build_options_parser(PlotLossConfig, __doc__, prog=PROG)
 
 
 def default_labels(paths: list) -> list:
@@ -301,11 +274,11 @@ def default_labels(paths: list) -> list:
     return labels
 
 
-def run(args) -> Path:
-    paths = [resolve_input(name) for name in args.input]
-    if args.labels is not None and len(args.labels) != len(paths):
-        raise UserError(f"--labels: got {len(args.labels)} label(s) for {len(paths)} --input file(s); give one per input")
-    labels = args.labels if args.labels is not None else default_labels(paths)
+def run(config: PlotLossConfig) -> Path:
+    paths = [resolve_input(name) for name in config.input]
+    if config.labels is not None and len(config.labels) != len(paths):
+        raise UserError(f"--labels: got {len(config.labels)} label(s) for {len(paths)} --input file(s); give one per input")
+    labels = config.labels if config.labels is not None else default_labels(paths)
     runs = [read_log(path) for path in paths]
 
     with_eval = any(np.isfinite(r[key]).any() for r in runs for key in EVAL_FIELDS)
@@ -317,7 +290,7 @@ def run(args) -> Path:
         color = f"C{i % 10}"
         steps, loss = r["step"], r["loss"]
         marker = "o" if len(steps) == 1 else None  # a lone point would otherwise be invisible
-        n = args.smooth
+        n = config.smooth
         if n > len(steps):
             log.warning("%s: --smooth %d is larger than its %d points; using %d", path, n, len(steps), len(steps))
             n = len(steps)
@@ -344,15 +317,15 @@ def run(args) -> Path:
             log.info("%s: last %s loss %.6f at step %d", label, "smoothed" if n > 1 else "raw", finite[-1],
                      int(steps[np.isfinite(curve)][-1]))
 
-    if args.logy:
+    if config.logy:
         all_loss = np.concatenate([r["loss"] for r in runs])
         n_nonpos = int((all_loss[np.isfinite(all_loss)] <= 0).sum())
         if n_nonpos:
             log.warning("--logy: %d loss value(s) <= 0 cannot be drawn on a log axis", n_nonpos)
         ax.set_yscale("log")
     title = "Training loss"
-    if args.smooth > 1:
-        title += f" (moving average over {args.smooth} points)"
+    if config.smooth > 1:
+        title += f" (moving average over {config.smooth} points)"
     ax.set_title(title)
     ax.set_xlabel("global step")
     ax.set_ylabel("loss")
@@ -366,7 +339,7 @@ def run(args) -> Path:
         ax_eval.legend(loc="best", fontsize=8)
 
     handles, names = ax.get_legend_handles_labels()
-    if args.lr:
+    if config.lr:
         lr, steps = runs[0]["lr"], runs[0]["step"]
         has = np.isfinite(lr)
         if not has.any():
@@ -378,10 +351,10 @@ def run(args) -> Path:
             ax2.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
             handles.append(line)
             names.append(f"lr ({labels[0]})")
-    if len(handles) > 1 or args.lr:
+    if len(handles) > 1 or config.lr:
         ax.legend(handles, names, loc="upper right")
 
-    out = Path(args.output)
+    out = Path(config.output)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=150, bbox_inches="tight")
@@ -393,9 +366,9 @@ def run(args) -> Path:
 
 
 def run_main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, default=logging.WARNING)
-    out = run(args)
+    config = parse_config(PlotLossConfig, argv, __doc__, prog=PROG)
+    setup_logging(config.verbose, default=logging.WARNING)
+    out = run(config)
     if out is not None:
         print(out)
     return 0

@@ -44,13 +44,14 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.cli import build_parser as build_options_parser, parse_config, run_cli, setup_logging  # noqa: E402
 from colintern.errors import UserError  # noqa: E402
+from colintern.settings import PLOT_METRICS, PlotMetricsConfig  # noqa: E402
 
 PROG = "plot_vidore_metrics.py"
 log = logging.getLogger("colintern.plot_vidore_metrics")
 
-DEFAULT_METRICS = ["ndcg_at_5", "ndcg_at_10", "recall_at_5"]
+DEFAULT_METRICS = PLOT_METRICS
 DEFAULT_MAIN_METRIC = "ndcg_at_5"  # ViDoRe's headline metric, used when a summary names none
 AVERAGE = "average"  # the pseudo-task holding each run's mean over tasks
 METRIC_NAMES = {"ndcg": "nDCG", "recall": "Recall", "map": "MAP", "mrr": "MRR", "precision": "Precision",
@@ -268,25 +269,7 @@ def md_numbers(values: list) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
-                   help="eval summary.json files (any name), directories holding a summary.json, or a directory "
-                        "of run directories; one run each, plotted in this order (required)")
-    p.add_argument("--labels", nargs="+", metavar="LABEL",
-                   help="a unique name per run, in order (default: each summary.json's parent directory name, "
-                        "or the file name without .json for other names)")
-    p.add_argument("--outdir", default="outputs/plots", metavar="DIR",
-                   help="where the charts, metrics.md and metrics.csv go; created if missing "
-                        "(default: outputs/plots)")
-    p.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS, metavar="METRIC",
-                   help="per-task metrics to chart and tabulate; every task of every run must have them "
-                        f"(default: {' '.join(DEFAULT_METRICS)})")
-    p.add_argument("--main_metric", metavar="METRIC",
-                   help="metric for main_metric_across_runs.png (default: the first summary's \"main_metric\", "
-                        f"else {DEFAULT_MAIN_METRIC})")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="log what was read to stderr (default: warnings only)")
-    return p
+    return build_options_parser(PlotMetricsConfig, __doc__, prog=PROG)
 
 
 def default_labels(paths: list) -> list:
@@ -301,18 +284,18 @@ def default_labels(paths: list) -> list:
     return labels
 
 
-def run(args) -> list:
-    metrics = list(dict.fromkeys(args.metrics))  # drop repeats, keep order
-    paths = [p for name in args.inputs for p in find_summaries(name)]
-    if args.labels is not None:
-        if len(args.labels) != len(paths):
-            found = f" ({', '.join(str(p) for p in paths)})" if len(paths) != len(args.inputs) else ""
-            raise UserError(f"--labels: got {len(args.labels)} label(s) for {len(paths)} run(s){found}; "
+def run(config: PlotMetricsConfig) -> list:
+    metrics = list(dict.fromkeys(config.metrics))  # drop repeats, keep order
+    paths = [p for name in config.inputs for p in find_summaries(name)]
+    if config.labels is not None:
+        if len(config.labels) != len(paths):
+            found = f" ({', '.join(str(p) for p in paths)})" if len(paths) != len(config.inputs) else ""
+            raise UserError(f"--labels: got {len(config.labels)} label(s) for {len(paths)} run(s){found}; "
                             f"give one label per run")
-        repeated = sorted({x for x in args.labels if args.labels.count(x) > 1})
+        repeated = sorted({x for x in config.labels if config.labels.count(x) > 1})
         if repeated:
             raise UserError(f"--labels: {repeated[0]!r} is given more than once; labels must be unique")
-    labels = args.labels if args.labels is not None else default_labels(paths)
+    labels = config.labels if config.labels is not None else default_labels(paths)
     runs = [read_summary(p, metrics) for p in paths]
     for label, r in zip(labels, runs):
         log.info("%s: %s (%d tasks, model %s, ckpt %s)", label, r["path"], len(r["tasks"]),
@@ -339,8 +322,8 @@ def run(args) -> list:
                 values[metric][(label, AVERAGE)] = average
 
     mains = list(dict.fromkeys(r["main_metric"] for r in runs if r["main_metric"]))
-    main_metric = args.main_metric or (mains[0] if mains else DEFAULT_MAIN_METRIC)
-    if not args.main_metric and len(mains) > 1:
+    main_metric = config.main_metric or (mains[0] if mains else DEFAULT_MAIN_METRIC)
+    if not config.main_metric and len(mains) > 1:
         log.warning("the summaries name different main metrics (%s); using %s (set --main_metric to choose)",
                     ", ".join(mains), main_metric)
     main_values = []
@@ -355,7 +338,7 @@ def run(args) -> list:
     bench = f"{' / '.join(benchmarks)}: " if benchmarks else ""
     data_name = " / ".join(benchmarks) or " / ".join(tasks)
 
-    outdir = Path(args.outdir)
+    outdir = Path(config.outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -407,9 +390,9 @@ def run(args) -> list:
 
 
 def run_main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, default=logging.WARNING)
-    written = run(args)
+    config = parse_config(PlotMetricsConfig, argv, __doc__, prog=PROG)
+    setup_logging(config.verbose, default=logging.WARNING)
+    written = run(config)
     for path in written or []:
         print(path)
     return 0

@@ -1,0 +1,156 @@
+"""Qdrant as the engine behind search.py: the index's pages mirrored into a collection that scores MaxSim natively.
+
+The index folder stays the record (model, checkpoint, files, pages, resume, similarity maps); with
+`--backend qdrant` every committed page is also upserted as one point: id = the page's uid in the index (stable
+when a changed file's old pages are hidden), one
+multivector (its token vectors exactly as the folder stores them, float16 values), payload {file, page, sha256,
+index_id}. The collection uses Qdrant's MAX_SIM comparator over dot products, i.e. the same sum-MaxSim as the
+embedded store, so both return the same pages with the same scores (up to float32 summation order).
+
+    --path DIR    Qdrant's embedded local mode (no server; exact scan; what the tests use)
+    --url URL     a Qdrant server or cluster (e.g. http://localhost:6333); QDRANT_API_KEY is read from the
+                  environment. Queries there go through its HNSW graph unless --exact_scan is given.
+
+A sync compares the point ids in the collection with the index's pages and upserts the missing ones, so an
+interrupted `search.py index --backend qdrant` is finished by running it again.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from typing import Any
+
+import numpy as np
+
+from colintern.errors import UserError
+from colintern.files import file_lock, make_output_dir
+from colintern.index.page_index import PageIndex
+
+log = logging.getLogger("colintern.search")
+
+LOCAL_LOCK = ".colintern.lock"
+UPSERT_VECTORS = 65_536  # token vectors per upsert request (about 16 MiB of JSON floats at dim 128)
+
+
+def _client(url: str | None, path: str | None):
+    try:
+        from qdrant_client import QdrantClient
+    except ImportError:
+        raise UserError("--backend qdrant needs qdrant-client: pip install qdrant-client") from None
+    if bool(url) == bool(path):
+        raise UserError("--backend qdrant: give --url URL (a server) or --path DIR (embedded local mode), one of them")
+    if url:
+        return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"), timeout=120), None
+    # Local mode lets one process in at a time (a second gets a RuntimeError): every ColIntern process waits its
+    # turn on this lock instead, released by close() or when the holder dies.
+    make_output_dir(path, "--path")
+    lock = contextlib.ExitStack()
+    if not lock.enter_context(file_lock(os.path.join(path, LOCAL_LOCK), blocking=False)):
+        log.info("waiting for another process to finish with the Qdrant folder %s", path)
+        lock.enter_context(file_lock(os.path.join(path, LOCAL_LOCK)))
+    try:
+        return QdrantClient(path=path), lock
+    except RuntimeError as err:  # held by a program that is not ColIntern
+        lock.close()
+        raise UserError(f"--path {path}: {str(err).splitlines()[0]}; close the other program using it") from None
+
+
+class QdrantPages:
+    """One collection holding the pages of one index."""
+
+    def __init__(self, index: PageIndex, url: str | None = None, path: str | None = None,
+                 collection: str | None = None):
+        from qdrant_client import models
+
+        self.models, self.index = models, index
+        self.client, self._lock = _client(url, path)
+        self.where = url or path
+        self.collection = collection or index.meta.get("qdrant_collection") or f"colintern_{index.folder.name}"
+        if not index.meta.get("index_id"):  # identifies this index's points in a shared server
+            index.meta["index_id"] = uuid.uuid4().hex
+            index.save_meta()
+        self.index_id = index.meta["index_id"]
+
+    def close(self) -> None:
+        self.client.close()
+        if self._lock is not None:
+            self._lock.close()
+
+    def ensure_collection(self) -> None:
+        """Create the collection (MaxSim over dot products, float16 storage) or check that it is this index's."""
+        m, dim = self.models, int(self.index.meta["config"]["dim"])
+        if not self.client.collection_exists(self.collection):
+            self.client.create_collection(self.collection, vectors_config=m.VectorParams(
+                size=dim, distance=m.Distance.DOT, datatype=m.Datatype.FLOAT16,
+                multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM)))
+            log.info("created Qdrant collection %s at %s (dim %d, MaxSim)", self.collection, self.where, dim)
+        else:
+            params = self.client.get_collection(self.collection).config.params.vectors
+            if getattr(params, "size", None) != dim or getattr(params, "multivector_config", None) is None:
+                raise UserError(f"Qdrant collection {self.collection} at {self.where} is not a {dim}-d multivector "
+                                "collection of this index; pass another --collection")
+            first, _ = self.client.scroll(self.collection, limit=1, with_payload=["index_id"], with_vectors=False)
+            if first and first[0].payload.get("index_id") != self.index_id:
+                raise UserError(f"Qdrant collection {self.collection} at {self.where} holds another index's pages; "
+                                "pass another --collection")
+        if self.index.meta.get("qdrant_collection") != self.collection:
+            self.index.meta["qdrant_collection"] = self.collection
+            self.index.save_meta()
+
+    def point_ids(self) -> set[int]:
+        ids, offset = set(), None
+        while True:
+            points, offset = self.client.scroll(self.collection, limit=10_000, offset=offset, with_payload=False,
+                                                with_vectors=False)
+            ids.update(int(p.id) for p in points)
+            if offset is None:
+                return ids
+
+    def sync(self, show_progress: bool = True) -> int:
+        """Upsert every index page the collection lacks (and delete points of pages no longer in the index);
+        returns how many pages were sent."""
+        from tqdm.auto import tqdm
+
+        self.ensure_collection()
+        present = self.point_ids()
+        position = {page["uid"]: i for i, page in enumerate(self.index.pages)}
+        stale = sorted(present - position.keys())  # pages hidden since (their file changed)
+        if stale:
+            self.client.delete(self.collection, points_selector=self.models.PointIdsList(points=stale))
+        todo = sorted(position.keys() - present)
+        batch: list[Any] = []
+        size = 0
+        with tqdm(total=len(todo), desc="qdrant upsert", unit="page", disable=not show_progress) as bar:
+            for uid in todo:
+                page = self.index.pages[position[uid]]
+                vectors = self.index.vectors(position[uid]).numpy()  # (L, dim) float32 of the stored float16 values
+                batch.append(self.models.PointStruct(id=uid, vector=vectors.tolist(), payload={
+                    "file": page["file"], "page": page["page"], "sha256": page["sha256"], "index_id": self.index_id}))
+                size += len(vectors)
+                if size >= UPSERT_VECTORS:
+                    self.client.upsert(self.collection, points=batch, wait=True)
+                    bar.update(len(batch))
+                    batch, size = [], 0
+            if batch:
+                self.client.upsert(self.collection, points=batch, wait=True)
+                bar.update(len(batch))
+        return len(todo)
+
+    def topk(self, qs: list[Any], k: int, exact_scan: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(n_q, k) scores and page positions in the index from Qdrant's MaxSim (ties: lower position first)."""
+        n = self.client.count(self.collection, exact=True).count
+        if n != len(self.index.pages):
+            raise UserError(f"Qdrant collection {self.collection} holds {n} page(s), the index {len(self.index.pages)};"
+                            " run search.py index ... --backend qdrant again to sync it")
+        k = min(k, n)
+        position = {page["uid"]: i for i, page in enumerate(self.index.pages)}
+        params = self.models.SearchParams(exact=True) if exact_scan else None
+        values, ids = np.empty((len(qs), k), dtype=np.float32), np.empty((len(qs), k), dtype=np.int64)
+        for r, q in enumerate(qs):
+            points = self.client.query_points(self.collection, query=np.asarray(q, dtype=np.float32).tolist(),
+                                              limit=k, search_params=params, with_payload=False).points
+            got = sorted(((float(p.score), position[int(p.id)]) for p in points), key=lambda t: (-t[0], t[1]))
+            values[r], ids[r] = [s for s, _ in got], [i for _, i in got]
+        return values, ids

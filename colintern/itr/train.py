@@ -1,0 +1,351 @@
+"""train.py --task itr: the seed-004 heads on a frozen backbone, single-stage or two-stage (docs/CONTRACT.md §12).
+
+    python train.py --task itr --model_id M --train_itr scenes/train/itr.jsonl --out_dir outputs/itr/stage1 --stage 1
+    python train.py --task itr ... --out_dir outputs/itr/stage2 --stage 2 --resume_ckpt outputs/itr/stage1/...epoch3.pt
+    python train.py --task itr ... --out_dir outputs/itr/single --stage single
+
+Stages: 1 = image-text contrastive (ITC) only; 2 = ITC + matching (ITM, hard negatives from the ITC similarities) +
+box regression (L1 + GIoU) + relation classification, starting from a stage-1 checkpoint as a new phase (fresh
+optimizer and schedule, its weights); single = every loss from step 1. The backbone is frozen: every image, caption
+and phrase goes through it once, before step 1, and the steps train the heads only (float32). Every step appends a
+row to metrics.jsonl (loss, each loss, the temperature, lr, pairs/s); checkpoints are colintern_heads_epoch{E}.pt
+(and _step{N}.pt with --save_every) holding the heads, their config, the optimizer, the schedule and the position;
+a resumed run of the same phase continues bit for bit (the ITM negatives of step N are drawn from a generator seeded
+by (seed, N), the epoch order from (seed, epoch)).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from colintern.errors import UserError
+from colintern.cli import parse_config, save_config
+from colintern.settings import ItrTrainConfig, task_flag
+from colintern.itr.model import (Features, ItrConfig, ItrHeads, ItrRow, load_backbone_for_itr, open_images, read_rows,
+                           restore_lora)
+from colintern.itr.losses import (box_losses, clamp_temperature_, itc_loss, itm_loss, relation_loss,
+                                  sample_itm_negatives)
+
+log = logging.getLogger("colintern.train")
+
+STAGE_LOSSES = {"1": ("itc",), "2": ("itc", "itm", "box", "rel"), "single": ("itc", "itm", "box", "rel")}
+CONFIG_FILE = "itr_config.yaml"  # the resolved settings of the newest run in --out_dir
+PHASE_ARGS = ("stage", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "loss_weights", "itm_negatives",
+              "max_steps", "seed", "lora", "lora_r", "lora_alpha")
+
+
+def parse_args(argv: list[str] | None) -> ItrTrainConfig:
+    """train.py --task itr's flags (and --config FILE) as an ItrTrainConfig."""
+    return parse_config(ItrTrainConfig, argv, __doc__, extra=task_flag)
+
+
+@dataclass
+class ItrState:
+    """Where training stands (the checkpoint's "training" section)."""
+    phase: int = 1
+    stage: str = "single"
+    step: int = 0                 # steps of this phase done
+    epoch: int = 0                # epochs of this phase completed
+    position: int = 0             # steps done inside the current epoch
+    steps: int = 0                # steps of the whole phase
+    fingerprint: str = ""
+
+
+class ItrTrainer:
+    """One phase of seed-004 training on cached backbone features."""
+
+    def __init__(self, config: ItrTrainConfig):
+        from colintern.data.report import SkipReport
+        from colintern.device import resolve_device
+        from colintern.train.trainer import prepare_out_dir
+
+        resume_ckpt, self.to_remove = prepare_out_dir(config.out_dir, config.resume_ckpt, config.overwrite)
+        self.config = config = config.replace(resume_ckpt=resume_ckpt)
+        self.out = Path(config.out_dir)
+        self.device = resolve_device(config.device)
+        self.report = SkipReport(strict=config.strict, logger=log)
+        self.rows: list[ItrRow] = read_rows(config.train_itr, self.report, config.coco_images, config.coco_instances)
+        payload = self._resume_payload()
+        cfg = ItrConfig.from_dict(payload["itr"]) if payload else ItrConfig(
+            dim=config.dim, fusion_dim=config.fusion_dim, fusion_layers=config.fusion_layers,
+            fusion_heads=config.fusion_heads, image_size=config.image_size or 0, max_tiles=config.max_tiles,
+            temp_init=config.temp_init, seed=config.seed)
+        self.model, self.cfg = self._backbone(cfg, payload)
+        self.heads = ItrHeads(self.model.config.hidden_size, self.cfg).to(self.device)
+        self.lora_params: list[torch.nn.Parameter] = []
+        if payload and payload.get("lora"):
+            restore_lora(self.model, payload["lora"])
+        elif config.lora:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)  # LoRA's A matrices: seeded, the caller's RNG untouched
+                self.model.add_lora(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                    lora_dropout=0.0)  # no dropout: steps stay reproducible
+        if self.model.lora_config is not None:
+            self.lora_params = [p for n, p in self.model.backbone.named_parameters() if "lora_" in n]
+            for p in self.lora_params:
+                p.requires_grad_(config.lora)
+        self.items = [(r, c) for r, row in enumerate(self.rows) for c in range(len(row.captions))]
+        self.keys = [self.rows[r].key for r, _ in self.items]
+        self.losses = STAGE_LOSSES[config.stage]
+        self.state = ItrState(stage=config.stage, fingerprint=self._fingerprint())
+        self.state.steps = self._plan_steps()
+        trainable = [*self.heads.parameters(), *(self.lora_params if config.lora else [])]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        warmup = math.ceil(config.warmup_ratio * self.state.steps)
+        from colintern.train.step import lr_factor
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           partial(lr_factor, total=self.state.steps, warmup=warmup))
+        if payload:
+            self._load(payload)
+        self._features()
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+    def _resume_payload(self) -> dict[str, Any] | None:
+        if not self.config.resume_ckpt:
+            return None
+        from colintern.retriever.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.config.resume_ckpt, task="itr")
+
+    def _backbone(self, cfg: ItrConfig, payload: dict[str, Any] | None):
+        if payload and payload["config"]["base_model"] != self.config.model_id:
+            log.warning("--resume_ckpt was trained on %s; continuing on --model_id %s",
+                        payload["config"]["base_model"], self.config.model_id)
+        return load_backbone_for_itr(self.config.model_id, cfg, self.device)
+
+    def _fingerprint(self) -> str:
+        config = self.config
+        data = hashlib.sha256(Path(config.train_itr).read_bytes()).hexdigest()
+        settings = {name: getattr(config, name) for name in PHASE_ARGS}
+        settings["loss_weights"] = config.weights
+        return hashlib.sha256(json.dumps([data, settings, self.cfg.to_dict()], sort_keys=True).encode()).hexdigest()
+
+    def _plan_steps(self) -> int:
+        per_epoch = len(self.items) // self.config.batch_size
+        if per_epoch < 1:
+            raise UserError(f"{len(self.items)} captions are fewer than one --batch_size {self.config.batch_size}")
+        total = per_epoch * self.config.epochs
+        return min(total, self.config.max_steps) if self.config.max_steps else total
+
+    def _load(self, payload: dict[str, Any]) -> None:
+        saved = payload["training"]
+        self.heads.load_state_dict(payload["itr_heads"])
+        if saved["fingerprint"] == self.state.fingerprint:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            for name in ("phase", "step", "epoch", "position"):
+                setattr(self.state, name, saved[name])
+            log.info("resuming phase %d (stage %s) at step %d of %d", self.state.phase, self.state.stage,
+                     self.state.step, self.state.steps)
+        else:
+            self.state.phase = saved["phase"] + 1
+            log.info("new phase %d (stage %s) from the weights of %s (stage %s): fresh optimizer and schedule",
+                     self.state.phase, self.state.stage, self.config.resume_ckpt, saved["stage"])
+
+    def _features(self) -> None:
+        """Every image, caption and phrase through the frozen backbone, once."""
+        t0 = time.perf_counter()
+        features = Features(self.model, self.cfg)
+        images = open_images(self.rows, self.config.num_workers)
+        self.features, self.images = features, images
+        self.captions = [self.rows[r].captions[c] for r, c in self.items]
+        self.phrases = [row.phrase or row.captions[0] for row in self.rows]
+        if not self.config.lora:  # frozen: every state once, then the steps only index them
+            self.image_states = features.images(images).to(self.device)  # (N_rows, n_img, H)
+            texts, keep = features.texts(self.captions)
+            self.text_states, self.text_keep = texts.to(self.device), keep.to(self.device)  # (N_items, L, H)
+            phrases, pkeep = features.texts(self.phrases)
+            self.phrase_states, self.phrase_keep = phrases.to(self.device), pkeep.to(self.device)
+        self.subject_box = torch.tensor([r.subject_box or [0.0] * 4 for r in self.rows], device=self.device)
+        self.object_box = torch.tensor([r.object_box or [0.0] * 4 for r in self.rows], device=self.device)
+        self.has_boxes = torch.tensor([r.subject_box is not None and r.object_box is not None for r in self.rows],
+                                      device=self.device)
+        self.relation = torch.tensor([-1 if r.relation is None else r.relation for r in self.rows], device=self.device)
+        self.feature_seconds = time.perf_counter() - t0
+        if not self.config.lora:
+            log.info("backbone features of %d images and %d captions in %.1f s (frozen: computed once)",
+                     len(self.rows), len(self.items), self.feature_seconds)
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.items), generator=g)
+
+    def states(self, rows: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(image, caption, caption keep, phrase, phrase keep) states of a batch: cached when the backbone is frozen,
+        else a forward with gradients through the LoRA adapters."""
+        if not self.config.lora:
+            return (self.image_states[rows], self.text_states[items], self.text_keep[items],
+                    self.phrase_states[rows], self.phrase_keep[rows])
+        f = self.features
+        image = f.images([self.images[r] for r in rows.tolist()], grad=True)
+        text, keep = f.texts([self.captions[i] for i in items.tolist()], grad=True)
+        phrase, phrase_keep = f.texts([self.phrases[r] for r in rows.tolist()], grad=True)
+        return image, text, keep, phrase, phrase_keep
+
+    def step_losses(self, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """Every loss of this stage on one batch of caption items."""
+        heads, dev = self.heads, self.device
+        rows = torch.tensor([self.items[i][0] for i in batch.tolist()], device=dev)
+        items = batch.to(dev)
+        image, text, keep, phrase, phrase_keep = self.states(rows, items)
+        keys = [self.keys[i] for i in batch.tolist()]
+        exclude = torch.tensor([[a == b for b in keys] for a in keys], device=dev)  # same meaning: not a negative
+        out: dict[str, torch.Tensor] = {}
+        out["itc"], logits = itc_loss(heads.image_vectors(image), heads.text_vectors(text, keep), heads.temperature,
+                                      exclude)
+        if "itm" in self.losses:
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7919 * step)
+            weights = logits if self.config.itm_negatives == "hard" else torch.zeros_like(logits)
+            neg_image, neg_text = (t.to(dev) for t in sample_itm_negatives(weights, exclude, g))
+            ok_i, ok_t = neg_image >= 0, neg_text >= 0
+            fused = torch.cat([
+                heads.fusion(image, text, keep),                                   # B matching pairs
+                heads.fusion(image[neg_image[ok_i]], text[ok_i], keep[ok_i]),      # a wrong image per caption
+                heads.fusion(image[ok_t], text[neg_text[ok_t]], keep[neg_text[ok_t]])])  # a wrong caption per image
+            out["itm"] = itm_loss(heads.itm(fused), len(batch))
+        if "box" in self.losses or "rel" in self.losses:
+            subject, obj, rel_logits = heads.ground(heads.fusion(image, phrase, phrase_keep))
+            valid = self.has_boxes[rows]
+            pred, target = torch.cat([subject, obj]), torch.cat([self.subject_box[rows], self.object_box[rows]])
+            boxes = box_losses(pred, target, torch.cat([valid, valid]))
+            out["box_l1"], out["box_giou"] = boxes["box_l1"], boxes["box_giou"]
+            labels = self.relation[rows]
+            out["rel"] = relation_loss(rel_logits, labels.clamp_min(0), labels >= 0)
+        return out
+
+    def run(self) -> str:
+        from colintern.train.state import append_line, fault
+
+        config, state = self.config, self.state
+        from colintern.train.reporting import Reporter
+
+        for path in self.to_remove:
+            path.unlink(missing_ok=True)
+        self._trim_metrics()
+        self._write_run_info()
+        save_config(config, self.out / CONFIG_FILE, "train.py --task itr")
+        reporter = Reporter([k for k in config.report_to if k != "none"], str(self.out),
+                            f"{self.out.name}-phase{state.phase}", f"{self.out.name}-{state.fingerprint[:12]}",
+                            {k: v for k, v in config.to_dict().items() if isinstance(v, (str, int, float, bool))})
+        from tqdm.auto import tqdm
+
+        per_epoch = len(self.items) // config.batch_size
+        t_start = time.perf_counter()
+        row: dict[str, Any] = {}  # the last step's metrics (none yet when a resume lands on an epoch's end)
+        with tqdm(total=state.steps, initial=state.step, desc=f"phase {state.phase} (stage {state.stage})",
+                  unit="step", dynamic_ncols=True) as bar:
+            while state.step < state.steps:
+                order = self.epoch_order(state.epoch)
+                while state.position < per_epoch and state.step < state.steps:
+                    batch = order[state.position * config.batch_size:(state.position + 1) * config.batch_size]
+                    row = self.train_step(batch)
+                    append_line(str(self.out), "metrics.jsonl", json.dumps(row))
+                    reporter.log(row, state.step)
+                    bar.update(1)
+                    bar.set_postfix(epoch=row["epoch"], loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.0f}")
+                    if config.save_every and state.step % config.save_every == 0:
+                        self.save(f"colintern_heads_step{state.step}.pt", row)
+                    fault("kill", state.step)
+                state.epoch += 1
+                state.position = 0
+                self.save(f"colintern_heads_epoch{state.epoch}.pt", row)
+        reporter.close()
+        wall = time.perf_counter() - t_start
+        from colintern.device import peak_memory_gib
+
+        peak, kind = peak_memory_gib(self.device)
+        self._write_run_info({"peak_mem_gib": round(peak, 3), "peak_mem_kind": kind})
+        return (f"done: phase {state.phase} (stage {state.stage}), {state.step} steps, {state.epoch} epoch(s) in "
+                f"{wall:.1f} s; last checkpoint {self.out / f'colintern_heads_epoch{state.epoch}.pt'}")
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, Any]:
+        """One optimizer step on a batch of caption items; returns its metrics.jsonl row."""
+        config, state = self.config, self.state
+        t0 = time.perf_counter()
+        parts = self.step_losses(batch, state.step)
+        loss = sum(config.weights[name] * value for name, value in parts.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        clamp_temperature_(self.heads.temperature, *config.temp_range)
+        state.step += 1
+        state.position += 1
+        seconds = time.perf_counter() - t0
+        return {"step": state.step, "epoch": state.epoch + 1, "phase": state.phase, "stage": state.stage,
+                "loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in parts.items()},
+                "temp": float(self.heads.temperature.detach()), "lr": self.scheduler.get_last_lr()[0],
+                "seconds": seconds, "pairs_per_s": len(batch) / max(seconds, 1e-9)}
+
+    def _trim_metrics(self) -> None:
+        """A resumed phase drops the rows logged after its checkpoint (they are computed again)."""
+        from colintern.files import atomic_write_text
+
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line of a killed run
+            if row.get("phase", 1) < self.state.phase or (row.get("phase") == self.state.phase
+                                                          and row["step"] <= self.state.step):
+                kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def save(self, name: str, metrics: dict[str, Any]) -> None:
+        from dataclasses import asdict
+
+        from colintern.retriever.checkpoint import FORMAT_VERSION, atomic_torch_save
+
+        payload = {"format_version": FORMAT_VERSION, "task": "itr", "config": self.model.config.to_dict(),
+                   "itr": self.cfg.to_dict(), "itr_heads": self.heads.state_dict(),
+                   "lora": None if self.model.lora_config is None else {"config": dict(self.model.lora_config),
+                                                                        "state": self.model.lora_state()},
+                   "training": {**asdict(self.state), "optimizer": self.optimizer.state_dict(),
+                                "scheduler": self.scheduler.state_dict()},
+                   "box_prior": {"subject": self.subject_box[self.has_boxes].mean(0).tolist(),
+                                 "object": self.object_box[self.has_boxes].mean(0).tolist()}
+                   if bool(self.has_boxes.any()) else None,
+                   "metrics": metrics}
+        atomic_torch_save(payload, str(self.out / name))
+
+    def _write_run_info(self, peak: dict[str, Any] | None = None) -> None:
+        from colintern.files import atomic_write_json
+
+        trainable = sum(p.numel() for p in self.heads.parameters()) + sum(p.numel() for p in self.lora_params
+                                                                          if self.config.lora)
+        frozen = sum(p.numel() for p in self.model.backbone.parameters()) - (
+            sum(p.numel() for p in self.lora_params) if self.config.lora else 0)
+        atomic_write_json(self.out / "run_info.json", {
+            "task": "itr", "stage": self.state.stage, "phase": self.state.phase, "model_id": self.config.model_id,
+            "train_itr": self.config.train_itr, "rows": len(self.rows), "captions": len(self.items),
+            "trainable_params": trainable, "total_params": trainable + frozen, "image_tokens": self.cfg.image_tokens,
+            "feature_seconds": round(self.feature_seconds, 2), "itr": self.cfg.to_dict(), **(peak or {}),
+            "args": {k: v for k, v in self.config.to_dict().items() if isinstance(v, (str, int, float, bool, type(None)))}})
+
+
+def main(argv: list[str]) -> int:
+    from colintern.cli import setup_logging
+    from colintern.device import torch_threads
+
+    config = parse_args(argv)
+    setup_logging(config.verbose)
+    with torch_threads(config.threads):
+        print(ItrTrainer(config).run(), flush=True)
+    return 0

@@ -1,0 +1,1 @@
+"""Hard-negative mining: the job (miner), the search over the page store, and the page store."""

@@ -1,0 +1,99 @@
+"""eval.py's settings: tasks (mteb benchmarks, local sets), pages, image-text evaluation."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from colintern.errors import UserError
+from colintern.cli import Options, option, with_default
+from colintern.settings.common import CheckpointOptions, DeviceOptions, LogOptions, ModelOptions
+from colintern.settings.train import OptimOptions, TrainDataOptions, TrainOutputOptions
+from colintern.settings.itr import CocoOptions
+
+
+DEFAULT_BENCHMARK = "ViDoRe(v1)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolOptions(Options):
+    """pages"""
+
+    pool_factor: int | None = option(None, at_least=1, help="hierarchical token pooling of every page: about K "
+                                     "times fewer vectors (docs/BENCHMARKS.md measures what it keeps; no similarity "
+                                     "maps). Default: 1, none (search.py index: the index's when extending one)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkOptions(Options):
+    """tasks"""
+
+    benchmark: list[str] | None = option(None, metavar="NAME", help="mteb benchmark name(s), e.g. 'ViDoRe(v1)' "
+                                         f"'ViDoRe(v2)' 'ViDoRe(v3)' (default: {DEFAULT_BENCHMARK}, unless only "
+                                         "--local_dataset is given); see --list_benchmarks")
+    tasks: list[str] | None = option(None, metavar="TASK", help="evaluate only these tasks of the benchmark(s); a "
+                                     "name outside them is looked up among all mteb tasks (default: every task of the "
+                                     "benchmark(s))")
+    list_benchmarks: bool = option(False, help="print the benchmark names the installed mteb knows, one per line, "
+                                               "and exit")
+    local_dataset: list[str] = option([], metavar="DIR", help="local BEIR-layout evaluation set(s): a folder with "
+                                      "corpus, queries and qrels as .jsonl or .parquet; corpus rows {corpus-id, image "
+                                      "(bytes or a path relative to the folder)}, queries {query-id, query}, qrels "
+                                      "{query-id, corpus-id, score} (docs/CONTRACT.md §7). Each becomes an mteb task "
+                                      "named after its folder (default: none)")
+    task_data: list[str] = option([], metavar="TASK=DIR", help="read an mteb task's dataset from a local copy of its "
+                                  "hub repo (same configs and files), e.g. VidoreDocVQARetrieval=/data/docvqa_test_"
+                                  "subsampled_beir (default: from the hub)")
+    query_batch_size: int = option(32, at_least=1, help="queries per forward pass")
+    run_name: str | None = option(None, help="run directory name under --out_dir (default: the checkpoint's file "
+                                             "stem, or 'base')")
+    save_run: bool = option(False, help="also write runs/<task>.json: the top 100 pages and scores per query")
+
+    def check(self) -> None:
+        for item in self.task_data:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise UserError(f"--task_data {item!r}: expected TASK=DIR")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ItrEvalOptions(Options):
+    """image-text retrieval (seed 004; a checkpoint of train.py --task itr)"""
+
+    itr_dataset: str | None = option(None, metavar="DIR", help="a folder holding itr.jsonl (e.g. python -m "
+                                     "colintern.itr.scenes OUT writes OUT/eval): T2I and I2T R@1/5/10, twin accuracy, box "
+                                     "IoU/GIoU/L1 beside the mean-box prior, relation accuracy/macro-F1 beside the "
+                                     "shuffled-image control (default: none)")
+    itm_rerank: int = option(0, at_least=0, metavar="K", help="with --itr_dataset: also re-rank each caption's top K "
+                                                              "images by the matching head (default: 0 = off)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(CheckpointOptions, BenchmarkOptions, PoolOptions, ItrEvalOptions, CocoOptions, LogOptions):
+    """Everything eval.py needs."""
+
+    model_id: str | None = with_default(ModelOptions, "model_id", None)
+    allow_other_base: bool = with_default(ModelOptions, "allow_other_base", False)
+    pool_factor: int = with_default(PoolOptions, "pool_factor", 1)
+    batch_size: int = with_default(OptimOptions, "batch_size", 8)
+    max_tiles: int | None = with_default(TrainDataOptions, "max_tiles", None)
+    strict: bool = with_default(TrainDataOptions, "strict", False)
+    device: str = with_default(DeviceOptions, "device", "auto")
+    dtype: str = with_default(DeviceOptions, "dtype", "auto")
+    use_flash_attn: bool = with_default(DeviceOptions, "use_flash_attn", False)
+    out_dir: str = with_default(TrainOutputOptions, "out_dir", "outputs/eval")
+    overwrite: bool = with_default(TrainOutputOptions, "overwrite", False)
+
+    def check(self) -> None:
+        if not self.model_id and not self.ckpt and not self.list_benchmarks:
+            raise UserError("pass --ckpt (a checkpoint; its base model is used) or --model_id (the bare base model)")
+        name = self.run_dir.name
+        if name != self.run_dir.parts[-1] or "/" in name or os.sep in name or name in ("", ".", "..") or \
+                (self.run_name is not None and self.run_name != name):
+            raise UserError(f"--run_name {self.run_name!r}: must be a plain directory name")
+
+    @property
+    def run_dir(self) -> Path:
+        """OUT_DIR/RUN_NAME, the run name defaulting to the checkpoint's file stem, or 'base'."""
+        return Path(self.out_dir) / (self.run_name if self.run_name is not None else
+                                     Path(self.ckpt).stem if self.ckpt else "base")

@@ -1,0 +1,1 @@
+"""What the tests and demos build: tiny models of each family, a toy tokenizer and synthetic page sets."""
