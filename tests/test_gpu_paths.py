@@ -113,7 +113,7 @@ def test_the_tf32_guard_works_from_every_starting_state(tf32_state, start):
 
 
 def test_a_resume_with_fewer_gpus_restores_the_training_device(monkeypatch, caplog):
-    from colintern.train import components as training
+    from colintern.train import state as training
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

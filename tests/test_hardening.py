@@ -120,7 +120,7 @@ def test_explain_skips_a_changed_or_deleted_file_with_a_warning(tiny_model_dir, 
 def test_a_huge_pdf_page_is_rendered_under_the_pixel_cap(tmp_path, monkeypatch, caplog):
     from PIL import Image
 
-    from colintern.index import page_index
+    from colintern.index import sources as page_index
     from colintern.index.sources import PageSource, render_page, render_scale
 
     assert render_scale(200 * 72, 200 * 72, 150) * 72 == pytest.approx(150 * (64e6 / 900e6) ** 0.5)

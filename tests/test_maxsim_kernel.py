@@ -11,7 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from colintern import scoring  # noqa: E402
+from colintern.retriever import scoring  # noqa: E402
 from colintern.retriever.maxsim_kernel import BLOCK_N, maxsim_fused  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

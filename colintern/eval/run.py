@@ -155,6 +155,8 @@ def load_encoder(config: EvalConfig) -> Any:
     """The mteb encoder (mteb_model.ColInternMTEB) for --model_id / --ckpt."""
     from colintern.eval.mteb_model import ColInternMTEB
 
+    if not config.model_id and not config.ckpt:
+        raise UserError("pass --ckpt (a checkpoint; its base model is used) or --model_id (the bare base model)")
     if config.ckpt and not Path(config.ckpt).is_file():
         raise UserError(f"--ckpt {config.ckpt}: no such file")
     model_id = config.model_id or default_model_id(config.ckpt)

@@ -85,8 +85,6 @@ class EvalConfig(CheckpointOptions, BenchmarkOptions, PoolOptions, ItrEvalOption
     overwrite: bool = with_default(TrainOutputOptions, "overwrite", False)
 
     def check(self) -> None:
-        if not self.model_id and not self.ckpt and not self.list_benchmarks:
-            raise UserError("pass --ckpt (a checkpoint; its base model is used) or --model_id (the bare base model)")
         name = self.run_dir.name
         if name != self.run_dir.parts[-1] or "/" in name or os.sep in name or name in ("", ".", "..") or \
                 (self.run_name is not None and self.run_name != name):
