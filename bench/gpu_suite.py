@@ -576,7 +576,7 @@ def _check_paged_resume(suite: Suite) -> dict[str, Any]:
 
     import bitsandbytes as bnb
 
-    from colintern.train.trainer import repage_optimizer_states
+    from colintern.train.optim import repage_optimizer_states
 
     g = torch.Generator(device=suite.device).manual_seed(0)
     start = torch.randn(300_000, device=suite.device, generator=g)

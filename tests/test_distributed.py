@@ -134,7 +134,7 @@ def _auto_batch_with_a_failing_rank(rank: int) -> str | None:
     (a rank left waiting in the gather would hang the run). The probe is faked; the gather is real."""
     from types import SimpleNamespace
 
-    from colintern.train import trainer
+    from colintern.train import setup as trainer
     from colintern.errors import UserError
     from colintern.settings import TrainConfig
 

@@ -156,7 +156,7 @@ def test_an_oom_reported_as_a_plain_runtime_error_is_out_of_memory(monkeypatch):
 
 def test_auto_batch_failure_on_one_rank_stops_every_rank(monkeypatch):
     """A rank whose probe fails must not leave the others waiting in the gather: all raise the same line."""
-    from colintern.train import trainer
+    from colintern.train import setup as trainer
     from colintern.settings import TrainConfig
 
     monkeypatch.setattr(trainer, "probe_batch_size", lambda *a, **k: (8, ["batch 8: fits"]))
@@ -208,7 +208,7 @@ def test_a_resident_page_store_is_read_once_and_scans_the_same_vectors(tmp_path,
 
 
 def test_a_compiler_failure_at_a_later_recompilation_falls_back_to_eager(caplog):
-    from colintern.train.trainer import CompiledOrEager
+    from colintern.train.setup import CompiledOrEager
 
     calls = []
 
@@ -239,7 +239,7 @@ def test_a_compiler_failure_at_a_later_recompilation_falls_back_to_eager(caplog)
 def test_a_same_phase_resume_of_a_paged_optimizer_pages_again():
     """bitsandbytes' load_state_dict leaves ordinary tensors; repage_optimizer_states copies the big ones back into
     buffers from the optimizer's own allocator (paged on CUDA), values unchanged, small ones untouched."""
-    from colintern.train.trainer import repage_optimizer_states
+    from colintern.train.optim import repage_optimizer_states
 
     big, small = torch.nn.Parameter(torch.zeros(100_000)), torch.nn.Parameter(torch.zeros(10))
 

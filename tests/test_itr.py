@@ -116,9 +116,9 @@ def test_stage_2_is_a_new_phase_from_stage_1_and_a_killed_run_resumes_bit_for_bi
     # the same stage 2, killed after step 7 (last checkpoint: step 6), then resumed: the same heads, bit for bit
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(REPO / "train.py"), *stage2, "--out_dir", str(killed)]
-    env = {**os.environ, "COLINTERN_FAULT": "kill@7", "OMP_NUM_THREADS": "1"}
-    assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == -9
-    env.pop("COLINTERN_FAULT")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    faulty = [sys.executable, "-m", "colintern.testing.faults", "kill@7", "train", *cmd[2:]]  # SIGKILL after step 7
+    assert subprocess.run(faulty, env=env, capture_output=True, timeout=600).returncode == -9
     resumed = subprocess.run([*cmd, "--resume_ckpt", "latest"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     again = torch.load(killed / "colintern_heads_epoch2.pt", weights_only=True)

@@ -308,11 +308,11 @@ def test_an_index_killed_mid_run_resumes_without_duplicate_pages(tiny_model_dir,
     index = tmp_path / "index"
     cmd = [sys.executable, str(REPO / "search.py"), "index", "--ckpt", ckpt, "--model_id", tiny_model_dir,
            "--inputs", str(docs), "--index", str(index), "--dpi", "72", "--segment_pages", "2", "--device", "cpu"]
-    env = {**os.environ, "COLINTERN_FAULT": "kill@2", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    faulty = [sys.executable, "-m", "colintern.testing.faults", "kill@2", "search", *cmd[2:]]  # SIGKILL: 2nd segment
+    killed = subprocess.run(faulty, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr
     assert len(PageIndex.open(index).pages) == 4
-    env.pop("COLINTERN_FAULT")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.startswith("indexed 2 new page(s) from 3 file(s); 6 page(s)")
     keys = [(p["sha256"], p["page"]) for p in PageIndex.open(index).pages]

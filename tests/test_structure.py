@@ -182,3 +182,28 @@ def test_at_most_six_modules_at_the_package_root_and_a_folder_per_concern():
     for folder in folders:  # each folder says what lives there
         doc = ast.get_docstring(ast.parse((PACKAGE / folder / "__init__.py").read_text(encoding="utf-8")))
         assert doc and len(doc) > 40, folder
+
+
+# Known over the limits, with their size today: each may only shrink (the one-loop work of the typed-core issue
+# takes Trainer and ItrTrainer apart); nothing else may pass a limit.
+OVERSIZE = {"colintern/train/trainer.py": 620, "class Trainer": 487, "class ItrTrainer": 280, "class Miner": 277,
+            "class PageIndex": 355}
+LIMITS = {"module": 500, "class": 250, "function": 80}
+
+
+def test_modules_classes_and_functions_stay_small():
+    found = {}
+    for path in package_modules():
+        rel = path.relative_to(REPO).as_posix()
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > LIMITS["module"]:
+            found[rel] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            size = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, ast.ClassDef) and size > LIMITS["class"]:
+                found[f"class {node.name}"] = size
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > LIMITS["function"]:
+                found[f"def {node.name} ({rel})"] = size
+    assert set(found) <= set(OVERSIZE), {k: v for k, v in found.items() if k not in OVERSIZE}
+    grown = {k: (found[k], OVERSIZE[k]) for k in found if found[k] > OVERSIZE[k]}
+    assert not grown, grown

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from colintern.retriever.checkpoint import load_checkpoint
+from colintern.testing.faults import injected
 from colintern.cli import run_cli
 from helpers import load_script
 
@@ -233,7 +234,8 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(tiny_mode
     cmd = [sys.executable, str(REPO / "train.py")] + [str(a) for a in common] + ["--out_dir", str(killed)]
     log = tmp_path / "log.txt"
     with log.open("w") as f:  # a file, not a pipe: orphaned loader workers must not hold the test up
-        rc = subprocess.run(cmd, env={**ENV, "COLINTERN_FAULT": "kill@5"}, stdout=f, stderr=f).returncode
+        faulty = [sys.executable, "-m", "colintern.testing.faults", "kill@5", "train", *cmd[2:]]  # SIGKILL: step 5
+        rc = subprocess.run(faulty, env=ENV, stdout=f, stderr=f).returncode
     assert rc == -9, log.read_text()[-2000:]
     assert [r["step"] for r in metrics(killed)] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in killed.glob("*.pt")) == ["colintern_heads_step3.pt"]
@@ -259,10 +261,8 @@ def test_heads_only_resume_rebuilds_the_cache_and_is_exact(tiny_model_dir, synth
               "--batch_size", 8, "--epochs", 2, "--save_every", 5, "--lr", 1e-3, "--num_workers", 0]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert run(*common, "--out_dir", ref) == 0  # 120 rows / 8 = 15 steps per epoch
-    monkeypatch.setenv("COLINTERN_FAULT", "raise@22")
-    with pytest.raises(RuntimeError, match="injected failure after step 22"):
+    with injected("raise@22"), pytest.raises(RuntimeError, match="injected failure after step 22"):
         run(*common, "--out_dir", cut)
-    monkeypatch.delenv("COLINTERN_FAULT")
     caplog.set_level(logging.INFO)
     # resumed with the cache on disk instead of in memory: the cached values, hence the results, are the same
     assert run(*common, "--out_dir", cut, "--resume_ckpt", cut / "colintern_heads_step20.pt",
@@ -294,10 +294,8 @@ def test_resume_with_other_arguments_fails_clearly_and_new_phase_continues_numbe
         tiny_model_dir, synthetic_small_dir, tmp_path, monkeypatch, capsys):
     common = ["--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"),
               "--batch_size", 8, "--save_every", 5, "--num_workers", 0, "--out_dir", tmp_path]
-    monkeypatch.setenv("COLINTERN_FAULT", "raise@7")
-    with pytest.raises(RuntimeError):
+    with injected("raise@7"), pytest.raises(RuntimeError):
         run(*common, "--lr", 1e-3)
-    monkeypatch.delenv("COLINTERN_FAULT")
     ckpt = tmp_path / "colintern_heads_step5.pt"
     assert run_cli(train.main, [str(a) for a in common + ["--lr", 2e-3, "--resume_ckpt", ckpt]]) == 2
     err = error_lines(capsys)
@@ -509,8 +507,8 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tiny_model_dir, syn
                                                              monkeypatch, capsys):
     argv = ["--model_id", tiny_model_dir, "--train_hub", os.path.join(synthetic_small_dir, "train"),
             "--batch_size", 8, "--save_every", 2, "--num_workers", 0, "--out_dir", tmp_path]
-    monkeypatch.setenv("COLINTERN_FAULT", "nan@5")
-    assert run_cli(train.main, [str(a) for a in argv]) == 2
+    with injected("nan@5"):
+        assert run_cli(train.main, [str(a) for a in argv]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and "training diverged: loss nan" in err[0] and "at step 5" in err[0]
     assert str(tmp_path / "colintern_heads_step4.pt") in err[0]
@@ -518,9 +516,9 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tiny_model_dir, syn
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["colintern_heads_step2.pt", "colintern_heads_step4.pt"]
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
 
-    monkeypatch.setenv("COLINTERN_FAULT", "save_error@4")
     out = tmp_path / "save"
-    assert run_cli(train.main, [str(a) for a in argv[:-1] + [out]]) == 2
+    with injected("save_error@4"):
+        assert run_cli(train.main, [str(a) for a in argv[:-1] + [out]]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and f"could not write checkpoint {out / 'colintern_heads_step4.pt'}" in err[0]
     assert f"the previous checkpoint {out / 'colintern_heads_step2.pt'} is intact" in err[0]

@@ -222,15 +222,11 @@ def remove_torn_json(folder: Path) -> list[Path]:
     return torn
 
 
-def run_mteb(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, config: EvalConfig) -> dict:
-    """Run mteb on the tasks, write runs and summary.json into run_dir; return the summary."""
+def call_mteb(encoder: Any, tasks: list[Any], run_dir: Path, predictions: Path, config: EvalConfig) -> Any:
+    """mteb.evaluate with its results cached in run_dir and its per-query scores in `predictions`; a fault of the
+    output location (a full disk) leaves no torn result file behind."""
     import mteb
 
-    from colintern.eval.evaluation import K_VALUES, language_averages, retrieval_metrics, task_qrels, top_run
-
-    predictions = run_dir / ".predictions"
-    shutil.rmtree(predictions, ignore_errors=True)
-    start = time.perf_counter()
     try:
         result = mteb.evaluate(
             encoder, tasks,
@@ -245,48 +241,69 @@ def run_mteb(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, c
         shutil.rmtree(predictions, ignore_errors=True)
         torn = remove_torn_json(run_dir)
         raise note_path(err, torn[0] if torn else run_dir)
-    seconds = time.perf_counter() - start
     if result.exceptions:
         first = result.exceptions[0]
         raise UserError(f"{first.task_name}: evaluation failed: {first.exception}")
+    return result
+
+
+def task_metrics(task_result: Any, task: Any, predicted: dict | None, runs_dir: Path | None,
+                 subset_scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """One task's metrics, averaged over its language subsets and splits: mteb's, with the ranking metrics recomputed
+    unrounded from its per-query scores when they are there (mteb's files round to 5 decimals); the subsets' own
+    table metrics go into subset_scores; with runs_dir (--save_run) the top pages per query are written there."""
+    from colintern.eval.evaluation import K_VALUES, retrieval_metrics, task_qrels, top_run
+
+    name, entries = task_result.task_name, []
+    multi_split = len(task_result.scores) > 1
+    for split, split_scores in task_result.scores.items():
+        multi_subset = len(split_scores) > 1
+        for scores in split_scores:
+            subset = scores["hf_subset"]
+            metrics = numeric_scores(scores)
+            results = (predicted or {}).get(subset, {}).get(split)
+            if results is not None:
+                qrels = task_qrels(task, subset, split)
+                exact = retrieval_metrics(qrels, results, tuple(getattr(task, "k_values", K_VALUES)))
+                for key, value in exact.items():
+                    if key in metrics and abs(metrics[key] - value) > 6e-6:
+                        log.warning("%s %s/%s: %s recomputed %.6f differs from mteb's %.6f", name, subset,
+                                    split, key, value, metrics[key])
+                metrics.update(exact)
+                if runs_dir is not None:
+                    suffix = (f".{subset}" if multi_subset else "") + (f".{split}" if multi_split else "")
+                    write_json(runs_dir / f"{name}{suffix}.json", top_run(results, RUN_TOP_K))
+            entries.append(metrics)
+            if multi_subset or multi_split:
+                key = subset if not multi_split else f"{subset}/{split}"
+                subset_scores.setdefault(name, {})[key] = {k: metrics[k] for k, _ in TABLE_METRICS if k in metrics}
+    return mean_dicts(entries)
+
+
+def run_mteb(encoder: Any, tasks: list[Any], run_dir: Path, *, benchmark: str, config: EvalConfig) -> dict:
+    """Run mteb on the tasks, write runs and summary.json into run_dir; return the summary."""
+    import mteb
+
+    from colintern.eval.evaluation import language_averages
+
+    predictions = run_dir / ".predictions"
+    shutil.rmtree(predictions, ignore_errors=True)
+    start = time.perf_counter()
+    result = call_mteb(encoder, tasks, run_dir, predictions, config)
+    seconds = time.perf_counter() - start
     by_name = {t.metadata.name: t for t in tasks}
     task_scores: dict[str, dict[str, float]] = {}
     subset_scores: dict[str, dict[str, dict[str, float]]] = {}
     main_metrics: dict[str, str] = {}
-    runs_dir = run_dir / "runs"
     for task_result in result.task_results:
         name = task_result.task_name
-        task = by_name[name]
-        main_metrics[name] = task.metadata.main_score
+        main_metrics[name] = by_name[name].metadata.main_score
         prediction_file = predictions / f"{name}_predictions.json"
         predicted = json.loads(prediction_file.read_text()) if prediction_file.exists() else None
         if predicted is None:
             log.info("%s: mteb results reused from %s (no new run file)", name, run_dir)
-        entries = []
-        multi_split = len(task_result.scores) > 1
-        for split, split_scores in task_result.scores.items():
-            multi_subset = len(split_scores) > 1
-            for scores in split_scores:
-                subset = scores["hf_subset"]
-                metrics = numeric_scores(scores)
-                results = (predicted or {}).get(subset, {}).get(split)
-                if results is not None:
-                    qrels = task_qrels(task, subset, split)
-                    exact = retrieval_metrics(qrels, results, tuple(getattr(task, "k_values", K_VALUES)))
-                    for key, value in exact.items():
-                        if key in metrics and abs(metrics[key] - value) > 6e-6:
-                            log.warning("%s %s/%s: %s recomputed %.6f differs from mteb's %.6f", name, subset,
-                                        split, key, value, metrics[key])
-                    metrics.update(exact)
-                    if config.save_run:
-                        suffix = (f".{subset}" if multi_subset else "") + (f".{split}" if multi_split else "")
-                        write_json(runs_dir / f"{name}{suffix}.json", top_run(results, RUN_TOP_K))
-                entries.append(metrics)
-                if multi_subset or multi_split:
-                    key = subset if not multi_split else f"{subset}/{split}"
-                    subset_scores.setdefault(name, {})[key] = {k: metrics[k] for k, _ in TABLE_METRICS
-                                                               if k in metrics}
-        task_scores[name] = mean_dicts(entries)
+        task_scores[name] = task_metrics(task_result, by_name[name], predicted,
+                                         run_dir / "runs" if config.save_run else None, subset_scores)
     shutil.rmtree(predictions, ignore_errors=True)
     order = [t.metadata.name for t in tasks if t.metadata.name in task_scores]
     task_scores = {name: task_scores[name] for name in order}

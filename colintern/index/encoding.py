@@ -8,6 +8,7 @@ from typing import Any
 
 from PIL import Image
 
+from colintern import hooks
 from colintern.files import display
 from colintern.retriever.token_pooling import pool_tokens
 from colintern.index.sources import PageSource, render_page
@@ -24,7 +25,6 @@ def index_pages(index: PageIndex, model: Any, todo: list[PageSource], report: An
 
     from colintern.data.report import BadRowError
 
-    from colintern.train.state import fault
 
     done = committed = 0
     start = time.perf_counter()
@@ -47,7 +47,7 @@ def index_pages(index: PageIndex, model: Any, todo: list[PageSource], report: An
                 index.commit([(s, pool_tokens(v, factor), *image_tokens_of(model, img, factor), img.size)
                               for s, v, img in zip(chunk, vectors, images)])
                 committed += 1
-                fault("kill", committed)  # tests: COLINTERN_FAULT=kill@N is a SIGKILL after the N-th segment
+                hooks.call("segment", committed)  # e.g. the tests' SIGKILL after the N-th segment
             done += len(chunk)
             bar.update(len(todo[first:first + segment_pages]))
             bar.set_postfix(pages_per_s=f"{done / max(time.perf_counter() - start, 1e-9):.1f}")

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
+from colintern import hooks
 from colintern.errors import UserError
+from colintern.train.optim import optimizer_step
 from colintern.cli import parse_config, save_config
 from colintern.settings import ItrTrainConfig, task_flag
 from colintern.itr.model import (Features, ItrConfig, ItrHeads, ItrRow, load_backbone_for_itr, open_images, read_rows,
@@ -66,7 +68,7 @@ class ItrTrainer:
     def __init__(self, config: ItrTrainConfig):
         from colintern.data.report import SkipReport
         from colintern.device import resolve_device
-        from colintern.train.trainer import prepare_out_dir
+        from colintern.train.outputs import prepare_out_dir
 
         resume_ckpt, self.to_remove = prepare_out_dir(config.out_dir, config.resume_ckpt, config.overwrite)
         self.config = config = config.replace(resume_ckpt=resume_ckpt)
@@ -225,7 +227,7 @@ class ItrTrainer:
         return out
 
     def run(self) -> str:
-        from colintern.train.state import append_line, fault
+        from colintern.train.state import append_line
 
         config, state = self.config, self.state
         from colintern.train.reporting import Reporter
@@ -256,7 +258,7 @@ class ItrTrainer:
                     bar.set_postfix(epoch=row["epoch"], loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.0f}")
                     if config.save_every and state.step % config.save_every == 0:
                         self.save(f"colintern_heads_step{state.step}.pt", row)
-                    fault("kill", state.step)
+                    hooks.call("step", state.step)
                 state.epoch += 1
                 state.position = 0
                 self.save(f"colintern_heads_epoch{state.epoch}.pt", row)
@@ -275,10 +277,12 @@ class ItrTrainer:
         t0 = time.perf_counter()
         parts = self.step_losses(batch, state.step)
         loss = sum(config.weights[name] * value for name, value in parts.items())
-        self.optimizer.zero_grad(set_to_none=True)
+        assert isinstance(loss, torch.Tensor)  # every stage has the ITC loss
         loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
+        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optimizer_step(self.optimizer, self.scheduler, trainable, float(loss.detach()), step=state.step + 1,
+                       max_grad_norm=None, where=f"at step {state.step + 1}; stopped without saving (lower --lr or "
+                                                 "check the data)")
         clamp_temperature_(self.heads.temperature, *config.temp_range)
         state.step += 1
         state.position += 1

@@ -177,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU.\nEvery step's command is printed before it runs; to re-run one by hand, first:\n"
           f"$ export {' '.join(f'{k}={shlex.quote(v)}' for k, v in fixed.items())}", flush=True)
 
-    train_common = ["--batch_size", str(config.batch_size), "--lr", str(config.lr), "--lora", "--lora_r", str(config.lora_r),
-                    "--lora_alpha", str(config.lora_alpha), "--tau", str(config.tau), "--seed", str(config.seed),
-                    "--device", "cpu", "--num_workers", str(config.num_workers), "--save_every", "0"]
+    train_common = ["--batch_size", str(config.batch_size), "--lr", str(config.lr), "--lora", "--lora_r",
+                    str(config.lora_r), "--lora_alpha", str(config.lora_alpha), "--tau", str(config.tau), "--seed",
+                    str(config.seed), "--device", "cpu", "--num_workers", str(config.num_workers), "--save_every",
+                    "0"]
     seconds: dict[str, float] = {}
-    seconds["tiny model"] = run("build the tiny model", [py, "-m", "colintern.testing.tiny", tiny, "--seed", str(config.seed)])
+    seconds["tiny model"] = run("build the tiny model", [py, "-m", "colintern.testing.tiny", tiny, "--seed",
+                                                         str(config.seed)])
     seconds["synthetic corpus"] = run("write the synthetic corpus", [
         py, "-m", "colintern.testing.synthetic", syn, "--n_train_pages", str(config.train_pages), "--n_eval_pages",
         str(config.eval_pages), "--queries_per_page", str(config.queries_per_page), "--seed", str(config.seed)])
@@ -209,17 +211,24 @@ def main(argv: list[str] | None = None) -> int:
     seconds["plot metrics"] = run("plot the held-out metrics of the three runs", [
         py, script("plot_vidore_metrics.py"), "--inputs", *(f"{eval_dir}/{r}" for r in RUNS), "--outdir", plots])
 
-    # ---- the table ----------------------------------------------------------------------------------------
+    return report(config, out, seconds, run, fixed, time.perf_counter() - t_start)
+
+
+def report(config: DemoConfig, out: Path, seconds: dict[str, float], run: Runner, fixed: dict[str, str],
+           total: float) -> int:
+    """The demo's table, demo_summary.json and the bar: exit status 1 when epoch 2 did not clear --min_gain."""
+    o = shown_path(out)
+    syn, train_dir, eval_dir, plots = f"{o}/synthetic", f"{o}/train", f"{o}/eval", f"{o}/plots"
+    epoch1, epoch2 = f"{train_dir}/colintern_heads_epoch1.pt", f"{train_dir}/colintern_heads_epoch2.pt"
     metrics = {r: read_metrics(Path(eval_dir) / r / "summary.json") for r in RUNS}
     gain = metrics["epoch2"]["ndcg_at_5"] - metrics["base"]["ndcg_at_5"]
-    total = time.perf_counter() - t_start
     plot_paths = [f"{plots}/{name}" for name in PLOT_FILES] + [f"{plots}/metrics.md", f"{plots}/metrics.csv"]
     summary = {
         "runs": {r: {"summary": f"{eval_dir}/{r}/summary.json", **metrics[r]} for r in RUNS},
         "gain_ndcg_at_5": gain,
         "min_gain": config.min_gain,
         "checkpoints": {"epoch1": epoch1, "epoch2": epoch2},
-        "mined_triples": mined,
+        "mined_triples": f"{o}/mine/mined_triples.jsonl",
         "plots": plot_paths,
         "seconds": {**{k: round(v, 2) for k, v in seconds.items()}, "total": round(total, 2)},
         "commands": run.commands,
@@ -228,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     n_queries = count_lines(Path(syn) / "eval" / "queries.jsonl")
-    print(f"\nHeld-out synthetic pages ({config.eval_pages} pages, {n_queries} queries), exact MaxSim, mteb metrics:\n")
+    print(f"\nHeld-out synthetic pages ({config.eval_pages} pages, {n_queries} queries), exact MaxSim, mteb "
+          "metrics:\n")
     print(format_table(metrics))
     print(f"\nepoch 2 vs the untrained base: nDCG@5 {gain:+.4f}")
     print("\nplots and tables:")

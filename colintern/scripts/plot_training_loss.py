@@ -274,49 +274,40 @@ def default_labels(paths: list) -> list:
     return labels
 
 
-def run(config: PlotLossConfig) -> Path:
-    paths = [resolve_input(name) for name in config.input]
-    if config.labels is not None and len(config.labels) != len(paths):
-        raise UserError(f"--labels: got {len(config.labels)} label(s) for {len(paths)} --input file(s); give one per input")
-    labels = config.labels if config.labels is not None else default_labels(paths)
-    runs = [read_log(path) for path in paths]
-
-    with_eval = any(np.isfinite(r[key]).any() for r in runs for key in EVAL_FIELDS)
-    if with_eval:
-        fig, (ax, ax_eval) = plt.subplots(2, 1, figsize=(10, 8), sharex=True, height_ratios=[2, 1])
+def draw_run(config: PlotLossConfig, ax, ax_eval, path: Path, label: str, r: dict, color: str, several: bool) -> None:
+    """One run's loss curve (raw and smoothed, per phase), its phase marks and its eval points."""
+    steps, loss = r["step"], r["loss"]
+    marker = "o" if len(steps) == 1 else None  # a lone point would otherwise be invisible
+    n = config.smooth
+    if n > len(steps):
+        log.warning("%s: --smooth %d is larger than its %d points; using %d", path, n, len(steps), len(steps))
+        n = len(steps)
+    if n > 1:
+        ax.plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
+        curve = smooth_by_phase(loss, r["phase"], n)
+        ax.plot(steps, curve, color=color, linewidth=1.6, label=label, marker=marker)
     else:
-        fig, ax = plt.subplots(figsize=(10, 5.5))
-    for i, (path, label, r) in enumerate(zip(paths, labels, runs)):
-        color = f"C{i % 10}"
-        steps, loss = r["step"], r["loss"]
-        marker = "o" if len(steps) == 1 else None  # a lone point would otherwise be invisible
-        n = config.smooth
-        if n > len(steps):
-            log.warning("%s: --smooth %d is larger than its %d points; using %d", path, n, len(steps), len(steps))
-            n = len(steps)
-        if n > 1:
-            ax.plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
-            curve = smooth_by_phase(loss, r["phase"], n)
-            ax.plot(steps, curve, color=color, linewidth=1.6, label=label, marker=marker)
-        else:
-            curve = loss
-            ax.plot(steps, loss, color=color, linewidth=1.2, label=label, marker=marker)
-        for start in phase_starts(r["phase"]):
-            ax.axvline(steps[start] - 0.5, color=color, linestyle=":", linewidth=1.0)
-            name = f"phase {int(r['phase'][start])}" if np.isfinite(r["phase"][start]) else "new phase"
-            ax.annotate(name, (steps[start], 1), xycoords=("data", "axes fraction"),
-                        xytext=(3, -12), textcoords="offset points", fontsize=8, color=color)
-        if with_eval:
-            for (key, name), style in zip(EVAL_FIELDS.items(), ("-", "--", ":")):
-                has = np.isfinite(r[key])
-                if has.any():
-                    ax_eval.plot(steps[has], r[key][has], color=color, linestyle=style, marker="o", markersize=3,
-                                 label=f"{label} {name}" if len(runs) > 1 else name)
-        finite = curve[np.isfinite(curve)]
-        if finite.size:
-            log.info("%s: last %s loss %.6f at step %d", label, "smoothed" if n > 1 else "raw", finite[-1],
-                     int(steps[np.isfinite(curve)][-1]))
+        curve = loss
+        ax.plot(steps, loss, color=color, linewidth=1.2, label=label, marker=marker)
+    for start in phase_starts(r["phase"]):
+        ax.axvline(steps[start] - 0.5, color=color, linestyle=":", linewidth=1.0)
+        name = f"phase {int(r['phase'][start])}" if np.isfinite(r["phase"][start]) else "new phase"
+        ax.annotate(name, (steps[start], 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12), textcoords="offset points", fontsize=8, color=color)
+    if ax_eval is not None:
+        for (key, name), style in zip(EVAL_FIELDS.items(), ("-", "--", ":")):
+            has = np.isfinite(r[key])
+            if has.any():
+                ax_eval.plot(steps[has], r[key][has], color=color, linestyle=style, marker="o", markersize=3,
+                             label=f"{label} {name}" if several else name)
+    finite = curve[np.isfinite(curve)]
+    if finite.size:
+        log.info("%s: last %s loss %.6f at step %d", label, "smoothed" if n > 1 else "raw", finite[-1],
+                 int(steps[np.isfinite(curve)][-1]))
 
+
+def finish_axes(config: PlotLossConfig, ax, ax_eval, runs: list) -> None:
+    """Scale, titles, labels and grids of the loss axes (and the eval axes under them)."""
     if config.logy:
         all_loss = np.concatenate([r["loss"] for r in runs])
         n_nonpos = int((all_loss[np.isfinite(all_loss)] <= 0).sum())
@@ -330,7 +321,7 @@ def run(config: PlotLossConfig) -> Path:
     ax.set_xlabel("global step")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
-    if with_eval:
+    if ax_eval is not None:
         ax.set_xlabel("")
         ax_eval.set_xlabel("global step")
         ax_eval.set_ylabel("held-out retrieval")
@@ -338,6 +329,23 @@ def run(config: PlotLossConfig) -> Path:
         ax_eval.grid(True, alpha=0.3)
         ax_eval.legend(loc="best", fontsize=8)
 
+
+def run(config: PlotLossConfig) -> Path:
+    paths = [resolve_input(name) for name in config.input]
+    if config.labels is not None and len(config.labels) != len(paths):
+        raise UserError(f"--labels: got {len(config.labels)} label(s) for {len(paths)} --input file(s); give one per input")
+    labels = config.labels if config.labels is not None else default_labels(paths)
+    runs = [read_log(path) for path in paths]
+
+    with_eval = any(np.isfinite(r[key]).any() for r in runs for key in EVAL_FIELDS)
+    if with_eval:
+        fig, (ax, ax_eval) = plt.subplots(2, 1, figsize=(10, 8), sharex=True, height_ratios=[2, 1])
+    else:
+        fig, ax = plt.subplots(figsize=(10, 5.5))
+        ax_eval = None
+    for i, (path, label, r) in enumerate(zip(paths, labels, runs)):
+        draw_run(config, ax, ax_eval, path, label, r, f"C{i % 10}", several=len(runs) > 1)
+    finish_axes(config, ax, ax_eval, runs)
     handles, names = ax.get_legend_handles_labels()
     if config.lr:
         lr, steps = runs[0]["lr"], runs[0]["step"]

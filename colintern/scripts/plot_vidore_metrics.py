@@ -353,7 +353,15 @@ def run(config: PlotMetricsConfig) -> list:
     across_runs(path, main_metric, labels, main_values, f"{bench}{readable(main_metric)}, average over tasks")
     written.append(path)
 
-    # metrics.md: the run list, the main metric across runs, then one task x run table per metric.
+    return written + write_tables(outdir, data_name, labels, runs, tasks, groups, metrics, values, main_metric,
+                                  main_values)
+
+
+def write_tables(outdir: Path, data_name: str, labels: list, runs: list, tasks: list, groups: list, metrics: list,
+                 values: dict, main_metric: str, main_values: list) -> list:
+    """metrics.md (the run list, the main metric across runs, then one task x run table per metric) and metrics.csv
+    (one row per run x task x metric, values unrounded); returns their paths."""
+    written = []
     md = [f"# {data_name} metrics", "", "## Runs", ""]
     md += md_table(["run", "model", "ckpt", "benchmark", "summary"],
                    [[label, r["meta"]["model"], r["meta"]["ckpt"], r["meta"]["benchmark"], str(r["path"])]

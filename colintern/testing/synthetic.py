@@ -364,26 +364,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def generate(out_dir: str | Path, n_train_pages: int = 240, n_eval_pages: int = 60, queries_per_page: int = 3,
-             seed: int = 0, page_size: int = 224) -> dict:
-    """Write the synthetic train set (3 formats) and the BEIR eval set under out_dir; return a summary dict."""
+def write_train_set(out: Path, train_pages: list, queries_per_page: int, seed: int, rng: random.Random):
+    """The train set, several rows (queries) per page sharing image_filename, as a save_to_disk folder, a parquet
+    file and a hub-style repository folder; returns (the dataset, the parquet file, the repository folder)."""
     import datasets  # heavy import, only needed here
 
-    if n_train_pages < 1 or n_eval_pages < 1:
-        raise UserError("--n_train_pages and --n_eval_pages must be at least 1")
-    if not 1 <= queries_per_page <= len(TEMPLATES):
-        raise UserError(f"--queries_per_page must be between 1 and {len(TEMPLATES)}, got {queries_per_page}")
-    if not 64 <= page_size <= 4096:
-        raise UserError(f"--page_size must be between 64 and 4096 pixels, got {page_size}")
-    start = time.perf_counter()
-    out = Path(out_dir)
-    _prepare_out(out)
-    pages = choose_pages(n_train_pages, n_eval_pages, seed, page_size)
-    train_pages = [p for p in pages if p.split == "train"]
-    eval_pages = [p for p in pages if p.split == "eval"]
-    rng = random.Random(f"{seed}:queries")
-
-    # Train: several rows (queries) per page, sharing image_filename.
     columns: dict[str, list] = {name: [] for name in TRAIN_COLUMNS}
     train_counts = subset_counts(train_pages)
     for page in train_pages:
@@ -419,8 +404,12 @@ def generate(out_dir: str | Path, n_train_pages: int = 240, n_eval_pages: int = 
     shutil.copyfile(parquet, hub / "data" / PARQUET_NAME)
     (hub / "README.md").write_text(_hub_readme(), encoding="utf-8")
 
-    # Eval: BEIR layout, 1-2 queries per page; qrels list every eval page the query's attributes describe.
-    eval_dir = out / "eval"
+    return train, parquet, hub
+
+
+def write_eval_set(eval_dir: Path, eval_pages: list, seed: int, rng: random.Random) -> tuple[list, list]:
+    """The BEIR-layout eval set, 1-2 queries per page; qrels list every eval page the query's attributes describe.
+    Returns (queries, qrels)."""
     (eval_dir / "images").mkdir(parents=True)
     corpus, queries, qrels = [], [], []
     subset_of = {pattern: subset for subset, pattern in TEMPLATES}
@@ -437,6 +426,30 @@ def generate(out_dir: str | Path, n_train_pages: int = 240, n_eval_pages: int = 
     _write_jsonl(eval_dir / "corpus.jsonl", corpus)
     _write_jsonl(eval_dir / "queries.jsonl", queries)
     _write_jsonl(eval_dir / "qrels.jsonl", qrels)
+
+    return queries, qrels
+
+
+def generate(out_dir: str | Path, n_train_pages: int = 240, n_eval_pages: int = 60, queries_per_page: int = 3,
+             seed: int = 0, page_size: int = 224) -> dict:
+    """Write the synthetic train set (3 formats) and the BEIR eval set under out_dir; return a summary dict."""
+    if n_train_pages < 1 or n_eval_pages < 1:
+        raise UserError("--n_train_pages and --n_eval_pages must be at least 1")
+    if not 1 <= queries_per_page <= len(TEMPLATES):
+        raise UserError(f"--queries_per_page must be between 1 and {len(TEMPLATES)}, got {queries_per_page}")
+    if not 64 <= page_size <= 4096:
+        raise UserError(f"--page_size must be between 64 and 4096 pixels, got {page_size}")
+    start = time.perf_counter()
+    out = Path(out_dir)
+    _prepare_out(out)
+    pages = choose_pages(n_train_pages, n_eval_pages, seed, page_size)
+    train_pages = [p for p in pages if p.split == "train"]
+    eval_pages = [p for p in pages if p.split == "eval"]
+    rng = random.Random(f"{seed}:queries")
+
+    train, parquet, hub = write_train_set(out, train_pages, queries_per_page, seed, rng)
+    eval_dir = out / "eval"
+    queries, qrels = write_eval_set(eval_dir, eval_pages, seed, rng)  # the same rng, after the train set's draws
 
     summary = {
         "args": {"n_train_pages": n_train_pages, "n_eval_pages": n_eval_pages,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,24 +108,6 @@ def append_line(out_dir: str, name: str, line: str) -> None:
             f.flush()
     except OSError as err:
         raise note_path(err, path)
-
-
-def fault(kind: str, step: int) -> bool:
-    spec = os.environ.get("COLINTERN_FAULT", "")
-    for item in spec.split(","):
-        name, _, at = item.partition("@")
-        if name == kind and at and int(at) == step:
-            if kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            return True
-    return False
-
-
-class FailOnSave:
-    """Put in a checkpoint payload to make torch.save fail halfway through writing (the "save_error" fault)."""
-
-    def __reduce__(self):
-        raise OSError(28, "No space left on device (injected)")
 
 
 @dataclass

@@ -7,12 +7,11 @@ and the optimizer, scheduler and RNG states. A checkpoint of the same phase (sam
 
     train(config)                what train.py does (every process of a torchrun calls it)
     Trainer(config, dist)        data, model, phase (new or resumed), optimizer, logs, hidden-state cache
-    Trainer.run()                epochs -> optimizer steps -> (log line, checkpoint, fault hooks); returns a summary
+    Trainer.run()                epochs -> optimizer steps -> (log line, checkpoint, hooks); returns a summary
 
 One optimizer step, in the files that hold it: `Trainer._optimizer_step` (here) -> `Embedder` (batches.py: the
 micro-batch through the model, colintern/retriever/model.py) -> `step_loss` (step.py) -> `late_interaction_loss`
-(losses.py). The other pieces: examples.py (examples, epoch plan, page check), state.py (RNG, logs, fingerprint).
-"""
+(losses.py). The other pieces: examples.py (examples, epoch plan, page check), state.py (RNG, logs, fingerprint)."""
 from __future__ import annotations
 
 import json
@@ -28,39 +27,40 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from colintern.retriever.checkpoint import load_checkpoint, save_checkpoint
-from colintern.device import resolve_device, torch_threads
-from colintern.retriever.config import LATER_FIELDS
-from colintern.data.report import SkipReport
-from colintern.device import peak_memory_gib
+from colintern import hooks
 from colintern.cli import OUTPUT_ERRNOS, output_error_message, save_config
-from colintern.settings import TrainConfig
-from colintern.train.distributed import (DistInfo, all_gather_object, all_reduce_gradients, all_reduce_mean,
-                                   broadcast_object, cleanup, gather_padded, init_distributed)
+from colintern.data.report import SkipReport
+from colintern.device import peak_memory_gib, resolve_device, torch_threads
 from colintern.errors import UserError
-from colintern.files import fingerprint, make_output_dir, note_path
+from colintern.files import fingerprint, note_path
+from colintern.retriever.checkpoint import load_checkpoint, save_checkpoint
+from colintern.retriever.config import LATER_FIELDS
+from colintern.settings import TrainConfig
+from colintern.train.batches import Embedder, HiddenCache, MicroBatches, make_loader
+from colintern.train.distributed import (DistInfo, all_gather_object, all_reduce_gradients, all_reduce_mean,
+                                         broadcast_object, cleanup, gather_padded, init_distributed)
+from colintern.train.examples import Plan, check_pages, load_hub_examples, load_jsonl_examples, make_plan
 from colintern.train.gradcache import gradcache_backward
 from colintern.train.losses import late_interaction_loss
+from colintern.train.optim import make_optimizer, optimizer_step, repage_optimizer_states
+from colintern.train.outputs import CONFIG_FILE, prepare_out_dir
 from colintern.train.reporting import Reporter
-from colintern.train.state import (LOSS_TXT, METRICS_JSONL, FailOnSave, Fingerprint, append_line, diff_args, fault,
-                                   format_loss_line, prepare_logs, rng_state,
-                                   seed_everything, set_rng_state)
-from colintern.train.batches import Embedder, HiddenCache, MicroBatches, make_loader
-from colintern.train.examples import Plan, check_pages, load_hub_examples, load_jsonl_examples, make_plan
-from colintern.train.step import is_out_of_memory, lr_factor, probe_batch_size, step_loss
+from colintern.train.setup import auto_batch, compile_embed, new_model_settings
+from colintern.train.state import (LOSS_TXT, METRICS_JSONL, Fingerprint, append_line, diff_args, format_loss_line,
+                                   prepare_logs, rng_state, seed_everything, set_rng_state)
+from colintern.train.step import lr_factor, step_loss
+
 
 log = logging.getLogger("colintern.train")
 
+
 OUT_FLAG = "--out_dir"
-CONFIG_FILE = "train_config.yaml"  # the resolved settings of the newest run in --out_dir (train.py --config re-runs it)
+
+
 # Arguments that change what training computes: a checkpoint continues the same phase only if they match.
 PHASE_ARGS = ("batch_size", "grad_accum", "epochs", "lr", "seed", "loss", "tau", "warmup_ratio", "weight_decay",
               "max_grad_norm", "max_steps", "fn_filter", "lora", "lora_r", "lora_alpha", "lora_dropout",
               "lora_vision", "optimizer", "grad_cache", "auto_batch", "auto_max_batch", "auto_target_frac", "dtype")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Typed training state (the checkpoint's "training" section, docs/CONTRACT.md §6)
 
 
 @dataclass
@@ -114,204 +114,6 @@ class TrainingState:
     def from_dict(cls, values: dict[str, Any]) -> "TrainingState":
         known = {f.name for f in fields(cls)} - {"phase"}
         return cls(phase=Phase.from_dict(values["phase"]), **{k: v for k, v in values.items() if k in known})
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Set-up helpers
-
-
-def new_model_settings(config: TrainConfig) -> dict[str, Any]:
-    """ColInternConfig fields of a new model from the flags (a checkpoint keeps its own). A single-vector model
-    drops ColBERT's query augmentation and ends queries with the tokenizer's EOS (NV-Embed's add_eos), so that
-    pooling 'last' reads the same token for every query."""
-    settings: dict[str, Any] = {"dim": config.dim, "embedding": config.embedding, "pooling": config.pooling,
-                                "attention": config.attention, "instruction": config.instruction}
-    if config.embedding == "single":
-        from colintern.backbones.base import load_tokenizer
-
-        settings.update(n_augmentation=0, query_suffix=load_tokenizer(config.model_id).eos_token or "")
-    latent = {k: v for k, v in (("num_latents", config.latent_size), ("heads", config.latent_heads)) if v}
-    if latent:
-        if (config.pooling or "mean") != "latent":
-            raise UserError("--latent_size/--latent_heads set the latent pooler: pass --pooling latent too")
-        settings["latent"] = latent
-    return settings
-
-
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
-                   device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """The optimizer asked for; bitsandbytes' 8-bit AdamW falls back to torch AdamW when it cannot run here."""
-    if name != "adamw":
-        try:
-            import bitsandbytes as bnb
-
-            cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-            if name == "paged_adamw_8bit" and device.type != "cuda":
-                log.info("--optimizer paged_adamw_8bit: paging needs CUDA; using non-paged 8-bit AdamW on %s",
-                         device.type)
-                cls = bnb.optim.AdamW8bit
-            # one step proves the kernels run here; 100,000 elements is where bitsandbytes starts paging
-            probe = torch.nn.Parameter(torch.zeros(100_000, device=device))
-            probe.grad = torch.ones_like(probe)
-            cls([probe], lr=1e-3).step()
-            return cls(params, lr=lr, weight_decay=weight_decay), name
-        except Exception as err:  # noqa: BLE001 - ImportError, missing CUDA kernels, ...
-            log.warning("--optimizer %s needs a working bitsandbytes on %s (%s: %s); falling back to torch "
-                        "AdamW (32-bit states)", name, device.type, type(err).__name__, str(err).splitlines()[0]
-                        if str(err) else "")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
-
-
-class CompiledOrEager:
-    """The compiled embedding head, falling back to the eager one for good at the first failure.
-
-    torch.compile recompiles when a call brings new guards (a batch of 1 at an epoch's end, a longer page, another
-    dtype), so a compiler failure can surface mid-training, not only in the warm-up: it warns once and the step
-    runs eagerly (the same function, so the same numbers). Out-of-memory errors are not compiler failures and
-    propagate (auto_batch's probe and the training loop handle them)."""
-
-    def __init__(self, compiled, eager) -> None:
-        self.compiled, self.eager = compiled, eager
-
-    def __call__(self, hidden: torch.Tensor, keep: torch.Tensor):
-        if self.compiled is not None:
-            try:
-                return self.compiled(hidden, keep)
-            except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
-                if is_out_of_memory(err):
-                    raise
-                self.compiled = None
-                warn_compile_failed(err)
-        return self.eager(hidden, keep)
-
-
-def warn_compile_failed(err: BaseException) -> None:
-    log.warning("--compile_heads: torch.compile failed (%s: %s); using the eager head", type(err).__name__,
-                str(err).splitlines()[0] if str(err) else "")
-
-
-def compile_embed(model, backend: str, device: torch.device):
-    """torch.compile the embedding head; a failure (e.g. no C++ compiler), now or at a later recompilation, warns
-    and keeps the eager head."""
-    try:
-        compiled = torch.compile(model.embed, backend=backend, dynamic=True)
-        hidden = torch.zeros(2, 3, model.config.hidden_size, dtype=next(model.backbone.parameters()).dtype,
-                             device=device)
-        keep = torch.ones(2, 3, dtype=torch.bool, device=device)
-        compiled(hidden, keep)[0].sum().backward()  # compile forward and backward now, not mid-step
-        model.head.zero_grad(set_to_none=True)
-        log.info("compiled the projection head (torch.compile backend %s)", backend)
-        return CompiledOrEager(compiled, model.embed)
-    except Exception as err:  # noqa: BLE001 - compilation can fail in many ways
-        model.head.zero_grad(set_to_none=True)
-        warn_compile_failed(err)
-        return model.embed
-
-
-def repage_optimizer_states(optimizer) -> int:
-    """Put a resumed bitsandbytes paged optimizer's big states back into paged memory; returns how many.
-
-    bitsandbytes' load_state_dict keeps the loaded states as ordinary tensors and its first step moves them onto the
-    GPU, so without this a same-phase resume silently stops paging (the memory the user chose the optimizer for).
-    get_state_buffer is the allocator the optimizer itself uses for a fresh state (paged from 100,000 elements on
-    CUDA, ordinary elsewhere)."""
-    if not getattr(optimizer, "is_paged", False):
-        return 0
-    moved = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            for key in ("state1", "state2"):
-                value = state.get(key)
-                if not isinstance(value, torch.Tensor) or getattr(value, "is_paged", False) or p.numel() < 100_000:
-                    continue
-                buffer = optimizer.get_state_buffer(p, dtype=value.dtype)
-                buffer.copy_(value.reshape(buffer.shape))
-                state[key] = buffer
-                moved += bool(getattr(buffer, "is_paged", False))
-    return moved
-
-
-def auto_batch(config: TrainConfig, model, embed, params, num_negs: int, train_backbone: bool,
-               device: torch.device) -> int:
-    """The micro-batch size: probed on CUDA (worst-case pages, the same on every rank), else --batch_size."""
-    if device.type != "cuda":
-        log.info("--auto_batch probes GPU memory and needs CUDA; on %s it keeps --batch_size %d", device.type,
-                 config.batch_size)
-        return config.batch_size
-    page = model.processor.worst_case_page()
-    query = " ".join(["which page shows the revenue table of the annual report"] * 6)
-
-    def embed_step(b: int) -> None:
-        q_in = model.processor.process_queries([query] * b)
-        p_in = model.processor.process_images([page] * (b * (1 + num_negs)))
-        with torch.set_grad_enabled(train_backbone):
-            hq, hp = model.hidden_states(q_in), model.hidden_states(p_in)
-        q, q_keep = embed(hq, q_in["keep_mask"])  # (b, Lq, D)
-        d, p_keep = embed(hp, p_in["keep_mask"])  # (b(1+K), Lp, D)
-        neg = d[b:].view(b, num_negs, *d.shape[1:]) if num_negs else None
-        neg_mask = p_keep[b:].view(b, num_negs, -1) if num_negs else None
-        loss = late_interaction_loss(q, q_keep, d[:b], p_keep[:b], neg, neg_mask, kind=config.loss,
-                                     temperature=config.tau)
-        loss.backward()
-
-    state_bytes = sum(p.numel() for p in params) * (8 if config.optimizer == "adamw" else 2)
-    try:
-        chosen, notes = probe_batch_size(embed_step, params, max_batch=config.auto_max_batch,
-                                         target_frac=config.auto_target_frac, device=device, extra_bytes=state_bytes)
-        failure = None
-    except UserError as err:  # every rank must hear of it, or the others wait in the gather below forever
-        chosen, notes, failure = 0, [], str(err)
-    choices = all_gather_object((chosen, failure))
-    failures = [f for _, f in choices if f]
-    if failures:
-        raise UserError(failures[0])
-    chosen = min(c for c, _ in choices)
-    torch.cuda.reset_peak_memory_stats(device)  # the summary's peak memory is training's, not the probes'
-    log.info("auto_batch: micro-batch %d (%s)", chosen, "; ".join(notes))
-    return chosen
-
-
-CHECKPOINT_GLOB = "colintern_heads_*.pt"
-
-
-def run_files(out_dir: Path) -> list[Path]:
-    """The files of a training run in out_dir: checkpoints, the two logs and the resolved settings."""
-    return sorted(out_dir.glob(CHECKPOINT_GLOB)) + [p for p in (out_dir / LOSS_TXT, out_dir / METRICS_JSONL,
-                                                                out_dir / CONFIG_FILE) if p.exists()]
-
-
-def latest_checkpoint(out_dir: Path) -> Path:
-    """The checkpoint written last in out_dir (checkpoints are renamed into place whole, so the newest is the last
-    good one)."""
-    found = sorted(out_dir.glob(CHECKPOINT_GLOB), key=lambda p: (p.stat().st_mtime_ns, p.name))
-    if not found:
-        raise UserError(f"--resume_ckpt latest: no {CHECKPOINT_GLOB} in --out_dir {out_dir}")
-    return found[-1]
-
-
-def prepare_out_dir(out_dir_flag: str, resume_ckpt: str | None, overwrite: bool) -> tuple[str | None, list[Path]]:
-    """Create --out_dir and resolve --resume_ckpt latest, before any slow work: returns (the checkpoint to resume
-    from, the files --overwrite will remove). An earlier run there is refused unless this is a resume (--resume_ckpt)
-    or --overwrite; its files are removed only when this run starts writing, so a run that fails before its first
-    step leaves the earlier one intact."""
-    out_dir = make_output_dir(out_dir_flag, "--out_dir")
-    if resume_ckpt == "latest":
-        resume_ckpt = str(latest_checkpoint(out_dir))
-        log.info("--resume_ckpt latest: %s", resume_ckpt)
-    earlier = run_files(out_dir)
-    if not earlier or resume_ckpt:
-        return resume_ckpt, []
-    if not overwrite:
-        shown = [p for p in earlier if p.name != CONFIG_FILE]  # its checkpoints and logs
-        names = ", ".join(p.name for p in shown[:3]) + (", ..." if len(shown) > 3 else "")
-        raise UserError(f"--out_dir {out_dir_flag} already holds a training run ({names}); pass --resume_ckpt "
-                        "(a file, or latest) to continue it, --overwrite to replace it, or choose another --out_dir")
-    return resume_ckpt, earlier
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The trainer
 
 
 class Trainer:
@@ -650,18 +452,12 @@ class Trainer:
         for batch in batches:
             self._note_skips(batch)
         loss = all_reduce_mean(self._forward_backward(plan, micro, batches))
-        all_reduce_gradients(self.params)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf")))
-        if fault("nan", state.step + 1):
-            loss = float("nan")
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise UserError(f"training diverged: loss {loss}, grad_norm {grad_norm} at step {state.step + 1} "
-                            f"(epoch {state.epoch}); stopped without saving. Last good checkpoint: "
-                            f"{self.last_ckpt or '(none written yet)'}. Lower --lr, raise --tau or check the data")
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        done = optimizer_step(self.optimizer, self.scheduler, self.params, loss, step=state.step + 1,
+                              max_grad_norm=config.max_grad_norm, reduce_gradients=all_reduce_gradients,
+                              where=f"at step {state.step + 1} (epoch {state.epoch}); stopped without saving. Last "
+                                    f"good checkpoint: {self.last_ckpt or '(none written yet)'}. Lower --lr, raise "
+                                    "--tau or check the data")
+        loss, grad_norm, lr = done.loss, float(done.grad_norm or 0.0), done.lr
         state.step, state.phase_step, state.epoch_position = state.step + 1, state.phase_step + 1, pos + 1
         seconds = time.perf_counter() - t0
         pairs = state.phase.batch_size * config.grad_accum * self.world
@@ -731,7 +527,7 @@ class Trainer:
                     self._skip(batch["where"][b], bad[n][1], f"{bad[n][1]} (negative {bad[n][0]})")
 
     def _after_step(self) -> None:
-        """Checkpoints (every --save_every steps, at a phase end inside an epoch, at each epoch end), fault hooks."""
+        """Checkpoints (every --save_every steps, at a phase end inside an epoch, at each epoch end), the "step" hook."""
         config, state = self.config, self.state
         epoch_done = state.epoch_position == state.phase.steps_per_epoch
         done = state.phase_step == state.phase.steps
@@ -739,9 +535,7 @@ class Trainer:
             self.save(os.path.join(config.out_dir, f"colintern_heads_step{state.step}.pt"), done)
         if epoch_done:
             self.save(os.path.join(config.out_dir, f"colintern_heads_epoch{state.epoch}.pt"), done)
-        fault("kill", state.step)
-        if fault("raise", state.step):
-            raise RuntimeError(f"injected failure after step {state.step}")
+        hooks.call("step", state.step)
 
     def _note_epoch_time(self, epoch: int, seconds: float, computed: int) -> None:
         """After a second full epoch with the hidden-state cache: how much faster it was than the first."""
@@ -770,9 +564,7 @@ class Trainer:
             parts = self.model.checkpoint_parts()
             state = replace(self.state, phase_done=done, skipped=self.report.count, rng=rngs,
                             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
-            training = state.to_dict()
-            if fault("save_error", state.step):
-                training["fault"] = FailOnSave()  # fails in the middle of writing the temp file
+            training = hooks.call("checkpoint", state.step, state.to_dict())
             try:
                 save_checkpoint(path, **parts, training=training, metrics=self.last_metrics)
             except OSError as err:
