@@ -26,9 +26,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
-# ruff (configured in pyproject.toml) first: a lint error fails the suite before the tests run.
+# ruff and mypy (both configured in pyproject.toml) first: a lint or type error fails the suite before the tests.
 test: venv
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q tests
 
 demo: venv

@@ -269,7 +269,7 @@ def read_config_file(path: str | Path, cls: type[Options]) -> dict[str, Any]:
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     else:
-        import yaml
+        import yaml  # type: ignore[import-untyped]  # PyYAML ships no type information
 
         try:
             values = yaml.safe_load(text)

@@ -66,10 +66,10 @@ class BackboneFamily:
         """The processor that turns pages and queries into this family's model inputs."""
         raise NotImplementedError
 
-    def language_model(self, backbone: nn.Module) -> nn.Module:
+    def language_model(self, backbone: Any) -> nn.Module:
         return backbone.language_model
 
-    def vision_tower(self, backbone: nn.Module) -> nn.Module:
+    def vision_tower(self, backbone: Any) -> nn.Module:
         raise NotImplementedError
 
     def lora_modules(self, backbone: nn.Module, include_vision: bool,
@@ -152,7 +152,7 @@ def read_state_dict(model_id: str) -> dict[str, torch.Tensor]:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(resolve_file(model_id, shard)))
+            state.update(load_file(str(resolve_file(model_id, shard))))
         return state
     single = resolve_file(model_id, "model.safetensors", required=False)
     if single is not None:
@@ -197,7 +197,7 @@ def weights_fingerprint(model_id: str) -> str:
     if index is not None:
         with open(index, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [resolve_file(model_id, shard) for shard in (shards[0], shards[-1])]
+        files = [str(resolve_file(model_id, shard)) for shard in (shards[0], shards[-1])]
     else:
         single = resolve_file(model_id, "model.safetensors", required=False)
         files = [single] if single is not None else []

@@ -60,7 +60,7 @@ _PROJECTOR_RENAMES = {"mlp1.0.": "multi_modal_projector.layer_norm.", "mlp1.1.":
                       "mlp1.3.": "multi_modal_projector.linear_2."}
 
 
-def _internvl_facts(model: nn.Module, tokenizer: Any, layout: str) -> LoadedBackbone:
+def _internvl_facts(model: Any, tokenizer: Any, layout: str) -> LoadedBackbone:
     config = model.config
     vision, text = config.vision_config, config.text_config
     tile = int(vision.image_size[0])
@@ -209,7 +209,7 @@ def _load_internvl_remote(model_id: str, raw: dict, dtype: torch.dtype, attn: st
     if missing or unexpected:
         raise UserError(f"{model_id}: converted InternVL weights do not fit (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
-    model.to(dtype)
+    model.to(dtype=dtype)  # type: ignore[call-arg]  # transformers' wrapper of to() is typed as a plain function
     log.info("converted original InternVL checkpoint %s in-process (no remote code)", model_id)
     return _internvl_facts(model, tokenizer, "remote")
 
@@ -475,7 +475,7 @@ class InternVLFamily(BackboneFamily):
     def make_processor(self, tokenizer: Any, config: ColInternConfig) -> InternVLProcessor:
         return InternVLProcessor(tokenizer, config)
 
-    def vision_tower(self, backbone: nn.Module) -> nn.Module:
+    def vision_tower(self, backbone: Any) -> nn.Module:
         return backbone.vision_tower
 
     def load_generator(self, model_id: str, dtype: torch.dtype) -> tuple[nn.Module, LoadedBackbone]:

@@ -205,7 +205,7 @@ class Qwen3VLProcessor(PageProcessor):
             image = check_page_image(image, f"image {i}")
             h, w = self.resized_size(image)
             if image.size != (w, h):
-                image = image.resize((w, h), Image.BICUBIC)  # the processor keeps this size as it is
+                image = image.resize((w, h), Image.Resampling.BICUBIC)  # the processor keeps this size as it is
             out = self.image_processor(image, return_tensors="pt")
             grid = out["image_grid_thw"][0]  # (3,) = (1, h / patch, w / patch)
             if (int(grid[1]) * self.patch_size, int(grid[2]) * self.patch_size) != (h, w):
@@ -315,7 +315,7 @@ class Qwen3VLFamily(BackboneFamily):
     def make_processor(self, tokenizer: Any, config: ColInternConfig) -> Qwen3VLProcessor:
         return Qwen3VLProcessor(tokenizer, config)
 
-    def vision_tower(self, backbone: nn.Module) -> nn.Module:
+    def vision_tower(self, backbone: Any) -> nn.Module:
         return backbone.visual
 
     def load_generator(self, model_id: str, dtype: torch.dtype) -> tuple[nn.Module, LoadedBackbone]:

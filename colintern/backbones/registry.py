@@ -28,7 +28,7 @@ def load_backbone(model_id: str, dtype: torch.dtype = torch.float32, attn_implem
     """Load the backbone named by `model_id` (hub id or local directory), whatever its family and layout."""
     raw = read_model_config(model_id)
     model_type = raw.get("model_type")
-    family = BY_MODEL_TYPE.get(model_type)
+    family = BY_MODEL_TYPE.get(str(model_type))
     if family is None:
         known = ", ".join(repr(t) for t in BY_MODEL_TYPE)
         raise UserError(f"model {model_id!r} has model_type {model_type!r}; ColIntern supports {known}")

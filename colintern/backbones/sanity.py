@@ -38,7 +38,7 @@ def generation_model(model_id: str, ckpt: str | None, device: str, dtype: torch.
     from colintern.retriever.model import ColIntern, config_for_backbone
 
     raw = read_model_config(model_id)
-    family = BY_MODEL_TYPE.get(raw.get("model_type"))
+    family = BY_MODEL_TYPE.get(str(raw.get("model_type")))
     if family is None or raw.get("model_type") == "internvl_chat":
         raise UserError(f"{model_id}: model_type {raw.get('model_type')!r}: the sanity check generates with a "
                         "transformers-native checkpoint (InternVL ...-HF or Qwen3-VL); original internvl_chat "
@@ -47,7 +47,7 @@ def generation_model(model_id: str, ckpt: str | None, device: str, dtype: torch.
     generator.to(device).eval()
     payload = load_checkpoint(ckpt) if ckpt else None
     if payload is not None:
-        check_compatible(payload, loaded.signature, ckpt)
+        check_compatible(payload, loaded.signature, str(ckpt))
         model = ColIntern(loaded, ColInternConfig.from_dict(payload["config"]))
         model.load_parts(payload)  # LoRA adapters go into the generator's own layers
     else:

@@ -278,5 +278,6 @@ class ImageResolver:
         local, row = self.locate(path)
         if local is not None:
             return decode_image(str(local), where=path)
+        assert row is not None  # locate: a local file or a dataset row
         name, split, index = row
         return decode_image(self.dataset(name, split)[index]["image"], where=path)

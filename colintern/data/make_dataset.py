@@ -28,8 +28,9 @@ import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from colintern.cli import parse_config, run_cli, save_config, setup_logging
 from colintern.errors import UserError
@@ -75,7 +76,8 @@ def text_lines(page_text: str) -> list[str]:
 def sentences(lines: list[str]) -> list[str]:
     """The sentences of a page's (non-boilerplate) lines: split at sentence ends, list bullets and headings (a short
     line that ends without punctuation stands alone), section numbers ("2.1", "1.3.") taken off their front."""
-    blocks, current = [], []
+    blocks: list[str] = []
+    current: list[str] = []
     for line in lines:
         if len(line.split()) <= HEADING_WORDS and not line.endswith((".", ",", ";", ":", "-")):
             blocks += [" ".join(current), line]
@@ -167,6 +169,10 @@ def hold_out(documents: list[dict[str, Any]], fraction: float, seed: int) -> set
     return {d["document"] for d in order[:n]}
 
 
+def save_png(image: Any, f: IO[bytes]) -> None:
+    image.save(f, format="PNG")
+
+
 def render(pages: list[Page], root: Path, dpi: int) -> None:
     """Render each page with queries to root/pages/<document>/page-NNN.png; page.image relative to root."""
     from tqdm.auto import tqdm
@@ -176,7 +182,7 @@ def render(pages: list[Page], root: Path, dpi: int) -> None:
     for page in tqdm(pages, desc="render pages", unit="page", disable=not sys.stderr.isatty()):
         relative = Path("pages") / page.document / f"page-{page.number:03d}.png"
         image = render_page(PageSource(page.source, "", page.number, "pdf"), dpi)
-        atomic_write(root / relative, lambda f, image=image: image.save(f, format="PNG"))
+        atomic_write(root / relative, partial(save_png, image))
         page.image = relative.as_posix()
 
 

@@ -68,7 +68,7 @@ def _load_beir_subset(root: Path, path: str) -> tuple[Any, Any, dict[str, dict[s
         message = str(err)
         where = "--local_dataset" if str(root) in message or str(path) in message else f"--local_dataset {path}"
         raise UserError(f"{where}: {message}") from None
-    images = [{"bytes": ref, "path": None} if isinstance(ref, bytes) else {"bytes": None, "path": ref}
+    images: list[dict[str, Any]] = [{"bytes": ref, "path": None} if isinstance(ref, bytes) else {"bytes": None, "path": ref}
               for ref in corpus.values()]
     corpus_ds = datasets.Dataset.from_dict(
         {"id": list(corpus), "image": images},
@@ -124,7 +124,7 @@ def local_task(path: str, name: str | None = None) -> Any:
         """A local BEIR-layout directory (docs/CONTRACT.md §7) as an mteb retrieval task."""
 
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-            self.dataset = data
+            self.dataset = data  # type: ignore[assignment]  # mteb's RetrievalSplitData is a TypedDict of these
             self.data_loaded = True
 
     LocalBeirRetrieval.metadata = metadata
@@ -252,7 +252,7 @@ def _data_error(err: BaseException) -> str | None:
     try:
         from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     except ImportError:  # pragma: no cover
-        HfHubHTTPError = OfflineModeIsEnabled = ()  # type: ignore[assignment]
+        HfHubHTTPError = OfflineModeIsEnabled = ()  # type: ignore[assignment,misc]
     expected = (ConnectionError, TimeoutError, FileNotFoundError, DatasetNotFoundError, HfHubHTTPError,
                 OfflineModeIsEnabled)
     if not isinstance(err, expected) and type(err).__module__.split(".")[0] not in ("httpx", "httpx2", "requests"):

@@ -159,7 +159,7 @@ def load_encoder(config: EvalConfig) -> Any:
         raise UserError("pass --ckpt (a checkpoint; its base model is used) or --model_id (the bare base model)")
     if config.ckpt and not Path(config.ckpt).is_file():
         raise UserError(f"--ckpt {config.ckpt}: no such file")
-    model_id = config.model_id or default_model_id(config.ckpt)
+    model_id = config.model_id or default_model_id(str(config.ckpt))
     return ColInternMTEB(model_id, device=config.device, ckpt=config.ckpt,
                          dtype=None if config.dtype == "auto" else config.dtype, max_tiles=config.max_tiles,
                          batch_size=config.batch_size, query_batch_size=config.query_batch_size,

@@ -38,7 +38,7 @@ def load_model(model_id: str | None, ckpt: str | None, device: str) -> tuple[str
         raise UserError("pass --ckpt (a trained ColIntern checkpoint) or --model_id")
     if ckpt is not None and not Path(ckpt).is_file():
         raise UserError(f"--ckpt {ckpt}: no such file")
-    model_id = recorded_model_id(model_id or base_model_of(load_checkpoint(ckpt), ckpt))
+    model_id = recorded_model_id(model_id or base_model_of(load_checkpoint(str(ckpt)), str(ckpt)))
     if ckpt is None and not is_exported_model(model_id):
         log.warning("no --ckpt: the base model %s with an UNTRAINED head; results will be close to random", model_id)
     return model_id, ColIntern.from_pretrained(model_id, ckpt=ckpt, device=device)
@@ -74,7 +74,7 @@ def add_files(config: IndexConfig, model: Any = None, show_progress: bool = Fals
         if model is None:
             model_id, model = load_model(config.model_id, config.ckpt, resolve_device(config.device))
         else:
-            model_id = config.model_id
+            model_id = str(config.model_id)  # Index.add: the id the index records
         index = PageIndex.create_or_open(config.index, model_id, config.ckpt, model.config.to_dict(), config.dpi,
                                          config.pool_factor)
         for name in index.redo_files:  # files of damaged segments dropped on open: encoded again
@@ -209,7 +209,7 @@ class Index:
         from dataclasses import replace
 
         single = isinstance(queries, str)
-        texts = [queries] if single else list(queries)
+        texts: list[str] = [queries] if isinstance(queries, str) else list(queries)
         settings = replace(settings or SearchSettings(), k=k)
         lines = self.ranked(texts, settings, files, where)[0]
         return lines[0]["results"] if single else lines

@@ -378,10 +378,10 @@ class PageIndex:
         self._load_segment(name, full_check=False)
 
     def write_segment(self, entries: list[tuple[PageSource, torch.Tensor, int, int, tuple[int, int]]],
-                      taken: list[str] = ()) -> tuple[str, dict[str, Any]]:
+                      taken: list[str] | None = None) -> tuple[str, dict[str, Any]]:
         """Write one segment folder (fsynced, renamed into place) without naming it in index.json: (its name, its
         manifest). Until index.json names it, it is a leftover the next writer removes. `taken`: names to avoid."""
-        numbers = [segment_number(n) for n in [*self.meta["segments"], *taken]] + \
+        numbers = [segment_number(n) for n in [*self.meta["segments"], *(taken or [])]] + \
             [segment_number(p.name) for p in self.folder.glob("seg-*")]
         name = f"seg-{max(numbers, default=-1) + 1:05d}"
         tmp = self.folder / f".{name}.tmp-{os.getpid()}"

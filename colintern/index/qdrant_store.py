@@ -45,6 +45,7 @@ def _client(url: str | None, path: str | None):
         return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"), timeout=120), None
     # Local mode lets one process in at a time (a second gets a RuntimeError): every ColIntern process waits its
     # turn on this lock instead, released by close() or when the holder dies.
+    assert path is not None  # one of url and path, checked above
     make_output_dir(path, "--path")
     lock = contextlib.ExitStack()
     if not lock.enter_context(file_lock(os.path.join(path, LOCAL_LOCK), blocking=False)):
@@ -100,7 +101,8 @@ class QdrantPages:
             self.index.save_meta()
 
     def point_ids(self) -> set[int]:
-        ids, offset = set(), None
+        ids: set[int] = set()
+        offset = None
         while True:
             points, offset = self.client.scroll(self.collection, limit=10_000, offset=offset, with_payload=False,
                                                 with_vectors=False)
@@ -118,7 +120,7 @@ class QdrantPages:
         position = {page["uid"]: i for i, page in enumerate(self.index.pages)}
         stale = sorted(present - position.keys())  # pages hidden since (their file changed)
         if stale:
-            self.client.delete(self.collection, points_selector=self.models.PointIdsList(points=stale))
+            self.client.delete(self.collection, points_selector=self.models.PointIdsList(points=list[Any](stale)))
         todo = sorted(position.keys() - present)
         batch: list[Any] = []
         size = 0

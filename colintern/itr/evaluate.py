@@ -143,6 +143,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
 
     if not config.ckpt:
         raise UserError("--itr_dataset needs --ckpt: an image-text checkpoint of train.py --task itr")
+    assert config.itr_dataset is not None  # evaluate() calls this only with --itr_dataset
     data = Path(config.itr_dataset)
     t0 = time.perf_counter()
     rows = read_rows(data, SkipReport(strict=config.strict, logger=log), config.coco_images,

@@ -100,7 +100,7 @@ def read_itr_jsonl(path: str | Path, report: Any) -> list[ItrRow]:
                 item = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError:
                 raise BadRowError(where, "not valid UTF-8") from None
-            except ValueError as err:
+            except json.JSONDecodeError as err:
                 raise BadRowError(where, f"not JSON ({err.msg})") from None
             rows.append(_row(item, path.parent, where))
         except BadRowError as err:
@@ -263,7 +263,7 @@ class Features:
     def square(self, image: Image.Image) -> Image.Image:
         from colintern.backbones.processor import to_rgb
 
-        return to_rgb(image).resize((self.cfg.image_size, self.cfg.image_size), Image.BICUBIC)
+        return to_rgb(image).resize((self.cfg.image_size, self.cfg.image_size), Image.Resampling.BICUBIC)
 
     def count_image_tokens(self) -> int:
         return int(self.model.processor.page_cost(self.square(Image.new("RGB", (8, 8), "white"))))

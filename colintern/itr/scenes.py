@@ -72,7 +72,7 @@ def held_out(key: str) -> bool:
     return int(hashlib.sha1(key.encode()).hexdigest(), 16) % HELD_OUT_EVERY == 0
 
 
-def draw_object(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, ...], fill: tuple[int, int, int] | int) -> None:
     """One filled shape whose drawn pixels span exactly box = (x0, y0, x1, y1), inclusive pixel coordinates."""
     x0, y0, x1, y1 = box
     cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
@@ -154,7 +154,7 @@ def render(subject: SceneObject, obj: SceneObject, boxes: tuple[tuple[int, ...],
     for which, thing in order:
         mask = Image.new("1", (size, size), 0)
         draw_object(ImageDraw.Draw(mask), thing.shape, boxes[which], 1)
-        x0, y0, x1, y1 = mask.getbbox()  # exclusive right/bottom
+        x0, y0, x1, y1 = mask.getbbox() or (0, 0, 1, 1)  # exclusive right/bottom (a drawn shape is never empty)
         drawn[which] = (x0, y0, x1 - 1, y1 - 1)
         draw_object(draw, thing.shape, boxes[which], COLOURS[thing.colour])
     return image, (drawn[0], drawn[1])

@@ -40,14 +40,16 @@ def load_corpus(config: MineConfig, report: Any) -> Corpus:
 
     if config.train_jsonl:
         return local_corpus(config.train_jsonl, config.root, config.pages, report)
-    dataset = load_page_dataset(config.hub_name, config.split, strict=False)
+    name = config.hub_name
+    assert name is not None  # MineConfig.check: --hub_name or --train_jsonl
+    dataset = load_page_dataset(name, config.split, strict=False)
     if config.limit is not None and config.limit < len(dataset):
         dataset = dataset.select(range(config.limit))
     if len(dataset) == 0:
         raise UserError(f"dataset {config.hub_name} split {config.split} is empty: nothing to mine")
-    return Corpus(dataset, config.hub_name, config.split, f"dataset {config.hub_name} split {config.split}",
-                  where=lambda row: f"{config.hub_name} row {row}",
-                  path_of_row=lambda row: pseudo_path(config.hub_name, config.split, row),
+    return Corpus(dataset, name, config.split, f"dataset {name} split {config.split}",
+                  where=lambda row: f"{name} row {row}",
+                  path_of_row=lambda row: pseudo_path(name, config.split, row),
                   paths_doc="<dataset>/<split>/doc_<row>.png pseudo-paths (row = the page's representative row)")
 
 
@@ -94,8 +96,9 @@ def local_corpus(triples_path: str, root: str | None, pages_dir: str | None, rep
     seen: set[str] = set()
 
     def add(query: str | None, path: str, where: str) -> bool:
-        if parse_pseudo_path(path) is not None and not (base / path).is_file():
-            name = parse_pseudo_path(path)[0]
+        pseudo = parse_pseudo_path(path)
+        if pseudo is not None and not (base / path).is_file():
+            name = pseudo[0]
             raise UserError(f"{where}: {path} is a row of dataset {name}; mine that dataset with --hub_name {name}")
         key = os.path.normpath(path)
         file = Path(path) if Path(path).is_absolute() else base / path

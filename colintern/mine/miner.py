@@ -59,15 +59,17 @@ class Miner:
         from colintern.retriever.model import ColIntern, is_exported_model
         from colintern.mine.page_store import PageStore, plan_pages
 
+        assert config.model_id is not None  # MineConfig.check: required unless --merge
+        self.model_id: str = config.model_id
         self.config, self.t_start = config, time.time()
         self.paths = output_paths(config.out_jsonl, config.shard_id, config.num_shards)
         self.show = not config.quiet
         self.device = mining_device(config.device)
         self.use_gpu = self.device.startswith("cuda")
-        if config.ckpt is None and not is_exported_model(config.model_id):
+        if config.ckpt is None and not is_exported_model(self.model_id):
             log.warning("no --ckpt: mining with the base model %s and an UNTRAINED head; negatives will be close "
                         "to random. Pass --ckpt outputs/train/colintern_heads_epoch1.pt", config.model_id)
-        self.model = ColIntern.from_pretrained(config.model_id, ckpt=config.ckpt, device=self.device, dtype=config.dtype,
+        self.model = ColIntern.from_pretrained(self.model_id, ckpt=config.ckpt, device=self.device, dtype=config.dtype,
                                                use_flash_attn=config.use_flash_attn,
                                                allow_other_base=config.allow_other_base)
         self.ckpt_sha = file_sha256(config.ckpt) if config.ckpt else None
@@ -102,7 +104,9 @@ class Miner:
         self.method, self.method_why = choose_method(config.method, self.store.n_tokens, self.use_gpu)
         log.info("search method: %s (%s)", self.method, self.method_why)
         self.output = PartialOutput(self.paths, self._settings(), config.resume, len(self.pairs))
-        self.index, self.faiss_info, self.faiss_gpu, self.token_k = None, None, False, config.token_k
+        self.index: Any = None
+        self.faiss_info: dict[str, Any] | None = None  # None: exact search, no FAISS index
+        self.faiss_gpu, self.token_k = False, config.token_k
         if self.method == "faiss":
             self._build_index()
 
@@ -111,7 +115,7 @@ class Miner:
         from colintern.mine.page_store import StoreSpec, ensure_page_store, keys_digest
 
         config, plan = self.config, self.plan
-        self.spec = StoreSpec(model_id=config.model_id, ckpt_sha256=self.ckpt_sha, config=self.model.config.to_dict(),
+        self.spec = StoreSpec(model_id=self.model_id, ckpt_sha256=self.ckpt_sha, config=self.model.config.to_dict(),
                               dtype=self.dtype_name, dataset=self.corpus.name, split=self.corpus.split,
                               limit=config.limit,
                               dedupe=plan.dedupe, keys_sha256=keys_digest(plan), n_pages=plan.n_pages,
@@ -158,10 +162,10 @@ class Miner:
             self.token_k = 2048
         t0 = time.time()
         gpu_id = int(os.environ.get("LOCAL_RANK", "0") or 0)
-        self.index, self.faiss_info = build_faiss_index(
+        self.index, info = build_faiss_index(
             self.store, config.faiss_index, config.nprobe, self.faiss_gpu, gpu_id,
             self.store_dir / f"faiss-{fingerprint(config.faiss_index)}.index", self.show)
-        self.faiss_info["build_seconds"] = round(time.time() - t0, 3)
+        self.faiss_info = {**info, "build_seconds": round(time.time() - t0, 3)}
         if self.use_gpu and not self.faiss_gpu:
             log.info("faiss has no GPU support in this install (faiss-cpu): the first stage runs on the CPU")
 
@@ -335,8 +339,8 @@ def mine(config: MineConfig) -> Iterator[str]:
     """mine.py (or from Python with a MineConfig): mine one shard, or --merge the shards; yields the result lines
     mine.py prints. Under torchrun every process calls it for its shard, and the last one to finish merges."""
     if config.merge:
-        meta = merge_shards(config.out_jsonl, config.num_shards, config.keep_pages)
-        yield f"merged {config.num_shards} shards: {meta['counts']['lines']} lines -> {config.out_jsonl}"
+        merged = merge_shards(config.out_jsonl, config.num_shards, config.keep_pages)
+        yield f"merged {config.num_shards} shards: {merged['counts']['lines']} lines -> {config.out_jsonl}"
         return
     if Path(config.out_jsonl).is_dir():
         raise UserError(f"--out_jsonl {config.out_jsonl} is a folder; name a .jsonl file")

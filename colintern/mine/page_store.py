@@ -78,13 +78,13 @@ def plan_pages(dataset: Any, name: str, dedupe: str = "auto", show_progress: boo
     if dedupe == "filename":
         if not has_filename:
             raise UserError(f"--dedupe filename: dataset {name} has no image_filename column; use --dedupe hash")
-        keys = [n if isinstance(n, str) and n else None for n in names]
-        missing = [i for i, k in enumerate(keys) if k is None]
+        named: list[str | None] = [n if isinstance(n, str) and n else None for n in names]
+        missing = [i for i, k in enumerate(named) if k is None]
         if missing:
             log.warning("%d rows of %s have no image_filename (first: row %d); those rows are keyed by content",
                         len(missing), name, missing[0])
         images = dataset.select_columns(["image"])
-        keys = [k if k is not None else content_key(images, i) for i, k in enumerate(keys)]
+        keys = [k if k is not None else content_key(images, i) for i, k in enumerate(named)]
     elif dedupe == "hash":
         images = dataset.select_columns(["image"])
         keys = [content_key(images, i) for i in tqdm(range(len(dataset)), desc="hash pages", unit="row",
@@ -116,7 +116,7 @@ class StoreSpec:
     config: dict[str, Any]          # the ColIntern config (formatting): decides what an embedding means
     dtype: str                      # backbone dtype: bf16 encodings differ from fp32 ones
     dataset: str
-    split: str
+    split: str | None
     limit: int | None
     dedupe: str
     keys_sha256: str                # the page plan (which rows form which page)
@@ -289,8 +289,18 @@ class PageTokens:
     lengths: np.ndarray
     starts: np.ndarray
     dim: int
+    n_tokens: int
+    n_valid: int                 # pages a search may return ...
+    valid_ids: np.ndarray        # ... and their ids
+    spec: Any                    # .n_pages
 
     def page_array(self, u: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def iter_token_chunks(self, chunk: int = 1 << 18) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def sample_tokens(self, n: int, seed: int = 0) -> np.ndarray:
         raise NotImplementedError
 
     def padded(self, ids: np.ndarray, device: Any = "cpu") -> torch.Tensor:
@@ -350,6 +360,7 @@ class PageStore(PageTokens):
         self.sha1 = hashes                                           # content hash per page ("" if none)
         self.valid = self.lengths > 0                                # (n_pages,)
         self.valid_ids = np.flatnonzero(self.valid)                  # ascending
+        self.n_valid = len(self.valid_ids)
         self.part_of = np.arange(spec.n_pages) // spec.pages_per_part
         local_starts = np.zeros(spec.n_pages, dtype=np.int64)        # token offset of a page inside its part
         for j, meta in enumerate(self.parts):
@@ -362,10 +373,6 @@ class PageStore(PageTokens):
         self._resident: list[torch.Tensor | None] = []  # make_resident's copies of self.maps
         self._resident_on: torch.device | None = None
         self._not_resident: set[torch.device] = set()  # devices make_resident found too small
-
-    @property
-    def n_valid(self) -> int:
-        return int(self.valid.sum())
 
     def skipped_rows(self) -> list[tuple[int, str]]:
         return [(int(r), str(reason)) for meta in self.parts for r, reason in meta["skipped"]]
@@ -417,7 +424,9 @@ class PageStore(PageTokens):
             ids = ids[self.valid[ids]]
             if not len(ids):
                 continue
-            stored = self._resident[j] if self._resident_on == device else torch.from_numpy(np.asarray(self.maps[j]))
+            stored = self._resident[j] if self._resident_on == device else None
+            if stored is None:
+                stored = torch.from_numpy(np.asarray(self.maps[j]))
             block = stored.to(device=device, dtype=torch.float32)  # (T_j, dim)
             yield ids, list(torch.split(block, self.lengths[ids].tolist()))
 

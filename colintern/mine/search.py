@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from colintern.data.report import BadRowError
 from colintern.files import atomic_write_bytes
-from colintern.mine.page_store import PagePlan, PageStore
+from colintern.mine.page_store import PagePlan, PageStore, PageTokens
 from colintern.retriever.scoring import exact_fp32
 
 log = logging.getLogger("colintern.mine.search")
@@ -92,8 +92,8 @@ def plan_pairs(queries: Sequence[Any], plan: PagePlan, store: PageStore, bad_ima
         pairs.append(Pair(row=row, text=text, page=u))
     # pages with the same image bytes under another name are the same page: positives too
     same_content: dict[str, list[int]] = {}
-    for u in store.valid_ids:
-        same_content.setdefault(store.sha1[u], []).append(int(u))
+    for page in store.valid_ids:
+        same_content.setdefault(store.sha1[page], []).append(int(page))
     for pages in positives.values():
         pages.update([v for u in list(pages) for v in same_content.get(store.sha1[u], ())])
     pos = {t: np.asarray(sorted(s), dtype=np.int64) for t, s in positives.items()}
@@ -121,7 +121,7 @@ def rerank_chunk_tokens(device: Any) -> int:
 
 
 @torch.no_grad()
-def own_candidate_scores(q: torch.Tensor, ids: np.ndarray, store: PageStore, device: Any,
+def own_candidate_scores(q: torch.Tensor, ids: np.ndarray, store: PageTokens, device: Any,
                          chunk_tokens: int | None = None) -> np.ndarray:
     """Exact sum-MaxSim of ONE query against its own list of pages -> (len(ids),) float32.
 
@@ -213,8 +213,8 @@ def exact_search(qs: list[torch.Tensor], which: np.ndarray, pairs: Sequence[Pair
     out = []
     for r in range(n):
         finite = torch.isfinite(run_v[r])
-        v, i = run_v[r][finite].numpy(), run_i[r][finite].numpy()
-        out.append((i[skip_top:], v[skip_top:], int(filtered[r])))
+        values, ids_r = run_v[r][finite].numpy(), run_i[r][finite].numpy()
+        out.append((ids_r[skip_top:], values[skip_top:], int(filtered[r])))
     return out
 
 
@@ -236,7 +236,7 @@ def choose_method(method: str, n_tokens: int, on_gpu: bool) -> tuple[str, str]:
     return "faiss", f"{n_tokens:,} page tokens > {AUTO_EXACT_MAX_TOKENS:,}: an IVF-PQ first stage is faster"
 
 
-def build_faiss_index(store: PageStore, factory: str, nprobe: int, use_gpu: bool, gpu_id: int, cache_path: Path | None,
+def build_faiss_index(store: PageTokens, factory: str, nprobe: int, use_gpu: bool, gpu_id: int, cache_path: Path | None,
                       show_progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Inner-product FAISS index over every page token vector (ids = global token positions).
 
@@ -292,7 +292,7 @@ def build_faiss_index(store: PageStore, factory: str, nprobe: int, use_gpu: bool
 GPU_RESOURCES: list[Any] = []  # FAISS GPU resources of the indexes built in this process
 
 
-def faiss_candidates(index: Any, qs_np: list[np.ndarray], store: PageStore, token_k: int,
+def faiss_candidates(index: Any, qs_np: list[np.ndarray], store: PageTokens, token_k: int,
                      n_candidates: int) -> list[np.ndarray]:
     """First stage: the n_candidates pages with the best approximate score, per query (best first).
 
@@ -363,8 +363,8 @@ def faiss_search(qs: list[torch.Tensor], which: np.ndarray, pairs: Sequence[Pair
             if u not in todo_set:
                 continue
             thr = float(pos_scores[r] * fn_filter) if fn_filter else None
-            out[r] = select_negatives(cands[u], cand_scores[u], positives[p.text], thr, skip_top, k)
-            if len(out[r][0]) < k and len(cands[u]) < store.n_valid:
+            chosen = out[r] = select_negatives(cands[u], cand_scores[u], positives[p.text], thr, skip_top, k)
+            if len(chosen[0]) < k and len(cands[u]) < store.n_valid:
                 redo.add(u)
         if not redo or round_ == deepen:
             break

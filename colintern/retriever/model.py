@@ -170,7 +170,7 @@ class ColIntern(nn.Module):
         if payload is None:
             model = cls(loaded, config_for_backbone(loaded, model_id, **config_overrides))
         else:
-            check_compatible(payload, loaded.signature, ckpt, weights=loaded.weights,
+            check_compatible(payload, loaded.signature, str(ckpt), weights=loaded.weights,
                              allow_other_base=allow_other_base)
             values = dict(payload["config"])
             values["base_weights"] = loaded.weights or values.get("base_weights", "")  # the weights in use now
@@ -200,7 +200,7 @@ class ColIntern(nn.Module):
         """Activation (gradient) checkpointing where gradients flow: the language model's layers, and the vision
         tower's only when it is trained too (--lora_vision). A frozen vision tower has no backward, so checkpointing it
         would only run its forward twice (about 73 % of a 4+1-tile InternVL page's forward FLOPs)."""
-        target = self.backbone if include_vision else self.family.language_model(self.backbone)
+        target: Any = self.backbone if include_vision else self.family.language_model(self.backbone)
         kwargs = {"use_reentrant": False}
         enable = getattr(target, "activation_checkpointing_enable", None)  # transformers >= 5.2x
         if enable is not None:

@@ -226,7 +226,7 @@ def phase_starts(phase: np.ndarray) -> list[int]:
     """Indices where a new phase starts (not the first point): where the phase number changes. NaN (not said)
     counts as a value of its own: in a training_loss.txt the first phase has no "# phase" note."""
     same = (phase[1:] == phase[:-1]) | (np.isnan(phase[1:]) & np.isnan(phase[:-1]))
-    return [i + 1 for i in np.flatnonzero(~same)]
+    return [int(i) + 1 for i in np.flatnonzero(~same)]
 
 
 def smooth_by_phase(values: np.ndarray, phase: np.ndarray, n: int) -> np.ndarray:
@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_labels(paths: list) -> list:
     """Each file's parent directory name; repeated names get ' (2)', ' (3)', ..."""
-    labels, seen = [], {}
+    labels: list[str] = []
+    seen: dict[str, int] = {}
     for path in paths:
         name = path.resolve().parent.name or str(path)
         seen[name] = seen.get(name, 0) + 1

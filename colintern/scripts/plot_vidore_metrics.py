@@ -37,6 +37,7 @@ import re
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -128,7 +129,7 @@ def read_summary(path: Path, metrics: list) -> dict:
     if not isinstance(tasks, dict) or not tasks:
         raise UserError(f'{where(path, text, "tasks")}: "tasks" must be a non-empty object '
                         f'{{task: {{metric: value}}}}; did the evaluation finish?')
-    picked = {}
+    picked: dict[str, Any] = {}
     for task, scores in tasks.items():
         at = where(path, text, task, tasks_at)
         if task == AVERAGE:
@@ -178,7 +179,8 @@ def run_average(summary: dict, metric: str):
     """The run's average of `metric` over its tasks: the file's own value when it has one, else computed here."""
     tasks = summary["all_tasks"]
     values = [s.get(metric) for s in tasks.values() if isinstance(s, dict)]
-    computed = math.fsum(values) / len(values) if values and all(is_number(v) for v in values) else None
+    numbers = [float(v) for v in values if v is not None and is_number(v)]
+    computed = math.fsum(numbers) / len(numbers) if values and len(numbers) == len(values) else None
     given = summary["given_average"].get(metric)
     if given is None:
         return computed
@@ -250,7 +252,7 @@ def md_cell(text) -> str:
     return "—" if text is None or text == "" else str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def md_table(header: list, rows: list, align: list) -> list:
+def md_table(header: list, rows: list, align: str) -> list:
     lines = ["| " + " | ".join(md_cell(h) for h in header) + " |",
              "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
     lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
@@ -275,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 def default_labels(paths: list) -> list:
     """summary.json -> its parent directory name; other files -> their name without extension.
     Repeated names get ' (2)', ' (3)', ..."""
-    labels, seen = [], {}
+    labels: list[str] = []
+    seen: dict[str, int] = {}
     for path in paths:
         name = path.resolve().parent.name if path.name == "summary.json" else path.stem
         name = name or str(path)
@@ -310,7 +313,7 @@ def run(config: PlotMetricsConfig) -> list:
                         r["path"], label, len(missing), ", ".join(missing))
 
     # values[metric][(label, task)] = number; task AVERAGE holds each run's average.
-    values = {}
+    values: dict[str, dict[tuple[str, str], float]] = {}
     for metric in metrics:
         values[metric] = {}
         for label, r in zip(labels, runs):

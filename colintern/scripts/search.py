@@ -55,13 +55,14 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options]:
     return parse_command(SEARCH_COMMANDS, argv, __doc__, prog="search.py")
 
 
-def check_ready(config: Options) -> None:
+def check_ready(config: IndexConfig | QueryConfig) -> None:
     """What can be checked before a model loads (10-30 s): the checkpoint is a retrieval one, --index is new, empty
     or an index (the inputs and the queries are checked by their readers, before this)."""
     from colintern.retriever.checkpoint import load_checkpoint
 
-    if getattr(config, "ckpt", None):
-        load_checkpoint(config.ckpt)  # one line for a missing, foreign or image-text checkpoint
+    ckpt = getattr(config, "ckpt", None)
+    if ckpt:
+        load_checkpoint(ckpt)  # one line for a missing, foreign or image-text checkpoint
     if isinstance(config, IndexConfig):
         from colintern.index.page_index import check_new_index_folder
 
@@ -275,7 +276,7 @@ def export_model_command(config: ExportModelConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     command, config = parse_args(argv)
-    setup_logging(config.verbose)
+    setup_logging(getattr(config, "verbose", False))
     commands: dict[str, Callable[[Any], int | None]] = {
         "index": index_command, "query": query_command, "export": export_command, "verify": verify_command,
         "export_model": export_model_command, "info": info_command, "remove": remove_command,

@@ -82,9 +82,10 @@ class MineComputeOptions(Options):
     pages_per_part: int = option(1024, at_least=1, help="pages per embedding file part: the unit of shared encoding "
                                                         "and of resume")
     no_gpu: bool = option(False, help="the same as --device cpu")
-    num_shards: int | None = option(None, at_least=1, help="split the queries over N processes (default: WORLD_SIZE "
-                                                          "under torchrun, else 1)")
-    shard_id: int | None = option(None, at_least=0, help="this process's shard, 0..N-1 (default: RANK or 0)")
+    num_shards: int = option(0, at_least=0, help="split the queries over N processes (default: 0, WORLD_SIZE under "
+                                                 "torchrun, else 1)")
+    shard_id: int = option(-1, at_least=-1, help="this process's shard, 0..N-1 (default: -1, RANK under torchrun, "
+                                                 "else 0)")
     merge: bool = option(False, help="only join the N shard files of --out_jsonl into it (with --num_shards N)")
     quiet: bool = option(False, help="no progress bars")
 
@@ -108,9 +109,9 @@ class MineConfig(CheckpointOptions, MineDataOptions, MineOutputOptions, MiningOp
     def check(self) -> None:
         if self.no_gpu:
             object.__setattr__(self, "device", "cpu")
-        if self.num_shards is None:
+        if self.num_shards == 0:
             object.__setattr__(self, "num_shards", int(os.environ.get("WORLD_SIZE", "1") or 1))
-        if self.shard_id is None:
+        if self.shard_id == -1:
             rank = int(os.environ.get("RANK", "0") or 0) if self.num_shards > 1 else 0
             object.__setattr__(self, "shard_id", rank)
         if not 0 <= self.shard_id < self.num_shards:

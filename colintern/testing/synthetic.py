@@ -273,7 +273,7 @@ def _draw_word(image: Image.Image, text: str, box: tuple[int, int, int, int], co
         return
     bitmap = ImageFont.load_default()
     bx0, by0, bx1, by1 = bitmap.getbbox(text)
-    small = Image.new("L", (bx1 - bx0 + 2, by1 - by0 + 2), 0)
+    small = Image.new("L", (int(bx1 - bx0 + 2), int(by1 - by0 + 2)), 0)
     ImageDraw.Draw(small).text((1 - bx0, 1 - by0), text, fill=255, font=bitmap)
     scale = max(1, min(width // small.width, height // small.height))
     mask = small.resize((small.width * scale, small.height * scale), Image.Resampling.NEAREST)
@@ -411,7 +411,9 @@ def write_eval_set(eval_dir: Path, eval_pages: list, seed: int, rng: random.Rand
     """The BEIR-layout eval set, 1-2 queries per page; qrels list every eval page the query's attributes describe.
     Returns (queries, qrels)."""
     (eval_dir / "images").mkdir(parents=True)
-    corpus, queries, qrels = [], [], []
+    corpus: list[dict] = []
+    queries: list[dict] = []
+    qrels: list[dict] = []
     subset_of = {pattern: subset for subset, pattern in TEMPLATES}
     eval_counts = subset_counts(eval_pages)
     for page in eval_pages:

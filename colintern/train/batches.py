@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -118,7 +118,7 @@ class HiddenCache:
         self.disk: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
         self.mem_used = self.disk_used = 0
         self.hits = self.misses = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._full_logged = False
 
     def __contains__(self, key: str) -> bool:
@@ -138,6 +138,7 @@ class HiddenCache:
             self.hits += 1
             offset, shape, dtype = self.disk[key]
             nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            assert self._file is not None  # written before it is read
             buf = bytearray(os.pread(self._file.fileno(), nbytes, offset))
             return torch.frombuffer(buf, dtype=dtype).view(shape)
         self.misses += 1

@@ -189,7 +189,8 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     for (dtype, device), group in groups.items():
         start = 0
         while start < len(group):
-            chunk, n = [], 0
+            chunk: list = []
+            n = 0
             while start < len(group) and (not chunk or n + group[start].numel() <= _BUCKET_ELEMENTS):
                 chunk.append(group[start])
                 n += group[start].numel()

@@ -93,6 +93,7 @@ def load_jsonl_examples(path: str, root: str | None, report: SkipReport) -> Trai
         local, row = resolver.locate(p)  # relative paths live under --root; pseudo-paths name dataset rows
         if local is not None:
             return PageRef("file:" + str(local.resolve()), p, path=str(local))
+        assert row is not None  # locate: a local file or a dataset row
         name, split, index = row
         dataset = resolver.dataset(name, split)
         if (name, split) not in key_cache:
@@ -162,6 +163,7 @@ def load_page(ref: PageRef, datasets: dict[tuple[str, str], Any]):
     """The RGB page behind a PageRef (BadRowError naming ref.label when it cannot be decoded)."""
     if ref.path is not None:
         return decode_image(ref.path, ref.label)
+    assert ref.dataset is not None  # a PageRef is a file or a dataset row
     return decode_image(datasets[ref.dataset][ref.row]["image"], ref.label)
 
 

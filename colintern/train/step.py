@@ -45,7 +45,10 @@ def step_loss(parts: list[tuple[torch.Tensor, torch.Tensor]], batches: list[dict
     used to exclude duplicates of a query's positive page. Queries whose positive could not be decoded are left
     out (their page slot stays in the gathered batch as an empty, never-scored doc).
     """
-    qs, ds, ns, valid = [], [], [], []
+    qs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    ds: list[tuple[torch.Tensor, torch.Tensor]] = []
+    ns: list[tuple[torch.Tensor, torch.Tensor]] = []
+    valid: list[bool] = []
     for m, batch in enumerate(batches):
         q, q_mask = parts[2 * m]
         table, t_mask = parts[2 * m + 1]
@@ -76,7 +79,7 @@ def step_loss(parts: list[tuple[torch.Tensor, torch.Tensor]], batches: list[dict
         cols[offset:offset + n] = block  # this rank's valid positives first, so positive b sits at offset + b
         d_all, d_all_mask, exclude = d_all[cols], d_all_mask[cols], exclude[:, cols][rows]
         q, q_mask = q[rows], q_mask[rows]
-        if num_negs:
+        if neg is not None and neg_mask is not None:
             neg, neg_mask = neg[rows], neg_mask[rows]
     return loss_fn(q, q_mask, d_all, d_all_mask, neg, neg_mask, offset=offset, exclude=exclude, **loss_kwargs)
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -145,7 +145,7 @@ class Trainer:
         self.reporter = Reporter(kinds, config.out_dir, f"{Path(config.out_dir).name}-phase{phase.index}",
                                  fingerprint([os.path.abspath(config.out_dir), phase.id, phase.start_step], n=12),
                                  {k: v for k, v in config.to_dict().items() if isinstance(v, (str, int, float, bool))})
-        self.evaluator = None
+        self.evaluator: Any = None  # a LocalEvaluator with --eval_local (on rank 0)
         if config.eval_local and self.is_main:
             from colintern.eval.evaluation import LocalEvaluator
 
@@ -158,7 +158,7 @@ class Trainer:
         if config.train_hub:
             self.data = load_hub_examples(config.train_hub, config.split, self.report)
         else:
-            self.data = load_jsonl_examples(config.train_jsonl, config.root, self.report)
+            self.data = load_jsonl_examples(str(config.train_jsonl), config.root, self.report)
         self.examples = self.data.examples
         self.num_negs = config.num_negs if self.data.kind == "jsonl" else 0
         log.info("%d training examples (%s%s)", len(self.examples), "in-batch negatives" if self.data.kind == "hub"
@@ -215,12 +215,12 @@ class Trainer:
         if config.lora and model.lora_config is None:
             model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, include_vision=config.lora_vision)
         elif config.lora:
-            saved = model.lora_config
-            if (saved["r"], saved["lora_alpha"], saved["lora_dropout"]) != (config.lora_r, config.lora_alpha,
-                                                                             config.lora_dropout):
+            lora: dict[str, Any] = model.lora_config or {}
+            if (lora["r"], lora["lora_alpha"], lora["lora_dropout"]) != (config.lora_r, config.lora_alpha,
+                                                                          config.lora_dropout):
                 log.warning("continuing the checkpoint's LoRA adapters (r=%s, alpha=%s, dropout=%s); --lora_r/"
-                            "--lora_alpha/--lora_dropout apply only to new adapters", saved["r"],
-                            saved["lora_alpha"], saved["lora_dropout"])
+                            "--lora_alpha/--lora_dropout apply only to new adapters", lora["r"],
+                            lora["lora_alpha"], lora["lora_dropout"])
         elif model.lora_config is not None:
             log.info("%s has LoRA adapters: they stay frozen (heads-only mode); pass --lora to keep training them",
                      config.resume_ckpt)
@@ -248,7 +248,8 @@ class Trainer:
             else:
                 log.warning("--gradient_checkpointing has no effect in heads-only mode (no backbone gradients)")
         self.model = model
-        self.embed = compile_embed(model, config.compile_backend, self.device) if config.compile_heads else model.embed
+        self.embed = compile_embed(model, str(config.compile_backend), self.device) if config.compile_heads else \
+            model.embed
         seed_everything(config.seed + self.rank)  # dropout differs between ranks, as in any data-parallel run
 
     def _fingerprint(self) -> Fingerprint:
@@ -268,13 +269,13 @@ class Trainer:
         if config.train_hub:
             return [os.path.abspath(config.train_hub) if os.path.exists(config.train_hub) else config.train_hub]
         rows = {p.dataset[0] for e in self.examples for p in (e.pos, *e.negs) if p.dataset is not None}
-        return [os.path.abspath(config.train_jsonl)] + sorted(rows)
+        return [os.path.abspath(str(config.train_jsonl))] + sorted(rows)
 
     def _start_or_resume(self) -> tuple[TrainingState, bool]:
         """Continue the checkpoint's phase (same data and arguments), or start a new phase (from its weights)."""
         config = self.config
         fingerprint = self._fingerprint()
-        saved = self.payload.get("training") if self.payload is not None else None
+        saved: dict[str, Any] = self.payload.get("training") or {} if self.payload is not None else {}
         same_phase = bool(saved) and saved["phase"]["id"] == fingerprint.phase_id and not saved["phase_done"] \
             and not config.new_phase
         if same_phase and saved["phase"]["fingerprint"] != fingerprint.value:
@@ -328,6 +329,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            partial(lr_factor, total=phase.steps, warmup=warmup))
         if self.same_phase:
+            assert state.optimizer is not None and state.scheduler is not None  # a checkpoint of this phase
             self.optimizer.load_state_dict(state.optimizer)
             if repage_optimizer_states(self.optimizer):
                 log.info("resumed the paged optimizer's states into paged memory")
@@ -391,6 +393,7 @@ class Trainer:
                         self.embedder.queries(batch)
                         self.embedder.pages(batch)
         if self.same_phase:
+            assert state.rng is not None  # a checkpoint of this phase
             set_rng_state(state.rng[self.rank])
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -499,11 +502,11 @@ class Trainer:
         loss_kwargs = {"kind": config.loss, "temperature": config.tau, "fn_filter": config.fn_filter}
         local = config.gather == "local"  # each process contrasts its queries with its own pages only
         ranks = [self.rank] if local else list(range(self.world))
-        kw = {"num_negs": self.num_negs, "rank": 0 if local else self.rank, "loss_fn": late_interaction_loss,
+        kw: dict[str, Any] = {"num_negs": self.num_negs, "rank": 0 if local else self.rank, "loss_fn": late_interaction_loss,
               "gather": (lambda d, mask: (d, mask)) if local else gather_padded, "loss_kwargs": loss_kwargs}
         if config.grad_cache:
             keys = [self.examples[i].pos.key for r in ranks for j in micro for i in plan.rank_rows(j, r)]
-            closures = []
+            closures: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = []
             for batch in batches:
                 closures += [partial(self.embedder.queries, batch), partial(self.embedder.pages, batch)]
             return float(gradcache_backward(closures, lambda parts: step_loss(parts, batches, all_keys=keys, **kw)))
