@@ -11,7 +11,7 @@ import torch
 
 from colintern import ColIntern
 from colintern.retriever.checkpoint import load_checkpoint
-from colintern.train.trainer import TrainingState
+from colintern.train.state import TrainingState
 from helpers import FIXTURES, load_script, noisy_page
 
 V1 = FIXTURES / "v1_checkpoint"

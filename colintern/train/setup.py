@@ -1,5 +1,6 @@
-"""Setting up a retrieval run before its first step: a new model's config from the settings, the compiled head
-(falling back to the eager one at any compiler failure), and auto-batch's choice of micro-batch on a GPU."""
+"""Setting up a retrieval run before its first step: the model to train and what of it trains, a new model's config
+from the settings, the compiled head (falling back to the eager one at any compiler failure), and auto-batch's
+choice of micro-batch on a GPU."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +9,9 @@ from typing import Any
 import torch
 
 from colintern.settings import TrainConfig
-from colintern.train.distributed import (all_gather_object)
+from colintern.train.distributed import all_gather_object
 from colintern.errors import UserError
+from colintern.retriever.config import LATER_FIELDS
 from colintern.train.losses import late_interaction_loss
 from colintern.train.step import is_out_of_memory, probe_batch_size
 
@@ -119,3 +121,59 @@ def auto_batch(config: TrainConfig, model, embed, params, num_negs: int, train_b
     torch.cuda.reset_peak_memory_stats(device)  # the summary's peak memory is training's, not the probes'
     log.info("auto_batch: micro-batch %d (%s)", chosen, "; ".join(notes))
     return chosen
+
+
+def load_training_model(config: TrainConfig, payload: dict[str, Any] | None, device: torch.device) -> Any:
+    """The model to train: a checkpoint's (--resume_ckpt: its config, head and LoRA) or a new one from the settings,
+    with new LoRA adapters when --lora asks for them. A setting that would change what a checkpoint's embeddings
+    mean is refused: a checkpoint keeps its own."""
+    from colintern.retriever.model import ColIntern
+
+    for flag in ("dim", "embedding", "pooling", "attention", "instruction"):
+        wanted, saved = getattr(config, flag), (payload or {}).get("config", {}).get(flag, LATER_FIELDS.get(flag))
+        if payload is not None and wanted is not None and wanted != saved:
+            raise UserError(f"--{flag} {wanted} differs from {config.resume_ckpt}'s {flag} {saved}; a checkpoint "
+                            f"keeps its own: drop --{flag} to continue from it, or train a new model without "
+                            "--resume_ckpt")
+    model = ColIntern.from_pretrained(config.model_id, ckpt=config.resume_ckpt, device=str(device),
+                                      dtype=config.dtype, use_flash_attn=config.use_flash_attn,
+                                      max_tiles=config.max_tiles, max_visual_tokens=config.max_visual_tokens,
+                                      allow_other_base=config.allow_other_base,
+                                      **({} if payload is not None else new_model_settings(config)))
+    if config.lora and model.lora_config is None:
+        model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, include_vision=config.lora_vision)
+    elif config.lora:
+        lora: dict[str, Any] = model.lora_config or {}
+        if (lora["r"], lora["lora_alpha"], lora["lora_dropout"]) != (config.lora_r, config.lora_alpha,
+                                                                      config.lora_dropout):
+            log.warning("continuing the checkpoint's LoRA adapters (r=%s, alpha=%s, dropout=%s); --lora_r/"
+                        "--lora_alpha/--lora_dropout apply only to new adapters", lora["r"],
+                        lora["lora_alpha"], lora["lora_dropout"])
+    elif model.lora_config is not None:
+        log.info("%s has LoRA adapters: they stay frozen (heads-only mode); pass --lora to keep training them",
+                 config.resume_ckpt)
+    if model.config.attention == "bidirectional" and model.config.keep_page_tokens == "page":
+        log.info("bidirectional attention: the page prompt's tokens before the image now see the page, but "
+                 "keep_page_tokens 'page' still leaves them out (set by the checkpoint's config)")
+    return model
+
+
+def trainable_parameters(model: Any, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Mark what trains (the head, the latent pooler, and with --lora the adapters; nothing else of the backbone),
+    set the train/eval modes, enable activation checkpointing where gradients flow; returns the trained parameters."""
+    train_backbone = config.lora
+    if train_backbone and model.backbone.dtype == torch.float16:
+        log.warning("--dtype fp16 with --lora: backbone gradients flow in fp16 without loss scaling and can "
+                    "underflow; prefer bf16 (or fp32 on GPUs without bf16)")
+    for name, param in model.backbone.named_parameters():
+        param.requires_grad_(train_backbone and "lora_" in name)
+    model.head.requires_grad_(True)
+    if model.pooler is not None:
+        model.pooler.requires_grad_(True)
+    model.train(train_backbone)  # LoRA dropout on; the frozen backbone runs in eval mode
+    if config.gradient_checkpointing:
+        if train_backbone:
+            model.checkpoint_activations(include_vision=config.lora_vision)
+        else:
+            log.warning("--gradient_checkpointing has no effect in heads-only mode (no backbone gradients)")
+    return [p for p in model.parameters() if p.requires_grad]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +125,62 @@ class Fingerprint:
 def diff_args(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"--{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
+
+
+# Arguments that change what training computes: a checkpoint continues the same phase only if they match.
+PHASE_ARGS = ("batch_size", "grad_accum", "epochs", "lr", "seed", "loss", "tau", "warmup_ratio", "weight_decay",
+              "max_grad_norm", "max_steps", "fn_filter", "lora", "lora_r", "lora_alpha", "lora_dropout",
+              "lora_vision", "optimizer", "grad_cache", "auto_batch", "auto_max_batch", "auto_target_frac", "dtype")
+
+
+@dataclass
+class Phase:
+    """What a phase is: its identity (data + arguments), where it started and how it is cut into steps."""
+
+    id: str                 # identity of the data (kind + content hash)
+    fingerprint: str        # hash of the data identity and PHASE_ARGS: a resume must match it
+    args: dict[str, Any]    # the PHASE_ARGS values (to say which ones differ)
+    index: int              # 1 for the first phase of a model, 2 for the next, ...
+    kind: str               # "hub" (in-batch negatives) or "jsonl" (in-batch + hard negatives)
+    start_step: int         # global optimizer step the phase started at
+    start_epoch: int
+    steps: int              # optimizer steps of the whole phase
+    steps_per_epoch: int
+    batch_size: int         # micro-batch per process (auto_batch may have chosen it)
+    world_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Phase":
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+@dataclass
+class TrainingState:
+    """How far a phase got. Counters move during the run; the state dicts are filled when a checkpoint is written
+    or read."""
+
+    phase: Phase
+    step: int                # global optimizer steps done (across phases)
+    phase_step: int          # steps done in this phase
+    epoch: int               # current epoch number (global, 1-based)
+    epoch_position: int      # steps done in the current epoch
+    phase_done: bool = False
+    skipped: int = 0         # bad rows reported so far
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    rng: list[dict[str, Any]] | None = None  # one RNG state per rank
+    # What every phase so far trained on (mteb's training_datasets); None: unknown (a phase before it was recorded).
+    datasets: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: state dicts are not copied
+        values["phase"] = self.phase.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingState":
+        known = {f.name for f in fields(cls)} - {"phase"}
+        return cls(phase=Phase.from_dict(values["phase"]), **{k: v for k, v in values.items() if k in known})
