@@ -293,7 +293,7 @@ def test_head_and_pooler_are_seeded_on_the_cpu_under_another_default_device(tiny
 
 def test_mine_under_torchrun_pins_each_process_to_its_own_gpu(monkeypatch):
     """mine.py sharded with torchrun: process LOCAL_RANK=1 must allocate on cuda:1, not on cuda:0 of rank 0."""
-    from colintern.mine import miner
+    from colintern.mine import prepare as miner
 
     pinned = []
     monkeypatch.setattr(miner, "resolve_device", lambda spec: "cuda")
