@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from colintern import hooks
-from colintern.train.optim import optimizer_step
+from colintern.train.step import optimizer_step
 from colintern.cli import parse_config, save_config
 from colintern.settings import ItrTrainConfig, task_flag
 from colintern.itr.losses import (box_losses, clamp_temperature_, itc_loss, itm_loss, relation_loss,

@@ -1,17 +1,11 @@
-"""The optimizer and the one optimizer step of the package (both training tasks take it): torch AdamW or
-bitsandbytes' 8-bit AdamW (with a working fallback), paged states restored as paged on a resume, and
-`optimizer_step`: gradients averaged over ranks, clipped, checked finite, the update, the schedule."""
+"""The optimizer: torch AdamW or bitsandbytes' 8-bit AdamW (with a working fallback), and paged states restored as
+paged on a resume. The step that uses it is `colintern.train.step.optimizer_step`."""
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 
-from colintern import hooks
-from colintern.errors import UserError
 
 log = logging.getLogger("colintern.train")
 
@@ -62,36 +56,3 @@ def repage_optimizer_states(optimizer) -> int:
                 state[key] = buffer
                 moved += bool(getattr(buffer, "is_paged", False))
     return moved
-
-
-@dataclass
-class StepOutcome:
-    """What one optimizer step did."""
-
-    loss: float
-    grad_norm: float | None   # before clipping; None when the task does not clip
-    lr: float                 # the learning rate of this update
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, params: list[torch.nn.Parameter], loss: float, *,
-                   step: int, max_grad_norm: float | None, where: str,
-                   reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None) -> StepOutcome:
-    """The package's one optimizer step, after the task's forward and backward passes (every micro-batch of the
-    step): gradients averaged over ranks, clipped (max_grad_norm 0: measured, not clipped; None: neither), the loss
-    and the gradient norm checked finite (a diverged run stops here, before anything is saved: `where` says at
-    which step and what to do), the update, the schedule, the gradients cleared. `step`: the number of this step
-    (1-based), for the "loss" hook."""
-    if reduce_gradients is not None:
-        reduce_gradients(params)
-    grad_norm = None
-    if max_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
-    loss = hooks.call("loss", step, loss)
-    if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
-        raise UserError(f"training diverged: loss {loss}" + (f", grad_norm {grad_norm}" if grad_norm is not None
-                                                              else "") + f" {where}")
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss=loss, grad_norm=grad_norm, lr=lr)

@@ -1,13 +1,17 @@
-"""The loss of one step and what sizes a step: step_loss gathers the pages of every rank and applies
-late_interaction_loss (docs/CONTRACT.md §5), the learning-rate schedule, and auto-batch's memory probe."""
+"""One optimizer step: step_loss gathers the pages of every rank and applies late_interaction_loss (docs/CONTRACT.md
+§5); optimizer_step, the package's one optimizer step (both training tasks take it), averages, clips and checks the
+gradients and makes the update; the learning-rate schedule, and auto-batch's memory probe."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from colintern import hooks
 from colintern.errors import UserError
 
 
@@ -158,3 +162,36 @@ def probe_batch_size(embed_step, params: list[torch.nn.Parameter], *, max_batch:
                         f"({'; '.join(notes)}); lower --max_tiles, use --lora with --gradient_checkpointing, "
                         "or raise --auto_target_frac")
     return good, notes
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did."""
+
+    loss: float
+    grad_norm: float | None   # before clipping; None when the task does not clip
+    lr: float                 # the learning rate of this update
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, params: list[torch.nn.Parameter], loss: float, *,
+                   step: int, max_grad_norm: float | None, where: str,
+                   reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None) -> StepOutcome:
+    """The package's one optimizer step, after the task's forward and backward passes (every micro-batch of the
+    step): gradients averaged over ranks, clipped (max_grad_norm 0: measured, not clipped; None: neither), the loss
+    and the gradient norm checked finite (a diverged run stops here, before anything is saved: `where` says at
+    which step and what to do), the update, the schedule, the gradients cleared. `step`: the number of this step
+    (1-based), for the "loss" hook."""
+    if reduce_gradients is not None:
+        reduce_gradients(params)
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+    loss = hooks.call("loss", step, loss)
+    if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
+        raise UserError(f"training diverged: loss {loss}" + (f", grad_norm {grad_norm}" if grad_norm is not None
+                                                              else "") + f" {where}")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss=loss, grad_norm=grad_norm, lr=lr)

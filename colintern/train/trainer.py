@@ -11,7 +11,7 @@ same arguments: the `Fingerprint`) continues exactly; a checkpoint of another ph
 
 One optimizer step, in the files that hold it: `Trainer._optimizer_step` (here) -> `Embedder` (batches.py: the
 micro-batch through the model, colintern/retriever/model.py) -> `step_loss` (step.py) -> `late_interaction_loss`
-(losses.py). The other pieces: examples.py (examples, epoch plan, page check), state.py (RNG, logs, fingerprint)."""
+(losses.py) -> `optimizer_step` (step.py). The other pieces: examples.py (examples, epoch plan, page check), state.py (RNG, logs, fingerprint)."""
 from __future__ import annotations
 
 import json
@@ -38,10 +38,9 @@ from colintern.train.distributed import (all_gather_object, all_reduce_gradients
 from colintern.train.examples import Plan
 from colintern.train.gradcache import gradcache_backward
 from colintern.train.losses import late_interaction_loss
-from colintern.train.optim import optimizer_step
 from colintern.train.prepare import PreparedRun
 from colintern.train.state import LOSS_TXT, METRICS_JSONL, append_line, format_loss_line, rng_state
-from colintern.train.step import step_loss
+from colintern.train.step import optimizer_step, step_loss
 
 
 log = logging.getLogger("colintern.train")
