@@ -351,6 +351,33 @@ def parse_config(cls: type[C], argv: list[str] | None, description: str | None =
     return cls(**values)
 
 
+def to_argv(config: Options) -> list[str]:
+    """The command line that parses back into `config` (parse_config(type(config), to_argv(config)) == config): the
+    positional fields first, then a flag for every field that differs from its default. Scripts that run other
+    commands (the demos, the ablation grid) build settings objects, checked when made, and run this."""
+    positional: list[str] = []
+    flags: list[str] = []
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("cli", True):
+            continue
+        value, default = getattr(config, f.name), _default_of(f)
+        if f.metadata.get("positional"):
+            positional += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            continue
+        if value == default or value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag_of(f.name) if value else f"--no-{f.name}")
+        elif isinstance(value, list) and f.metadata.get("repeat"):
+            for item in value:
+                flags += [flag_of(f.name), str(item)]
+        elif isinstance(value, list):
+            flags += [flag_of(f.name), *map(str, value)]
+        else:
+            flags += [flag_of(f.name), str(value)]
+    return positional + flags
+
+
 def config_text(config: Options, command: str) -> str:
     """The resolved settings as YAML, with a first line saying how to re-run them."""
     import yaml

@@ -187,3 +187,28 @@ def test_train_mine_evaluate_and_search_from_python(tiny_model_dir, synthetic_sm
     added = index.add([tmp_path / "d.png", search_docs])  # only the new file is encoded
     assert (added.pages, added.total, index.info()["pages"]) == (1, 7, 7)
     assert ("d.png", 1) in {(Path(h["file"]).name, h["page"]) for h in index.search("alpha", k=7)}
+
+
+def test_settings_objects_become_the_command_lines_that_parse_back_to_them(tmp_path):
+    """to_argv(config) is what the ablation grid runs: it parses back into the same object, flags and positionals."""
+    from colintern.cli import to_argv
+    from colintern.settings import AblateConfig, TinyConfig
+
+    cases = [
+        TrainConfig(model_id="m", train_hub="h", lr=1e-3, lora_preset="nv-embed", report_to=["tensorboard", "wandb"],
+                    grad_cache=True, embedding="single", pooling="latent", latent_size=16, out_dir=str(tmp_path)),
+        TrainConfig(model_id="m", train_jsonl="t.jsonl", num_negs=3, fn_filter=0.9, device="cpu"),
+        MineConfig(model_id="m", hub_name="h", k=3, fn_filter=0.0, method="exact", num_shards=2, shard_id=1),
+        QueryConfig(index="idx", queries=["a b", "c"], where=["lang=en", "kind=manual"], k=3, json=True),
+        IndexConfig(index="idx", inputs=["a.pdf", "docs/"], meta=["lang=en"], dpi=72),
+        TinyConfig(out=str(tmp_path / "tiny"), backbone="qwen3_vl", seed=2),
+        AblateConfig(poolings=["mean"], seeds=[3], batch_size=4),
+    ]
+    for config in cases:
+        argv = to_argv(config)
+        assert parse_config(type(config), argv) == config, (type(config).__name__, argv)
+    assert to_argv(cases[3])[:2] == ["a b", "c"] and to_argv(cases[3]).count("--where") == 2
+    plain = to_argv(TrainConfig(model_id="m", train_hub="h"))  # only what differs from the defaults
+    assert sorted(zip(plain[::2], plain[1::2])) == [("--compile_backend", os.environ.get("COLINTERN_COMPILE_BACKEND",
+                                                                                        "inductor")),
+                                                    ("--model_id", "m"), ("--train_hub", "h")]

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from colintern.cli import parse_config, run_cli, setup_logging
+from colintern.cli import parse_config, run_cli, setup_logging, to_argv
 from colintern.scripts.demo import child_env, script, shown_path
 from colintern.errors import UserError
-from colintern.settings import AblateConfig
+from colintern.settings import AblateConfig, TrainConfig
 from colintern.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("colintern.scripts.ablate")
@@ -47,20 +47,17 @@ def cell_name(pooling: str, attention: str, gather: str) -> str:
     return f"{pooling}-{attention}-{gather}"
 
 
-def train_argv(config: AblateConfig, model_id: str, train_hub: str, pooling: str, attention: str, gather: str,
-               seed: int, out_dir: Path) -> list[str]:
-    """train.py for one (cell, seed). gather global = one softmax over 2 micro-batches (GradCache), local = each
-    micro-batch its own softmax (plain accumulation): the contrast --gather makes across 2 processes."""
-    argv = [script("train.py"), "--model_id", model_id, "--train_hub", train_hub, "--embedding", "single",
-            "--pooling", pooling, "--attention", attention, "--lora_preset", "nv-embed", "--lr", str(config.lr),
-            "--tau", str(config.tau), "--epochs", str(config.epochs), "--batch_size", str(config.batch_size // 2),
-            "--grad_accum", "2", "--max_tiles", str(config.max_tiles), "--seed", str(seed), "--num_workers", "0",
-            "--save_every", "0", "--device", "cpu", "--out_dir", str(out_dir), "--overwrite"]
-    if gather == "global":
-        argv.append("--grad_cache")
-    if pooling == "latent":
-        argv += ["--latent_size", str(config.latent_size), "--latent_heads", str(config.latent_heads)]
-    return argv
+def train_settings(config: AblateConfig, model_id: str, train_hub: str, pooling: str, attention: str, gather: str,
+                   seed: int, out_dir: Path) -> TrainConfig:
+    """train.py's settings for one (cell, seed). gather global = one softmax over 2 micro-batches (GradCache), local =
+    each micro-batch its own softmax (plain accumulation): the contrast --gather makes across 2 processes."""
+    latent = pooling == "latent"
+    return TrainConfig(model_id=model_id, train_hub=train_hub, embedding="single", pooling=pooling,
+                       attention=attention, lora_preset="nv-embed", lr=config.lr, tau=config.tau, epochs=config.epochs,
+                       batch_size=config.batch_size // 2, grad_accum=2, max_tiles=config.max_tiles, seed=seed,
+                       num_workers=0, save_every=0, device="cpu", out_dir=str(out_dir), overwrite=True,
+                       grad_cache=gather == "global", latent_size=config.latent_size if latent else None,
+                       latent_heads=config.latent_heads if latent else None)
 
 
 def summary(model_id: str, ckpt: str | None, task: str, metrics: dict[str, float]) -> dict[str, Any]:
@@ -165,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for seed in config.seeds:
             run_dir = out / "cells" / name / f"seed{seed}"
-            argv = train_argv(config, model_id, train_hub, pooling, attention, gather, seed, run_dir / "train")
+            train_config = train_settings(config, model_id, train_hub, pooling, attention, gather, seed,
+                                          run_dir / "train")
+            argv = [script("train.py"), *to_argv(train_config)]
             log.info("[%d/%d] %s seed %d: %s", n, len(combos), name, seed, " ".join(argv[1:]))
             done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
             if done.returncode != 0:
