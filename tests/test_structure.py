@@ -202,3 +202,25 @@ def test_modules_classes_and_functions_stay_small():
                 found[f"def {node.name} ({rel})"] = size
     assert not found, found
     assert len(package_modules()) > 80  # the scan is real
+
+
+def test_one_optimizer_step_and_one_loop_in_the_package():
+    """optimizer.step() is called in one place (train/step.optimizer_step), and both training tasks run the one loop
+    (train/loop.run_loop); no fault injection in the package outside colintern/testing/."""
+    steps, loops = [], []
+    for path in package_modules():
+        rel = path.relative_to(REPO).as_posix()
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "step":
+                owner = node.func.value
+                name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+                if "optimizer" in name:
+                    steps.append(rel)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_loop":
+                loops.append(rel)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "kill":
+                assert rel.startswith("colintern/testing/"), f"{rel}: a kill outside the tests' fault hooks"
+        assert "COLINTERN_FAULT" not in text, rel
+    assert steps == ["colintern/train/step.py"], steps
+    assert sorted(loops) == ["colintern/itr/train.py", "colintern/train/trainer.py"], loops

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from colintern import hooks
+from colintern.train.loop import run_loop
 from colintern.train.step import optimizer_step
 from colintern.cli import parse_config, save_config
 from colintern.settings import ItrTrainConfig, task_flag
@@ -92,11 +92,10 @@ class ItrTrainer(PreparedItr):
         return out
 
     def run(self) -> str:
-        from colintern.train.state import append_line
-
-        config, state = self.config, self.state
+        """Train to the end of the phase (the one training loop, colintern/train/loop.py); returns the summary."""
         from colintern.train.reporting import Reporter
 
+        config, state = self.config, self.state
         for path in self.to_remove:
             path.unlink(missing_ok=True)
         self._trim_metrics()
@@ -105,28 +104,10 @@ class ItrTrainer(PreparedItr):
         reporter = Reporter([k for k in config.report_to if k != "none"], str(self.out),
                             f"{self.out.name}-phase{state.phase}", f"{self.out.name}-{state.fingerprint[:12]}",
                             {k: v for k, v in config.to_dict().items() if isinstance(v, (str, int, float, bool))})
-        from tqdm.auto import tqdm
-
-        per_epoch = len(self.items) // config.batch_size
         t_start = time.perf_counter()
-        row: dict[str, Any] = {}  # the last step's metrics (none yet when a resume lands on an epoch's end)
-        with tqdm(total=state.steps, initial=state.step, desc=f"phase {state.phase} (stage {state.stage})",
-                  unit="step", dynamic_ncols=True) as bar:
-            while state.step < state.steps:
-                order = self.epoch_order(state.epoch)
-                while state.position < per_epoch and state.step < state.steps:
-                    batch = order[state.position * config.batch_size:(state.position + 1) * config.batch_size]
-                    row = self.train_step(batch)
-                    append_line(str(self.out), "metrics.jsonl", json.dumps(row))
-                    reporter.log(row, state.step)
-                    bar.update(1)
-                    bar.set_postfix(epoch=row["epoch"], loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.0f}")
-                    if config.save_every and state.step % config.save_every == 0:
-                        self.save(f"colintern_heads_step{state.step}.pt", row)
-                    hooks.call("step", state.step)
-                state.epoch += 1
-                state.position = 0
-                self.save(f"colintern_heads_epoch{state.epoch}.pt", row)
+        self.last_row: dict[str, Any] = {}  # the last step's metrics (none yet when a resume lands on an epoch's end)
+        run_loop(self, total=state.steps, initial=state.step, desc=f"phase {state.phase} (stage {state.stage})",
+                 out_dir=str(self.out), reporter=reporter)
         reporter.close()
         wall = time.perf_counter() - t_start
         from colintern.device import peak_memory_gib
@@ -135,6 +116,29 @@ class ItrTrainer(PreparedItr):
         self._write_run_info({"peak_mem_gib": round(peak, 3), "peak_mem_kind": kind})
         return (f"done: phase {state.phase} (stage {state.stage}), {state.step} steps, {state.epoch} epoch(s) in "
                 f"{wall:.1f} s; last checkpoint {self.out / f'colintern_heads_epoch{state.epoch}.pt'}")
+
+    def steps(self) -> Iterator[dict[str, Any]]:
+        """The phase's remaining steps, epoch by epoch (each epoch ends with its checkpoint, also when --max_steps
+        stops the phase inside it); each step's metrics."""
+        config, state = self.config, self.state
+        per_epoch = len(self.items) // config.batch_size
+        while state.step < state.steps:
+            order = self.epoch_order(state.epoch)
+            while state.position < per_epoch and state.step < state.steps:
+                batch = order[state.position * config.batch_size:(state.position + 1) * config.batch_size]
+                self.last_row = self.train_step(batch)
+                yield self.last_row
+            state.epoch += 1
+            state.position = 0
+            self.save(f"colintern_heads_epoch{state.epoch}.pt", state.step == state.steps)
+
+    def checkpoints_due(self) -> list[tuple[str, bool]]:
+        """Every --save_every steps (the epoch checkpoints are written by steps() at each epoch's end)."""
+        step, every = self.state.step, self.config.save_every
+        return [(f"colintern_heads_step{step}.pt", step == self.state.steps)] if every and step % every == 0 else []
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"epoch": row["epoch"], "loss": f"{row['loss']:.4f}", "pairs_s": f"{row['pairs_per_s']:.0f}"}
 
     def train_step(self, batch: torch.Tensor) -> dict[str, Any]:
         """One optimizer step on a batch of caption items; returns its metrics.jsonl row."""
@@ -177,7 +181,10 @@ class ItrTrainer(PreparedItr):
         if len(kept) != len(lines):
             atomic_write_text(path, "".join(line + "\n" for line in kept))
 
-    def save(self, name: str, metrics: dict[str, Any]) -> None:
+    def save(self, name: str, done: bool) -> None:
+        """Write checkpoint `name` into --out_dir: the heads, their config, LoRA, the training state, the mean-box
+        prior and the last step's metrics (`done`: the phase's last checkpoint, recorded by the state itself)."""
+        metrics = self.last_row
         from dataclasses import asdict
 
         from colintern.retriever.checkpoint import FORMAT_VERSION, atomic_torch_save

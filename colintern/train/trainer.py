@@ -14,17 +14,15 @@ micro-batch through the model, colintern/retriever/model.py) -> `step_loss` (ste
 (losses.py) -> `optimizer_step` (step.py). The other pieces: examples.py (examples, epoch plan, page check), state.py (RNG, logs, fingerprint)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from colintern import hooks
 from colintern.cli import OUTPUT_ERRNOS, output_error_message
@@ -37,9 +35,10 @@ from colintern.train.distributed import (all_gather_object, all_reduce_gradients
                                          broadcast_object, cleanup, gather_padded, init_distributed)
 from colintern.train.examples import Plan
 from colintern.train.gradcache import gradcache_backward
+from colintern.train.loop import run_loop
 from colintern.train.losses import late_interaction_loss
 from colintern.train.prepare import PreparedRun
-from colintern.train.state import LOSS_TXT, METRICS_JSONL, append_line, format_loss_line, rng_state
+from colintern.train.state import LOSS_TXT, append_line, format_loss_line, rng_state
 from colintern.train.step import optimizer_step, step_loss
 
 
@@ -53,28 +52,31 @@ class Trainer(PreparedRun):
     """One phase of training on this process (rank) of a data-parallel run."""
 
     def run(self) -> str:
-        """Train to the end of the phase; returns the summary line."""
+        """Train to the end of the phase (the one training loop, colintern/train/loop.py); returns the summary."""
         state = self.state
-        bar = tqdm(total=state.phase.steps, initial=state.phase_step, desc=f"phase {state.phase.index}",
-                   unit="step", disable=not self.is_main, dynamic_ncols=True)
         t_train = time.perf_counter()
         try:
-            first_epoch = state.epoch
-            while state.phase_step < state.phase.steps:
-                if state.epoch_position >= state.phase.steps_per_epoch:  # resumed from an epoch-end checkpoint
-                    state.epoch, state.epoch_position = state.epoch + 1, 0
-                skip = self.cache.keys() if self.cache is not None else frozenset()
-                if state.epoch == first_epoch and self.skip_at_epoch_start is not None:
-                    skip = self.skip_at_epoch_start
-                self._run_epoch(skip, bar)
+            run_loop(self, total=state.phase.steps, initial=state.phase_step, desc=f"phase {state.phase.index}",
+                     out_dir=self.config.out_dir, reporter=self.reporter, is_main=self.is_main)
         finally:
-            bar.close()
             self.reporter.close()
             if self.cache is not None:
                 self.cache.close()
         return self._summary(time.perf_counter() - t_train)
 
-    def _run_epoch(self, skip: frozenset[str], bar) -> None:
+    def steps(self) -> Iterator[dict[str, Any]]:
+        """The phase's remaining optimizer steps, epoch by epoch from where the state stands; each one's metrics."""
+        state = self.state
+        first_epoch = state.epoch
+        while state.phase_step < state.phase.steps:
+            if state.epoch_position >= state.phase.steps_per_epoch:  # resumed from an epoch-end checkpoint
+                state.epoch, state.epoch_position = state.epoch + 1, 0
+            skip = self.cache.keys() if self.cache is not None else frozenset()
+            if state.epoch == first_epoch and self.skip_at_epoch_start is not None:
+                skip = self.skip_at_epoch_start
+            yield from self._epoch_steps(skip)
+
+    def _epoch_steps(self, skip: frozenset[str]) -> Iterator[dict[str, Any]]:
         """The optimizer steps of the current epoch, from its position to its end or the end of the phase."""
         state, accum = self.state, self.config.grad_accum
         end = min(state.phase.steps_per_epoch, state.epoch_position + state.phase.steps - state.phase_step)
@@ -84,13 +86,14 @@ class Trainer(PreparedRun):
         full_epoch = state.epoch_position == 0
         for pos in range(state.epoch_position, end):
             self._optimizer_step(plan, pos, [next(batches_left) for _ in range(accum)])
-            bar.update(1)
-            bar.set_postfix(loss=f"{self.last_metrics['loss']:.4f}", lr=f"{self.last_metrics['lr']:.2e}",
-                            pairs_s=f"{self.last_metrics['pairs_per_s']:.1f}", epoch=state.epoch)
-            self._after_step()
+            yield self.last_metrics
         if full_epoch and state.epoch_position == state.phase.steps_per_epoch:
             self._note_epoch_time(state.epoch, time.perf_counter() - t_epoch,
                                   self.embedder.items_computed - computed_before)
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "pairs_s": f"{row['pairs_per_s']:.1f}",
+                "epoch": row["epoch"]}
 
     def _optimizer_step(self, plan: Plan, pos: int, batches: list[dict]) -> None:
         """Step `pos` of the epoch (micro-batches pos * grad_accum ...): forward, backward, gradient averaging and
@@ -116,9 +119,7 @@ class Trainer(PreparedRun):
         self.window.append(loss)
         if self._eval_due():
             self._evaluate()
-        if self.is_main:
-            append_line(config.out_dir, METRICS_JSONL, json.dumps(self.last_metrics))
-            self.reporter.log(self.last_metrics, state.step)
+        if self.is_main:  # metrics.jsonl gets the row from the loop
             if state.step % config.log_every == 0:
                 line = format_loss_line(state.step, state.epoch, sum(self.window) / len(self.window), lr, grad_norm,
                                         pairs / seconds)
@@ -175,16 +176,17 @@ class Trainer(PreparedRun):
                 if n in bad:
                     self._skip(batch["where"][b], bad[n][1], f"{bad[n][1]} (negative {bad[n][0]})")
 
-    def _after_step(self) -> None:
-        """Checkpoints (every --save_every steps, at a phase end inside an epoch, at each epoch end), the "step" hook."""
+    def checkpoints_due(self) -> list[tuple[str, bool]]:
+        """Every --save_every steps, at a phase end inside an epoch, and at each epoch end."""
         config, state = self.config, self.state
         epoch_done = state.epoch_position == state.phase.steps_per_epoch
         done = state.phase_step == state.phase.steps
+        due = []
         if (config.save_every and state.step % config.save_every == 0) or (done and not epoch_done):
-            self.save(os.path.join(config.out_dir, f"colintern_heads_step{state.step}.pt"), done)
+            due.append((f"colintern_heads_step{state.step}.pt", done))
         if epoch_done:
-            self.save(os.path.join(config.out_dir, f"colintern_heads_epoch{state.epoch}.pt"), done)
-        hooks.call("step", state.step)
+            due.append((f"colintern_heads_epoch{state.epoch}.pt", done))
+        return due
 
     def _note_epoch_time(self, epoch: int, seconds: float, computed: int) -> None:
         """After a second full epoch with the hidden-state cache: how much faster it was than the first."""
@@ -201,9 +203,11 @@ class Trainer(PreparedRun):
         append_line(self.config.out_dir, LOSS_TXT, "# " + msg)
 
     # -- checkpoints and the summary ---------------------------------------------------------------------
-    def save(self, path: str, done: bool) -> None:
-        """Write a checkpoint on rank 0 (atomic); a failure stops the run with the previous file intact."""
+    def save(self, name: str, done: bool) -> None:
+        """Write checkpoint `name` into --out_dir on rank 0 (atomic); a failure stops the run with the previous file
+        intact."""
         config = self.config
+        path = os.path.join(config.out_dir, name)
         rngs = all_gather_object(rng_state())
         if config.resume_ckpt and os.path.realpath(path) == os.path.realpath(config.resume_ckpt):
             log.warning("not overwriting %s, the checkpoint this run resumed from", path)
