@@ -47,7 +47,7 @@ itr-demo: venv
 # On a machine with a CUDA GPU, with that machine's own python (torch, transformers, peft, accelerate; no venv
 # needed): the one prepared measurement, about 8 minutes, results in outputs/bench/gpu_suite/ (docs/BENCHMARKS.md).
 gpu-suite:
-	$(PYTHON) bench/gpu_suite.py --out outputs/bench/gpu_suite
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) bench/gpu_suite.py --out outputs/bench/gpu_suite
 
 clean:
 	rm -rf outputs .pytest_cache

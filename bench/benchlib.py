@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -21,9 +20,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # `python bench/x.py` from anywhere imports this checkout's colintern
 
+# colintern comes from the installed package (make venv installs this checkout editable); on a machine without it,
+# run from the repository root with PYTHONPATH=. (make gpu-suite does). No sys.path edit here.
 from colintern.retriever.scoring import exact_fp32  # noqa: E402
 
 

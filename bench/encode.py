@@ -32,14 +32,12 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (env, loadavg, matmul_tflops, print_table, reset_peak, sync,  # noqa: E402
                       timed, write_json)
 

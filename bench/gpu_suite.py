@@ -1,6 +1,6 @@
 """The GPU suite: everything a GPU must show, in one command that fits a short loan of one H100/H200 (8 minutes).
 
-    python bench/gpu_suite.py                    # on the GPU machine: results in outputs/bench/gpu_suite/
+    PYTHONPATH=. python bench/gpu_suite.py       # on the GPU machine (no ColIntern installed): outputs/bench/gpu_suite/
     python bench/gpu_suite.py --dry_run          # tiny shapes on a CPU, in seconds (make test runs it)
 
 Sections, each skipped (and said so) when the time budget left is below its estimate, each failure recorded
@@ -45,8 +45,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import env, matmul_tflops, reset_peak, sync, timed  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402

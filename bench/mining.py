@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import env, loadavg, matmul_tflops, print_table, timed, write_json  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402

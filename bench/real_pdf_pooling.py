@@ -17,8 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import env, print_table, write_json  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402

@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -30,8 +29,6 @@ from typing import Callable
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import loadavg, matmul_tflops, sync  # noqa: E402
 
 from colintern.retriever.scoring import maxsim  # noqa: E402

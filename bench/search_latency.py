@@ -33,8 +33,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import env  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import env, print_table, write_json  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402

@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import REPO, env, loadavg, print_table, write_json  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402

@@ -219,7 +219,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Options], given: dict
             if name in final:
                 home[name] = final[name].metadata.get("home") or klass
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for klass in [*cls.__mro__, *dict.fromkeys(h for h in home.values() if h not in cls.__mro__)]:
+    own_homes = [home[name] for name in cls.__dict__.get("__annotations__", {}) if name in home]  # its own first
+    for klass in dict.fromkeys([*own_homes, *cls.__mro__, *home.values()]):
         own = [name for name in final if home[name] is klass]  # the concerns in the order the class lists them
         if not own:
             continue
@@ -357,7 +358,8 @@ def to_argv(config: Options) -> list[str]:
     commands (the demos, the ablation grid) build settings objects, checked when made, and run this."""
     positional: list[str] = []
     flags: list[str] = []
-    for f in dataclasses.fields(config):
+    order = {action.dest: i for i, action in enumerate(build_parser(type(config), None)._actions)}  # --help's order
+    for f in sorted(dataclasses.fields(config), key=lambda f: order.get(f.name, len(order))):
         if not f.metadata.get("cli", True):
             continue
         value, default = getattr(config, f.name), _default_of(f)

@@ -37,9 +37,10 @@ import sys
 import time
 from pathlib import Path
 
-from colintern.cli import parse_config, run_cli, setup_logging
+from colintern.cli import parse_config, run_cli, setup_logging, to_argv
 from colintern.errors import UserError
-from colintern.settings import DemoConfig
+from colintern.settings import (DemoConfig, EvalConfig, MineConfig, PlotLossConfig, PlotMetricsConfig,
+                                SyntheticConfig, TinyConfig, TrainConfig)
 
 log = logging.getLogger("colintern.scripts.demo")
 OUT_FLAG = "--out"  # named in one-line errors about the output location (full disk, ...)
@@ -177,39 +178,45 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU.\nEvery step's command is printed before it runs; to re-run one by hand, first:\n"
           f"$ export {' '.join(f'{k}={shlex.quote(v)}' for k, v in fixed.items())}", flush=True)
 
-    train_common = ["--batch_size", str(config.batch_size), "--lr", str(config.lr), "--lora", "--lora_r",
-                    str(config.lora_r), "--lora_alpha", str(config.lora_alpha), "--tau", str(config.tau), "--seed",
-                    str(config.seed), "--device", "cpu", "--num_workers", str(config.num_workers), "--save_every",
-                    "0"]
+    # Every step is a settings object (checked when made), run as the command line it parses back from (to_argv).
+    epoch1_settings = TrainConfig(model_id=tiny, train_hub=f"{syn}/train", out_dir=train_dir, epochs=1,
+                                  max_tiles=config.max_tiles, batch_size=config.batch_size, lr=config.lr, lora=True,
+                                  lora_r=config.lora_r, lora_alpha=config.lora_alpha, tau=config.tau, seed=config.seed,
+                                  device="cpu", num_workers=config.num_workers, save_every=0)
+    steps = [
+        ("tiny model", "build the tiny model", [py, "-m", "colintern.testing.tiny"],
+         TinyConfig(out=tiny, seed=config.seed)),
+        ("synthetic corpus", "write the synthetic corpus", [py, "-m", "colintern.testing.synthetic"],
+         SyntheticConfig(out=syn, n_train_pages=config.train_pages, n_eval_pages=config.eval_pages,
+                         queries_per_page=config.queries_per_page, seed=config.seed)),
+        ("train epoch 1", "train epoch 1 (in-batch negatives)", [py, script("train.py")], epoch1_settings),
+        ("mine", "mine hard negatives with the epoch-1 checkpoint", [py, script("mine.py")],
+         MineConfig(model_id=tiny, ckpt=epoch1, hub_name=f"{syn}/train", split="train", out_jsonl=mined, k=config.k,
+                    method=config.mine_method, device="cpu", num_shards=1, shard_id=0)),
+        ("train epoch 2", "train epoch 2 on the mined triples (from the epoch-1 weights)", [py, script("train.py")],
+         epoch1_settings.replace(train_hub=None, train_jsonl=mined, resume_ckpt=epoch1, num_negs=config.num_negs,
+                                 max_tiles=None)),
+    ]
+    evals = EvalConfig(model_id=tiny, local_dataset=[f"{syn}/eval"], out_dir=eval_dir, device="cpu")
+    steps += [
+        ("eval base", "evaluate the untrained base model (random head) on the held-out pages", [py, script("eval.py")],
+         evals.replace(max_tiles=config.max_tiles, run_name="base")),
+        ("eval epoch 1", "evaluate epoch 1 on the held-out pages", [py, script("eval.py")],
+         evals.replace(ckpt=epoch1, run_name="epoch1")),
+        ("eval epoch 2", "evaluate epoch 2 on the held-out pages", [py, script("eval.py")],
+         evals.replace(ckpt=epoch2, run_name="epoch2")),
+    ]
     seconds: dict[str, float] = {}
-    seconds["tiny model"] = run("build the tiny model", [py, "-m", "colintern.testing.tiny", tiny, "--seed",
-                                                         str(config.seed)])
-    seconds["synthetic corpus"] = run("write the synthetic corpus", [
-        py, "-m", "colintern.testing.synthetic", syn, "--n_train_pages", str(config.train_pages), "--n_eval_pages",
-        str(config.eval_pages), "--queries_per_page", str(config.queries_per_page), "--seed", str(config.seed)])
-    seconds["train epoch 1"] = run("train epoch 1 (in-batch negatives)", [
-        py, script("train.py"), "--model_id", tiny, "--train_hub", f"{syn}/train", "--out_dir", train_dir,
-        "--epochs", "1", "--max_tiles", str(config.max_tiles), *train_common])
-    seconds["mine"] = run("mine hard negatives with the epoch-1 checkpoint", [
-        py, script("mine.py"), "--model_id", tiny, "--ckpt", epoch1, "--hub_name", f"{syn}/train", "--split",
-        "train", "--out_jsonl", mined, "--k", str(config.k), "--method", config.mine_method, "--device", "cpu"])
-    seconds["train epoch 2"] = run("train epoch 2 on the mined triples (from the epoch-1 weights)", [
-        py, script("train.py"), "--model_id", tiny, "--train_jsonl", mined, "--resume_ckpt", epoch1,
-        "--out_dir", train_dir, "--num_negs", str(config.num_negs), *train_common])
-    eval_common = ["--model_id", tiny, "--local_dataset", f"{syn}/eval", "--out_dir", eval_dir, "--device", "cpu"]
-    seconds["eval base"] = run("evaluate the untrained base model (random head) on the held-out pages", [
-        py, script("eval.py"), *eval_common, "--max_tiles", str(config.max_tiles), "--run_name", "base"])
-    seconds["eval epoch 1"] = run("evaluate epoch 1 on the held-out pages", [
-        py, script("eval.py"), *eval_common, "--ckpt", epoch1, "--run_name", "epoch1"])
-    seconds["eval epoch 2"] = run("evaluate epoch 2 on the held-out pages", [
-        py, script("eval.py"), *eval_common, "--ckpt", epoch2, "--run_name", "epoch2"])
-    steps = count_lines(Path(train_dir) / "metrics.jsonl")
-    smooth = max(1, min(20, steps // 10))
+    for key, what, command, settings in steps:
+        seconds[key] = run(what, [*command, *to_argv(settings)])
+    smooth = max(1, min(20, count_lines(Path(train_dir) / "metrics.jsonl") // 10))
     seconds["plot loss"] = run("plot the training loss (both epochs, with the learning rate)", [
-        py, script("plot_training_loss.py"), "--input", f"{train_dir}/metrics.jsonl", "--labels",
-        "epochs 1-2", "--output", f"{plots}/training_loss.png", "--smooth", str(smooth), "--lr"])
+        py, script("plot_training_loss.py"), *to_argv(PlotLossConfig(
+            input=[f"{train_dir}/metrics.jsonl"], labels=["epochs 1-2"], output=f"{plots}/training_loss.png",
+            smooth=smooth, lr=True))])
     seconds["plot metrics"] = run("plot the held-out metrics of the three runs", [
-        py, script("plot_vidore_metrics.py"), "--inputs", *(f"{eval_dir}/{r}" for r in RUNS), "--outdir", plots])
+        py, script("plot_vidore_metrics.py"), *to_argv(PlotMetricsConfig(inputs=[f"{eval_dir}/{r}" for r in RUNS],
+                                                                          outdir=plots))])
 
     return report(config, out, seconds, run, fixed, time.perf_counter() - t_start)
 

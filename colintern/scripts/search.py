@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from colintern.cli import Options, parse_command, run_cli, setup_logging  # noqa: E402
+from colintern.cli import Options, parse_command, run_cli, save_config, setup_logging  # noqa: E402
 from colintern.errors import UserError  # noqa: E402
 from colintern.files import display, make_output_dir  # noqa: E402
 from colintern.index.api import parse_pairs  # noqa: E402
@@ -73,6 +73,7 @@ def index_command(config: IndexConfig) -> int:
     from colintern.index.api import add_files
 
     added = add_files(config, show_progress=sys.stderr.isatty())
+    save_config(config, Path(config.index) / "index_config.yaml", "search.py index")  # this run's resolved settings
     report = added.report
     print(f"indexed {added.pages} new page(s) from {added.files} file(s); {added.total} page(s) in {config.index}"
           + (f"; {report.summary()}" if report.count else ""))

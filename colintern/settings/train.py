@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 
 from colintern.errors import UserError
@@ -162,8 +161,6 @@ class TrainHardwareOptions(DeviceOptions):
                                                        "once memory is full (default: 0 = none)")
 
     def check(self) -> None:
-        if self.compile_backend is None:  # read when the settings are made, not when this module is imported
-            object.__setattr__(self, "compile_backend", os.environ.get("COLINTERN_COMPILE_BACKEND", "inductor"))
         if not 0 < self.auto_target_frac <= 1:
             raise UserError(f"--auto_target_frac must be in (0, 1], got {self.auto_target_frac}")
 

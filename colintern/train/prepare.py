@@ -124,8 +124,8 @@ class PreparedRun:
                  "head only (frozen backbone, cached hidden states)", sum(p.numel() for p in self.params) / 1e6)
         log.info("device %s, backbone %s, %d torch thread(s)", self.device,
                  str(model.backbone.dtype).replace("torch.", ""), torch.get_num_threads())
-        self.embed = compile_embed(model, str(config.compile_backend), self.device) if config.compile_heads else \
-            model.embed
+        backend = config.compile_backend or os.environ.get("COLINTERN_COMPILE_BACKEND", "inductor")
+        self.embed = compile_embed(model, backend, self.device) if config.compile_heads else model.embed
         seed_everything(config.seed + self.rank)  # dropout differs between ranks, as in any data-parallel run
 
     def _fingerprint(self) -> Fingerprint:
