@@ -181,7 +181,8 @@ def pooled_row(qs: list[torch.Tensor], pages: list[torch.Tensor], pairs, exact, 
 
 def faiss_rows(args, device: torch.device, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """mine.py's two search paths on the same page store and queries: time and recall of FAISS vs exact."""
-    from colintern.mine.search import Pair, build_faiss_index, exact_search, faiss_search, positive_scores
+    from colintern.index.faiss_index import build_faiss_index
+    from colintern.mine.search import Pair, exact_search, faiss_search, positive_scores
     from colintern.retriever.scoring import maxsim
 
     qs, pages = clustered_corpus(args.faiss_pages, args.faiss_queries, args.q_len, args.d_len, args.dim,

@@ -54,7 +54,7 @@ def test_a_faiss_gpu_index_that_refuses_attributes_is_still_used(tmp_path, monke
     sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "bench")))
     from mining import write_page_store
 
-    from colintern.mine.search import build_faiss_index
+    from colintern.index.faiss_index import build_faiss_index
 
     class GpuIndex:  # like faiss 1.15 SWIG objects: no new attributes
         __slots__ = ("cpu",)

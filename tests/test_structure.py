@@ -224,3 +224,15 @@ def test_one_optimizer_step_and_one_loop_in_the_package():
         assert "COLINTERN_FAULT" not in text, rel
     assert steps == ["colintern/train/step.py"], steps
     assert sorted(loops) == ["colintern/itr/train.py", "colintern/train/trainer.py"], loops
+
+
+def test_faiss_is_imported_by_one_module():
+    """FAISS in one place (colintern/index/faiss_index.py); mining and search take its index objects."""
+    importers = set()
+    for path in package_modules():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(name == "faiss" or name.startswith("faiss.") for name in names):
+                importers.add(path.relative_to(REPO).as_posix())
+    assert importers == {"colintern/index/faiss_index.py"}, importers

@@ -116,7 +116,7 @@ class CentroidInteraction:
     a token search, and no per-page work."""
 
     def __init__(self, ivf: Any, view: TokenView, cache: Path):
-        import faiss
+        from colintern.index.faiss_index import list_token_ids
 
         if cache.is_file():
             try:
@@ -127,9 +127,7 @@ class CentroidInteraction:
                 log.info("%s is unreadable: building it again", cache.name)
         token_list = np.empty(view.n_tokens, dtype=np.int64)  # (T,) the IVF list of each page token
         for lst in range(ivf.nlist):
-            n = ivf.invlists.list_size(lst)
-            if n:
-                token_list[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), n).copy()] = lst
+            token_list[list_token_ids(ivf, lst)] = lst
         page_of_token = np.repeat(np.arange(view.n_valid, dtype=np.int64), view.lengths)  # (T,)
         pairs = np.unique(token_list * view.n_valid + page_of_token)  # distinct (centroid, page), by centroid
         self.pages = (pairs % view.n_valid).astype(np.int32)  # (nnz,)
@@ -162,7 +160,7 @@ class FaissFirstStage:
 
     def __init__(self, index: PageIndex, nprobe: int = 32, token_k: int = 128, candidates: int = 128,
                  factory: str = "auto", use_gpu: bool = False, show_progress: bool = True):
-        from colintern.mine.search import build_faiss_index
+        from colintern.index.faiss_index import build_faiss_index, ivf_of
 
         self.view, self.token_k, self.candidates = TokenView(index), token_k, candidates
         factory = search_factory(self.view.n_tokens) if factory == "auto" else factory
@@ -176,9 +174,7 @@ class FaissFirstStage:
         self.index, self.nprobe = index, nprobe
         self.centroid_stage = None
         if "IVF" in self.info["factory"] and not self.info.get("gpu"):
-            import faiss
-
-            self.centroid_stage = CentroidInteraction(faiss.extract_index_ivf(self.faiss), self.view,
+            self.centroid_stage = CentroidInteraction(ivf_of(self.faiss), self.view,
                                                       cache.with_suffix(".centroids.npz"))
         log.info("FAISS first stage: %s over %s page tokens (%s), %d candidates per query re-ranked exactly",
                  self.info["factory"], f"{self.view.n_tokens:,}", "cached" if cache.is_file() else "in memory",

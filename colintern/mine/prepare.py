@@ -134,12 +134,10 @@ class PreparedMining:
         return settings
 
     def _build_index(self) -> None:
-        import faiss
-
-        from colintern.mine.search import build_faiss_index
+        from colintern.index.faiss_index import build_faiss_index, faiss_gpus
 
         config = self.config
-        self.faiss_gpu = self.use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        self.faiss_gpu = self.use_gpu and faiss_gpus() > 0
         if self.faiss_gpu and self.token_k > 2048:
             log.warning("--token_k %d is above the GPU index limit: using 2048", self.token_k)
             self.token_k = 2048
