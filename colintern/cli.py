@@ -30,6 +30,7 @@ import errno
 import json
 import logging
 import sys
+import time
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -109,6 +110,67 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         logging.getLogger("colintern").warning("interrupted")
         return 130
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Progress off a terminal
+
+LOG_PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
+
+
+class LogProgress:
+    """tqdm's interface (update, set_postfix, close; a context manager) for a stderr that is not a terminal (a log
+    file, a CI job, a pipe), where tqdm's redrawn line would be one long line of carriage returns: a log line every
+    LOG_PROGRESS_EVERY seconds and one at the end, each with the count, the share done, the rate and the ETA."""
+
+    def __init__(self, total: int, desc: str, unit: str, logger: logging.Logger):
+        self.total, self.desc, self.unit, self.log = total, desc, unit, logger
+        self.n, self.postfix = 0, ""
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= LOG_PROGRESS_EVERY and self.n < self.total:
+            self.last = now
+            self._line(now)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def _line(self, now: float) -> None:
+        rate = self.n / max(now - self.start, 1e-9)
+        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+        self.log.info("%s: %d/%d %s (%.0f %%), %.1f %s/s, ETA %s%s", self.desc, self.n, self.total, self.unit + "s",
+                      100 * self.n / max(self.total, 1), rate, self.unit, _clock(eta),
+                      f"; {self.postfix}" if self.postfix else "")
+
+    def close(self) -> None:
+        if self.n:
+            self._line(time.perf_counter())
+
+    def __enter__(self) -> "LogProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _clock(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def progress(total: int, desc: str, unit: str, enabled: bool = True, logger: logging.Logger | None = None) -> Any:
+    """A progress display for a long loop: tqdm's bar (rate and ETA) on a terminal, LogProgress lines elsewhere,
+    nothing when not enabled."""
+    from tqdm.auto import tqdm
+
+    if enabled and not sys.stderr.isatty():
+        return LogProgress(total, desc, unit, logger or logging.getLogger("colintern"))
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
 
 
 # ---------------------------------------------------------------------------------------------------------

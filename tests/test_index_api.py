@@ -139,3 +139,44 @@ def test_compact_reclaims_removed_pages_and_a_crash_loses_nothing(built, docs, c
     assert run(capsys, "verify", "--index", index)[0] == 0
     assert sorted(p.name for p in index.glob("seg-*")) == sorted(after.pages.meta["segments"])
     assert run(capsys, "compact", "--index", index)[1].startswith("nothing to compact")
+
+
+def test_the_next_write_reclaims_the_space_of_removed_and_replaced_pages(built, docs, capsys):
+    """search.py index compacts after it adds: the segments holding pages of removed (or changed) files are
+    rewritten without them, so the index holds no hidden page and the same searches give the same results."""
+    from helpers import search_page
+
+    index, base = built
+    assert run(capsys, "remove", "--index", index, str(docs / "a.pdf"))[0] == 0
+    removed = Index.open(index).info()
+    assert removed["hidden_pages"] == 3
+    before = query(capsys, index, "--k", 3, "red page", "sigma")
+    search_page(4).save(docs / "d.png")
+    code, out, err = run(capsys, *base, "--inputs", docs / "d.png")
+    assert code == 0 and out.startswith("indexed 1 new page(s) from 1 file(s); 4 page(s)"), err
+    after = Index.open(index).info()
+    assert after["hidden_pages"] == 0 and after["pages"] == 4
+    assert after["bytes_on_disk"] < removed["bytes_on_disk"]  # 4 pages stored instead of 6 (a.pdf's 3 were hidden)
+    assert all((index / s).is_dir() for s in Index.open(index).pages.meta["segments"])
+    results = {q["query"]: [(r["file"], r["page"], r["score"]) for r in q["results"]]
+               for q in query(capsys, index, "--k", 4, "red page", "sigma")}
+    for line in before:  # the three pages that were there before keep their scores; d.png joins them
+        kept = [(r["file"], r["page"], r["score"]) for r in line["results"]]
+        assert [hit for hit in results[line["query"]] if hit[0] != str(docs / "d.png")] == kept
+    assert run(capsys, "verify", "--index", index)[0] == 0
+
+
+def test_indexing_off_a_terminal_logs_its_progress_with_rate_and_eta(tiny_model_dir, search_ckpt, docs, tmp_path,
+                                                                      capsys, monkeypatch):
+    """stderr captured (not a terminal): no tqdm redraws, but progress lines with count, share, rate and ETA."""
+    from colintern import cli
+
+    monkeypatch.setattr(cli, "LOG_PROGRESS_EVERY", 0.0)
+    code, out, err = run(capsys, "index", "--ckpt", search_ckpt, "--model_id", tiny_model_dir, "--index",
+                         tmp_path / "index", "--dpi", 72, "--segment_pages", 2, "--inputs", docs)
+    assert code == 0 and out.startswith("indexed 6 new page(s) from 3 file(s)"), err
+    lines = [line for line in err.splitlines() if " index pages: " in line]
+    counts = [line.split("index pages: ", 1)[1].split(" ", 1)[0] for line in lines]
+    assert counts[:2] == ["2/6", "4/6"] and counts[-1] == "6/6", lines
+    assert all(" page/s, ETA " in line and "%" in line for line in lines)
+    assert not any(part.startswith("index pages") for part in err.replace("\r", "\n").splitlines())  # no tqdm bar

@@ -93,6 +93,10 @@ def add_files(config: IndexConfig, model: Any = None, show_progress: bool = Fals
         indexed_files = {p["file"] for p in index.pages}
         if report.count and not any(str(f) in indexed_files for f in files):
             raise UserError(f"no page indexed: every input was bad ({report.summary()}); see the warnings above")
+        segments, freed = compact_index(index)  # the pages of changed and removed files: their space back
+        if segments:
+            log.info("compacted %d segment(s) holding replaced or removed pages: %d bytes freed", segments, freed)
+            index = PageIndex.open(config.index)
     return Added(pages=added, files=len(files), total=len(index.pages), report=report, index=index)
 
 
@@ -264,47 +268,58 @@ def compact(folder: str | Path) -> tuple[int, int]:
     in one atomic write, so a crash leaves the old ones named (the new ones are leftovers the next writer removes):
     never a page lost or doubled. The rewritten pages get new uids, so a Qdrant collection re-uploads them on its
     next sync."""
+
+
+    from colintern.index.page_index import PageIndex, writer_lock
+
+    with writer_lock(folder):
+        result = compact_index(PageIndex.open(folder, writer=True))
+    if result[0]:
+        log.info("compacted %d segment(s) of %s: %d bytes freed", result[0], folder, result[1])
+    return result
+
+
+def compact_index(index: Any) -> tuple[int, int]:
+    """compact() on a PageIndex opened by a writer who holds the lock (search.py index compacts after its pages are
+    in: the space of replaced and removed pages is reclaimed by the next write, as by `compact`)."""
     import shutil
 
     import numpy as np
     import torch
 
-    from colintern.index.page_index import PAGES_PER_SEGMENT_MAX, PageIndex, writer_lock
-    from colintern.index.sources import PageSource
+    from colintern.index.page_index import PAGES_PER_SEGMENT_MAX
     from colintern.index.segments import PAGES, TOKENS, segment_number
+    from colintern.index.sources import PageSource
 
-    with writer_lock(folder):
-        index = PageIndex.open(folder, writer=True)
-        visible: dict[str, list[int]] = {}
-        for i, page in enumerate(index.pages):
-            visible.setdefault(page["segment"], []).append(i)
-        stale = [name for name in index.meta["segments"]
-                 if len(visible.get(name, [])) < index.meta["segment_files"][name]["n_pages"]]
-        if not stale:
-            return 0, 0
-        freed = sum((index.folder / name / TOKENS).stat().st_size + (index.folder / name / PAGES).stat().st_size
-                    for name in stale)
-        fresh: dict[str, dict[str, Any]] = {}
-        for name in stale:
-            entries = [(PageSource(p["file"], p["sha256"], p["page"], p["kind"]),
-                        torch.from_numpy(np.array(index.page_rows(i))),  # (L, dim) float16, the stored bytes
-                        p["image_start"], p["image_tokens"], (p["width"], p["height"]))
-                       for i in visible.get(name, []) for p in [index.pages[i]]]
-            if entries:
-                new, manifest = index.write_segment(entries, taken=list(fresh))
-                fresh[new] = manifest
-                freed -= manifest["tokens"]["bytes"] + manifest["pages_file"]["bytes"]
-        gone = {segment_number(name) for name in stale}
-        meta = index.meta
-        meta["segments"] = [n for n in meta["segments"] if n not in stale] + list(fresh)
-        for name in stale:
-            meta["segment_files"].pop(name)
-        meta["segment_files"].update(fresh)
-        meta["hidden_uids"] = [u for u in meta.get("hidden_uids", []) if u // PAGES_PER_SEGMENT_MAX not in gone]
-        index.save_meta()  # the one atomic switch
-        for name in stale:
-            shutil.rmtree(index.folder / name, ignore_errors=True)
-    log.info("compacted %d segment(s) of %s: %d bytes freed", len(stale), folder, freed)
+    visible: dict[str, list[int]] = {}
+    for i, page in enumerate(index.pages):
+        visible.setdefault(page["segment"], []).append(i)
+    stale = [name for name in index.meta["segments"]
+             if len(visible.get(name, [])) < index.meta["segment_files"][name]["n_pages"]]
+    if not stale:
+        return 0, 0
+    freed = sum((index.folder / name / TOKENS).stat().st_size + (index.folder / name / PAGES).stat().st_size
+                for name in stale)
+    fresh: dict[str, dict[str, Any]] = {}
+    for name in stale:
+        entries = [(PageSource(p["file"], p["sha256"], p["page"], p["kind"]),
+                    torch.from_numpy(np.array(index.page_rows(i))),  # (L, dim) float16, the stored bytes
+                    p["image_start"], p["image_tokens"], (p["width"], p["height"]))
+                   for i in visible.get(name, []) for p in [index.pages[i]]]
+        if entries:
+            new, manifest = index.write_segment(entries, taken=list(fresh))
+            fresh[new] = manifest
+            freed -= manifest["tokens"]["bytes"] + manifest["pages_file"]["bytes"]
+    gone = {segment_number(name) for name in stale}
+    meta = index.meta
+    meta["segments"] = [n for n in meta["segments"] if n not in stale] + list(fresh)
+    for name in stale:
+        meta["segment_files"].pop(name)
+    meta["segment_files"].update(fresh)
+    meta["hidden_uids"] = [u for u in meta.get("hidden_uids", []) if u // PAGES_PER_SEGMENT_MAX not in gone]
+    index.save_meta()  # the one atomic switch
+    for name in stale:
+        shutil.rmtree(index.folder / name, ignore_errors=True)
     return len(stale), freed
 
 

@@ -21,15 +21,13 @@ log = logging.getLogger("colintern.search")
 def index_pages(index: PageIndex, model: Any, todo: list[PageSource], report: Any, batch_size: int,
                 segment_pages: int, show_progress: bool = True) -> int:
     """Render, encode and commit the pages of `todo`, segment by segment; returns how many were indexed."""
-    from tqdm.auto import tqdm
-
+    from colintern.cli import progress
     from colintern.data.report import BadRowError
 
 
     done = committed = 0
     start = time.perf_counter()
-    with tqdm(total=len(todo), desc="index pages", unit="page", dynamic_ncols=True,
-              disable=not show_progress) as bar:
+    with progress(len(todo), "index pages", "page", enabled=show_progress, logger=log) as bar:
         for first in range(0, len(todo), segment_pages):
             chunk, images = [], []
             for source in todo[first:first + segment_pages]:

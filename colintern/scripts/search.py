@@ -72,7 +72,7 @@ def check_ready(config: IndexConfig | QueryConfig) -> None:
 def index_command(config: IndexConfig) -> int:
     from colintern.index.api import add_files
 
-    added = add_files(config, show_progress=sys.stderr.isatty())
+    added = add_files(config, show_progress=True)  # a bar on a terminal, else a log line every few seconds
     save_config(config, Path(config.index) / "index_config.yaml", "search.py index")  # this run's resolved settings
     report = added.report
     print(f"indexed {added.pages} new page(s) from {added.files} file(s); {added.total} page(s) in {config.index}"
