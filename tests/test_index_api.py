@@ -180,3 +180,21 @@ def test_indexing_off_a_terminal_logs_its_progress_with_rate_and_eta(tiny_model_
     assert counts[:2] == ["2/6", "4/6"] and counts[-1] == "6/6", lines
     assert all(" page/s, ETA " in line and "%" in line for line in lines)
     assert not any(part.startswith("index pages") for part in err.replace("\r", "\n").splitlines())  # no tqdm bar
+
+
+def test_filters_in_qdrant_give_the_embedded_filtered_results(built, docs, tmp_path, capsys):
+    """--files/--where with --backend qdrant: Qdrant searches only the points of the pages that pass (decided by the
+    index folder, as for the embedded backend): the same pages in the same order, scores within 1e-3."""
+    pytest.importorskip("qdrant_client")
+    index, base = built
+    qdrant = ["--backend", "qdrant", "--path", tmp_path / "qdrant"]
+    assert run(capsys, *base, "--inputs", docs, *qdrant)[0] == 0  # sync the collection
+    for filters in (["--where", "lang=en"], ["--files", "*.png"], ["--where", "team=ops", "--where", "lang=de"]):
+        embedded = query(capsys, index, "--k", 6, *filters, "red page", "sigma")
+        other = query(capsys, index, "--k", 6, *filters, *qdrant, "red page", "sigma")
+        for a, b in zip(embedded, other, strict=True):
+            assert [(r["file"], r["page"]) for r in a["results"]] == [(r["file"], r["page"]) for r in b["results"]]
+            assert max(abs(r["score"] - s["score"]) for r, s in zip(a["results"], b["results"])) <= 1e-3
+    sizes = [len(query(capsys, index, "--k", 6, *f, *qdrant, "red")[0]["results"]) for f in
+             (["--where", "lang=en"], ["--files", "*.png"], ["--where", "team=ops", "--where", "lang=de"])]
+    assert sizes == [3, 1, 2]  # lang=en: a.pdf's 3 pages (b.pdf's sidecar says de); *.png: c.png; ops + de: b.pdf

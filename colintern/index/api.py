@@ -224,17 +224,15 @@ class Index:
         view = self.pages
         keep = page_filter(files, where)
         if keep is not None:
-            if settings.backend != "embedded":
-                raise UserError("--files/--where filters need the embedded backend for now (Qdrant payload "
-                                "filters are not wired yet)")
             view = self.pages.subset(keep)
-            log.info("filters: exact search over the %d of %d pages that pass", len(view.pages),
-                     len(self.pages.pages))
+            log.info("filters: %s over the %d of %d pages that pass", "exact search" if settings.backend == "embedded"
+                     else "Qdrant restricted to their points", len(view.pages), len(self.pages.pages))
         if not view.pages:
             raise UserError(f"--index {self.folder} holds no page" + (" that passes the filters" if keep else
                                                                      " yet; add some with search.py index"))
         qs = self.model.encode_queries(queries, show_progress=False)
-        values, ids = rank(view, qs, settings if keep is None else _exact(settings), self.device)  # (n_q, k)
+        values, ids = rank(view, qs, settings if keep is None else _exact(settings), self.device,
+                           subset=keep is not None)  # (n_q, k)
         lines = []
         for qi, query in enumerate(queries):
             results = [{"rank": rank_, "score": round(score, 6), "file": view.pages[i]["file"],
@@ -329,8 +327,9 @@ def _exact(settings: SearchSettings) -> SearchSettings:
     return replace(settings, first_stage="exact", check_recall=False)
 
 
-def rank(index: Any, qs: list, settings: SearchSettings, device: Any):
-    """(n_q, k) scores and page positions from the chosen backend (and first stage), with check_recall."""
+def rank(index: Any, qs: list, settings: SearchSettings, device: Any, subset: bool = False):
+    """(n_q, k) scores and page positions from the chosen backend (and first stage), with check_recall. `subset`:
+    the index is a filtered view; Qdrant then searches only its points (the index folder decides what passes)."""
     import sys
 
     from colintern.index.page_search import FaissFirstStage, TokenView, choose_first_stage, exact_topk, recall_at_k
@@ -340,7 +339,8 @@ def rank(index: Any, qs: list, settings: SearchSettings, device: Any):
 
         store = QdrantPages(index, settings.url, settings.path, settings.collection)
         try:
-            values, ids = store.topk([q.numpy() for q in qs], settings.k, exact_scan=settings.exact_scan)
+            values, ids = store.topk([q.numpy() for q in qs], settings.k, exact_scan=settings.exact_scan,
+                                     subset=subset)
         finally:
             store.close()
         what = f"Qdrant ({store.collection})"

@@ -140,19 +140,25 @@ class QdrantPages:
                 bar.update(len(batch))
         return len(todo)
 
-    def topk(self, qs: list[Any], k: int, exact_scan: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(n_q, k) scores and page positions in the index from Qdrant's MaxSim (ties: lower position first)."""
+    def topk(self, qs: list[Any], k: int, exact_scan: bool = False, subset: bool = False) -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+        """(n_q, k) scores and page positions in the index from Qdrant's MaxSim (ties: lower position first).
+        subset: the index is a filtered view (query --files/--where) and the search is restricted to its points
+        (a has-id condition, so what passes is decided by the index folder, the same as for the embedded backend)."""
         n = self.client.count(self.collection, exact=True).count
-        if n != len(self.index.pages):
-            raise UserError(f"Qdrant collection {self.collection} holds {n} page(s), the index {len(self.index.pages)};"
-                            " run search.py index ... --backend qdrant again to sync it")
-        k = min(k, n)
         position = {page["uid"]: i for i, page in enumerate(self.index.pages)}
+        missing = n < len(position) if subset else n != len(position)
+        if missing:
+            raise UserError(f"Qdrant collection {self.collection} holds {n} page(s), the index {len(position)};"
+                            " run search.py index ... --backend qdrant again to sync it")
+        k = min(k, len(position))
+        only = self.models.Filter(must=[self.models.HasIdCondition(has_id=list[Any](position))]) if subset else None
         params = self.models.SearchParams(exact=True) if exact_scan else None
         values, ids = np.empty((len(qs), k), dtype=np.float32), np.empty((len(qs), k), dtype=np.int64)
         for r, q in enumerate(qs):
             points = self.client.query_points(self.collection, query=np.asarray(q, dtype=np.float32).tolist(),
-                                              limit=k, search_params=params, with_payload=False).points
+                                              limit=k, search_params=params, query_filter=only,
+                                              with_payload=False).points
             got = sorted(((float(p.score), position[int(p.id)]) for p in points), key=lambda t: (-t[0], t[1]))
             values[r], ids[r] = [s for s, _ in got], [i for _, i in got]
         return values, ids
