@@ -85,13 +85,16 @@ class EvalConfig(CheckpointOptions, BenchmarkOptions, PoolOptions, ItrEvalOption
     overwrite: bool = with_default(TrainOutputOptions, "overwrite", False)
 
     def check(self) -> None:
-        name = self.run_dir.name
-        if name != self.run_dir.parts[-1] or "/" in name or os.sep in name or name in ("", ".", "..") or \
-                (self.run_name is not None and self.run_name != name):
-            raise UserError(f"--run_name {self.run_name!r}: must be a plain directory name")
+        name = self.run_label
+        if not name or "/" in name or os.sep in name or name in (".", ".."):
+            raise UserError(f"--run_name {name!r}: must be a plain directory name")
+
+    @property
+    def run_label(self) -> str:
+        """--run_name, else the checkpoint's file stem, else 'base'."""
+        return self.run_name or (Path(self.ckpt).stem if self.ckpt else "base")
 
     @property
     def run_dir(self) -> Path:
-        """OUT_DIR/RUN_NAME, the run name defaulting to the checkpoint's file stem, or 'base'."""
-        return Path(self.out_dir) / (self.run_name if self.run_name is not None else
-                                     Path(self.ckpt).stem if self.ckpt else "base")
+        """OUT_DIR/RUN_NAME: where the run's summary.json and mteb's files go."""
+        return Path(self.out_dir) / self.run_label
