@@ -188,8 +188,11 @@ def option(default: Any = MISSING, *, help: str, flags: tuple[str, ...] = (), ch
     allowed values, a lower bound, a positional argument instead of a flag (a list: zero or more when it has a
     default, else one or more), a list flag given once per item (`repeat`: --meta a=1 --meta b=2), and cli=False
     for a field set by code only."""
-    meta = {"help": help, "flags": flags, "choices": choices, "at_least": at_least, "metavar": metavar,
-            "positional": positional, "repeat": repeat, "cli": cli}
+    return _field(default, {"help": help, "flags": flags, "choices": choices, "at_least": at_least,
+                            "metavar": metavar, "positional": positional, "repeat": repeat, "cli": cli})
+
+
+def _field(default: Any, meta: dict[str, Any]) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -201,12 +204,10 @@ def with_default(base: type, name: str, default: Any, positional: bool | None = 
     in `base`."""
     original = {f.name: f for f in dataclasses.fields(base)}[name]
     home = original.metadata.get("home") or next(k for k in base.__mro__ if name in k.__dict__.get("__annotations__", {}))
-    meta = {k: v for k, v in original.metadata.items() if k not in ("cli", "home")}
+    meta = {**original.metadata, "home": home}
     if positional is not None:  # e.g. the output folder as the first argument (python -m colintern.testing.tiny OUT)
         meta["positional"] = positional
-    result = option(default, **meta)
-    result.metadata = types.MappingProxyType({**result.metadata, "home": home})
-    return result
+    return _field(default, meta)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,10 +242,6 @@ def flag_of(name: str) -> str:
     return f"--{name}"
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _base_type(hint: Any) -> tuple[Any, bool]:
     """(the type without None, whether it is a list) of a field annotation such as `int | None` or `list[str]`."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -273,7 +270,7 @@ def _default_of(f: dataclasses.Field) -> Any:
 def add_options(parser: argparse.ArgumentParser, cls: type[Options], given: dict[str, Any] | None = None) -> None:
     """One argument group per concern class of `cls`, one flag per field. A required field whose value the config
     file gives (`given`) is not required on the command line."""
-    hints, given = _hints(cls), given or {}
+    hints, given = typing.get_type_hints(cls), given or {}
     final = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
     home = {}  # a field's group: the most basic class that declares it (a with_default override stays there)
     for klass in cls.__mro__:
@@ -287,7 +284,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Options], given: dict
         if not own:
             continue
         title = (klass.__doc__ or klass.__name__).strip().splitlines()[0]
-        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
+        if title not in groups:  # a concern that extends another (train's hardware) shares its group
+            groups[title] = parser.add_argument_group(title)
+        group = groups[title]
         for name in own:
             f, (kind, is_list) = final[name], _base_type(hints[name])
             default = _default_of(f)
@@ -345,7 +344,7 @@ def read_config_file(path: str | Path, cls: type[Options]) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of settings (name: value), got {type(values).__name__}")
     fields_ = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     checked = {}
     for name, value in values.items():
         if name not in fields_:
