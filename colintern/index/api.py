@@ -53,6 +53,7 @@ class Added:
     total: int          # pages in the index now
     report: Any         # the skipped files and pages (colintern.data.report.SkipReport)
     index: Any          # the PageIndex written
+    model: Any          # the model that encoded them (the index's: it also encodes its queries)
 
 
 def add_files(config: IndexConfig, model: Any = None, show_progress: bool = False) -> Added:
@@ -97,7 +98,7 @@ def add_files(config: IndexConfig, model: Any = None, show_progress: bool = Fals
         if segments:
             log.info("compacted %d segment(s) holding replaced or removed pages: %d bytes freed", segments, freed)
             index = PageIndex.open(config.index)
-    return Added(pages=added, files=len(files), total=len(index.pages), report=report, index=index)
+    return Added(pages=added, files=len(files), total=len(index.pages), report=report, index=index, model=model)
 
 
 def record_file_meta(index, files: list[Path], given: dict[str, str]) -> None:
@@ -186,10 +187,14 @@ class Index:
                model_id: str | None = None, device: str = "auto", **settings: Any) -> "Index":
         """A new index of `inputs` (or more files added to an existing one): search.py index from Python. `settings`
         are IndexConfig's other fields (dpi, pool_factor, batch_size, meta, strict, ...)."""
+        from colintern.device import resolve_device
+
         config = IndexConfig(index=str(folder), inputs=[str(p) for p in inputs], ckpt=ckpt, model_id=model_id,
                              device=device, **settings)
-        add_files(config)
-        return cls(folder, model_id, device)
+        added = add_files(config)
+        index = cls(folder, model_id, resolve_device(device))
+        index._model = added.model  # loaded once: the model that built the index encodes its queries
+        return index
 
     def add(self, inputs: list[str | Path], **settings: Any) -> Added:
         """Add files (PDFs, images, folders) with the index's own model, checkpoint, dpi and pool factor; only new
