@@ -149,8 +149,9 @@ class QdrantPages:
         position = {page["uid"]: i for i, page in enumerate(self.index.pages)}
         missing = n < len(position) if subset else n != len(position)
         if missing:
-            raise UserError(f"Qdrant collection {self.collection} holds {n} page(s), the index {len(position)};"
-                            " run search.py index ... --backend qdrant again to sync it")
+            index = f"the {len(position)} that pass the filters" if subset else f"the index {len(position)}"
+            raise UserError(f"Qdrant collection {self.collection} holds {n} page(s), {index}; run search.py index "
+                            "... --backend qdrant again to sync it")
         k = min(k, len(position))
         only = self.models.Filter(must=[self.models.HasIdCondition(has_id=list[Any](position))]) if subset else None
         params = self.models.SearchParams(exact=True) if exact_scan else None
