@@ -55,20 +55,6 @@ def parse_args(argv: list[str] | None) -> tuple[str, Options]:
     return parse_command(SEARCH_COMMANDS, argv, __doc__, prog="search.py")
 
 
-def check_ready(config: IndexConfig | QueryConfig) -> None:
-    """What can be checked before a model loads (10-30 s): the checkpoint is a retrieval one, --index is new, empty
-    or an index (the inputs and the queries are checked by their readers, before this)."""
-    from colintern.retriever.checkpoint import load_checkpoint
-
-    ckpt = getattr(config, "ckpt", None)
-    if ckpt:
-        load_checkpoint(ckpt)  # one line for a missing, foreign or image-text checkpoint
-    if isinstance(config, IndexConfig):
-        from colintern.index.page_index import check_new_index_folder
-
-        check_new_index_folder(Path(config.index))
-
-
 def index_command(config: IndexConfig) -> int:
     from colintern.index.api import add_files
 
@@ -120,7 +106,6 @@ def query_command(config: QueryConfig) -> None:
     from colintern.index.api import Index
 
     texts = read_queries(config)
-    check_ready(config)
     index = Index.open(config.index, model_id=config.model_id, device=config.device)
     if config.explain:
         make_output_dir(config.explain, "--explain")
