@@ -1,6 +1,7 @@
 """train.py --task itr's settings (seed 004's image-text heads)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import MISSING, dataclass
 
 from colintern.errors import UserError
@@ -48,7 +49,7 @@ class ItrHeadOptions(Options):
     image_size: int | None = option(None, at_least=1, help="images are resized to this square (default: the "
                                                           "backbone's tile size)")
 
-    @property
+    @functools.cached_property  # parsed once (check() does it), not at every training step
     def weights(self) -> dict[str, float]:
         """--loss_weights as {loss: weight}, the unnamed ones at the seed's values."""
         weights = dict(ITR_LOSS_WEIGHTS)
@@ -62,7 +63,7 @@ class ItrHeadOptions(Options):
                 raise UserError(f"--loss_weights: {item!r} is not NAME=NUMBER") from None
         return weights
 
-    @property
+    @functools.cached_property
     def temp_range(self) -> tuple[float, float]:
         try:
             low, high = (float(v) for v in self.temp_bounds.split(","))
