@@ -78,8 +78,8 @@ class PreparedItr:
         self.losses = STAGE_LOSSES[config.stage]
         self.state = ItrState(stage=config.stage, fingerprint=self._fingerprint())
         self.state.steps = self._plan_steps()
-        trainable = [*self.heads.parameters(), *(self.lora_params if config.lora else [])]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.trainable = [*self.heads.parameters(), *(self.lora_params if config.lora else [])]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
         warmup = math.ceil(config.warmup_ratio * self.state.steps)
         from colintern.train.step import lr_factor
 

@@ -148,8 +148,7 @@ class ItrTrainer(PreparedItr):
         loss = sum(config.weights[name] * value for name, value in parts.items())
         assert isinstance(loss, torch.Tensor)  # every stage has the ITC loss
         loss.backward()
-        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
-        optimizer_step(self.optimizer, self.scheduler, trainable, float(loss.detach()), step=state.step + 1,
+        optimizer_step(self.optimizer, self.scheduler, self.trainable, float(loss.detach()), step=state.step + 1,
                        max_grad_norm=None, where=f"at step {state.step + 1}; stopped without saving (lower --lr or "
                                                  "check the data)")
         clamp_temperature_(self.heads.temperature, *config.temp_range)
