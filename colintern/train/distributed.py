@@ -21,6 +21,7 @@ process group is created.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -239,6 +240,12 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group (safe to call when none exists)."""
+    """Leave the process group (safe to call when none exists).
+
+    Collects garbage first: a finished collective's work object still referenced from Python would otherwise be freed
+    by a gloo thread during interpreter shutdown, where taking the GIL aborts the process (SIGABRT, "terminate called
+    without an active exception") after all the work is done.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
