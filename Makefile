@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo ablate itr-demo gpu-suite clean
+.PHONY: venv browser test demo ablate itr-demo gpu-suite clean
 
 # torch first (torch==2.13.0: the CPU build on a machine without CUDA; torchvision is never installed),
 # so that nothing in requirements.txt pulls another torch build. FAISS likewise: faiss-cpu only where no faiss is
@@ -26,8 +26,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Debian's chromium, for the test of search.py serve's web page in headless Chromium (tests/test_serve.py). Installed
+# as root with apt where it is missing; where that cannot be done the test is skipped, saying why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+	  >/dev/null 2>&1; } || echo "chromium is not installed: the web page's browser test will be skipped"
+
 # ruff and mypy (both configured in pyproject.toml) first: a lint or type error fails the suite before the tests.
-test: venv
+test: venv browser
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q tests

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -175,3 +176,11 @@ def byte_offset_of_line(path: str | Path, n_lines: int) -> int:
                 break
             size += len(line)
     return size
+
+
+def json_line(obj: object) -> str:
+    """One JSON line that is valid UTF-8 whatever the file names: a byte that is not UTF-8 (held as a lone
+    surrogate, as Python keeps such names) is written as its \\udcXX escape, which json.loads and os.fsencode turn
+    back into the original name."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return re.sub(r"[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)

@@ -156,6 +156,7 @@ class Index:
         self.folder, self.model_id, self.device = Path(folder), model_id, device
         self.pages = PageIndex.open(folder)
         self._model: Any = None
+        self.resident: Any = None  # keep_resident(): the pages as float32 in memory, for many queries
 
     @classmethod
     def open(cls, folder: str | Path, model_id: str | None = None, device: str = "auto") -> "Index":
@@ -211,6 +212,21 @@ class Index:
     def info(self) -> dict[str, Any]:
         return self.pages.info()
 
+    def keep_resident(self, max_bytes: int) -> bool:
+        """Pack every page once as float32 in memory when that takes at most max_bytes, so that each later exact
+        search only computes (a warm service); whether it did. The index must not change while it is resident."""
+        from colintern.index.page_search import resident_bytes, resident_pages
+
+        need = resident_bytes(self.pages)
+        if need > max_bytes:
+            log.warning("the index needs %.2f GB as float32 in memory, over the %.2f GB allowed: each exact search "
+                        "reads and widens the pages again", need / 1e9, max_bytes / 1e9)
+            return False
+        self.resident = resident_pages(self.pages)
+        log.info("%d pages resident in memory as float32 (%.2f GB)", len(self.pages.pages),
+                 self.resident.nbytes / 1e9)
+        return True
+
     def search(self, queries: str | list[str], k: int = 5, files: str | None = None,
                where: dict[str, str] | None = None, settings: SearchSettings | None = None) -> Any:
         """The top k pages of each query: a list of {"rank", "score", "file", "page"} for one query string, a list
@@ -237,7 +253,7 @@ class Index:
                                                                      " yet; add some with search.py index"))
         qs = self.model.encode_queries(queries, show_progress=False)
         values, ids = rank(view, qs, settings if keep is None else _exact(settings), self.device,
-                           subset=keep is not None)  # (n_q, k)
+                           subset=keep is not None, resident=None if keep is not None else self.resident)  # (n_q, k)
         lines = []
         for qi, query in enumerate(queries):
             results = [{"rank": rank_, "score": round(score, 6), "file": view.pages[i]["file"],
@@ -332,9 +348,10 @@ def _exact(settings: SearchSettings) -> SearchSettings:
     return replace(settings, first_stage="exact", check_recall=False)
 
 
-def rank(index: Any, qs: list, settings: SearchSettings, device: Any, subset: bool = False):
+def rank(index: Any, qs: list, settings: SearchSettings, device: Any, subset: bool = False, resident: Any = None):
     """(n_q, k) scores and page positions from the chosen backend (and first stage), with check_recall. `subset`:
-    the index is a filtered view; Qdrant then searches only its points (the index folder decides what passes)."""
+    the index is a filtered view; Qdrant then searches only its points (the index folder decides what passes).
+    `resident`: the pages packed in memory (Index.keep_resident), for exact search."""
     import sys
 
     from colintern.index.page_search import FaissFirstStage, TokenView, choose_first_stage, exact_topk, recall_at_k
@@ -353,7 +370,7 @@ def rank(index: Any, qs: list, settings: SearchSettings, device: Any, subset: bo
         method, why = choose_first_stage(settings.first_stage, TokenView(index).n_tokens)
         log.info("first stage: %s (%s)", method, why)
         if method == "exact":
-            return exact_topk(index, qs, settings.k, device)
+            return exact_topk(index, qs, settings.k, device, resident=resident)
         stage = FaissFirstStage(index, settings.nprobe, settings.token_k, settings.candidates,
                                 settings.faiss_factory, show_progress=sys.stderr.isatty())
         values, ids = stage.topk(qs, settings.k, device)

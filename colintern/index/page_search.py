@@ -72,22 +72,42 @@ class TokenView(PageTokens):
 
 
 
+def resident_pages(index: PageIndex, device: Any = "cpu", start: int = 0, end: int | None = None) -> Any:
+    """Pages start..end of the index (default: all) packed as float32 in memory (colintern.retriever.scoring.PackedDocs):
+    what exact search scores. Kept by a process that answers many queries (search.py serve, Index.keep_resident), it
+    costs 4 bytes per stored value, twice the index's tokens.f16 files, and each query then only computes."""
+    from colintern.retriever.scoring import PackedDocs
+
+    end = len(index.pages) if end is None else end
+    return PackedDocs([p["length"] for p in index.pages[start:end]],
+                      lambda u: torch.from_numpy(np.array(index.page_rows(start + u))), device)
+
+
+def resident_bytes(index: PageIndex) -> int:
+    """The memory resident_pages would take (before the few padding tokens of its length buckets)."""
+    return 4 * int(index.meta["config"]["dim"]) * sum(p["length"] for p in index.pages)
+
+
 def exact_topk(index: PageIndex, qs: list[torch.Tensor], k: int, device: Any,
-               group_tokens: int = 1 << 21) -> tuple[np.ndarray, np.ndarray]:
+               group_tokens: int = 1 << 21, resident: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """(n_q, k) scores and page ids by exact MaxSim against every page (best first, ties: lower page id).
 
-    Pages are widened to float32 a group of about group_tokens tokens at a time (1 GiB at dim 128) and the
-    running top-k is merged group by group, so a large index never sits in memory as float32 all at once."""
+    resident: every page from resident_pages (a warm process), scored as it is. Otherwise pages are packed as
+    float32 a group of about group_tokens tokens at a time (1 GiB at dim 128) and the running top-k is merged group
+    by group, so a large index never sits in memory as float32 all at once."""
     from colintern.retriever.scoring import maxsim_topk
 
-    view = TokenView(index)
+    if resident is not None and len(resident) != len(index.pages):
+        raise ValueError(f"resident pages ({len(resident)}) are not this index's ({len(index.pages)})")
+    lengths = np.asarray([p["length"] for p in index.pages], dtype=np.int64)  # (n_pages,)
     values = np.empty((len(qs), 0), dtype=np.float32)
     ids = np.empty((len(qs), 0), dtype=np.int64)
     start = 0
-    while start < view.n_valid:
-        end = start + max(1, int(np.searchsorted(np.cumsum(view.lengths[start:]), group_tokens, side="right")))
-        docs = [torch.from_numpy(view.page_array(u).astype(np.float32)) for u in range(start, end)]
-        v, i = maxsim_topk(qs, docs, k, device=device)  # (n_q, <= k), ties: lower id first
+    while start < len(lengths):
+        end = len(lengths) if resident is not None else \
+            start + max(1, int(np.searchsorted(np.cumsum(lengths[start:]), group_tokens, side="right")))
+        pages = resident if resident is not None else resident_pages(index, device, start, end)
+        v, i = maxsim_topk(qs, pages, k)  # (n_q, <= k), ties: lower id first
         values, ids = np.concatenate([values, v.numpy()], 1), np.concatenate([ids, i.numpy() + start], 1)
         order = np.argsort(-values, axis=1, kind="stable")[:, :k]  # earlier groups (lower ids) first among ties
         values, ids = np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1)

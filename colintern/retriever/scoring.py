@@ -24,7 +24,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -221,6 +221,40 @@ def _iter_fused(qs: list[torch.Tensor], docs: list[torch.Tensor], dev: torch.dev
         start = end
 
 
+class PackedDocs:
+    """Documents packed once into the padded float32 buckets the scorer reads, to be scored again and again (a search
+    service keeps its index resident this way): no widening, copying or padding per call. fetch(i) -> (L_i, dim)
+    tensor of any float dtype; 4 bytes per stored value (float16 pages take twice their size here)."""
+
+    def __init__(self, lengths: Sequence[int], fetch: Callable[[int], torch.Tensor],
+                 device: str | torch.device | None = None, bucket_tokens: int = 1 << 16) -> None:
+        self.device = _resolve_device(device)
+        self.n_docs = len(lengths)
+        self.buckets: list[tuple[list[int], torch.Tensor]] = []  # (doc ids, (n, Lmax, dim) float32)
+        for idx in _doc_buckets(lengths, bucket_tokens):
+            self.buckets.append((idx, _pack_bucket([fetch(i) for i in idx], list(range(len(idx))), self.device)))
+
+    def __len__(self) -> int:
+        return self.n_docs
+
+    @property
+    def nbytes(self) -> int:
+        return sum(bucket.numel() * bucket.element_size() for _, bucket in self.buckets)
+
+
+def _iter_packed(qs: list[torch.Tensor], docs: PackedDocs, query_chunk: int | None
+                 ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """_iter_scores over PackedDocs: one multi-threaded GEMM pass per bucket (buckets are large: no thread pool)."""
+    dev = docs.device
+    with torch.no_grad():
+        qt = _QueryTokens(qs, dev)
+    sim_buf = None
+    for idx, bucket in docs.buckets:
+        with torch.no_grad(), exact_fp32(dev):
+            scores, sim_buf = _score_bucket(qt, bucket, int(query_chunk or _DEFAULT_CHUNKS["cpu"][1]), sim_buf)
+        yield idx, scores
+
+
 def _iter_scores(
     qs: Any,
     docs: Any,
@@ -231,6 +265,9 @@ def _iter_scores(
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (doc indices, (n_q, n) float32 scores on the compute device) for every doc bucket."""
     qs_l = _as_token_list(qs, "qs")
+    if isinstance(docs, PackedDocs):
+        yield from _iter_packed(qs_l, docs, query_chunk) if qs_l and len(docs) else iter(())
+        return
     docs_l = _as_token_list(docs, "docs")
     if qs_l and docs_l and qs_l[0].shape[1] != docs_l[0].shape[1]:
         raise ValueError(f"query dim {qs_l[0].shape[1]} != doc dim {docs_l[0].shape[1]}")
@@ -377,7 +414,7 @@ def _merge_topk(
 
 def maxsim_topk(
     qs: Sequence[torch.Tensor],
-    docs: Sequence[torch.Tensor],
+    docs: "Sequence[torch.Tensor] | PackedDocs",
     k: int,
     device: str | torch.device | None = None,
     doc_chunk: int | None = None,
@@ -388,11 +425,11 @@ def maxsim_topk(
 
     Returns (values float32, indices int64), each (len(qs), min(k, len(docs))) on CPU, equal to
     ``topk(maxsim(qs, docs), k)`` (same ordering and tie rule). Memory is O(n_q * (k + chunk)).
-    Arguments as in maxsim.
+    Arguments as in maxsim; docs may also be PackedDocs (scored where they were packed).
     """
     qs_l = _as_token_list(qs, "qs")
-    docs_l = _as_token_list(docs, "docs")
-    dev = _resolve_device(device)
+    docs_l = docs if isinstance(docs, PackedDocs) else _as_token_list(docs, "docs")
+    dev = docs.device if isinstance(docs, PackedDocs) else _resolve_device(device)
     k = max(0, min(int(k), len(docs_l)))
     vals = torch.empty(len(qs_l), 0, dtype=torch.float32, device=dev)
     idx = torch.empty(len(qs_l), 0, dtype=torch.long, device=dev)

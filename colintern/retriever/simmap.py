@@ -9,6 +9,7 @@ regions MaxSim drew on.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -33,8 +34,9 @@ def token_maps(query: torch.Tensor, image_vectors: torch.Tensor) -> tuple[np.nda
     return sims, sims.max(axis=0)
 
 
-def save_map(page: Image.Image, heat: np.ndarray, title: str, path: Path, max_side: int = 1024) -> Path:
-    """The page with the map drawn over it (PNG)."""
+def save_map(page: Image.Image, heat: np.ndarray, title: str, path: Path | IO[bytes], max_side: int = 1024
+             ) -> Path | IO[bytes]:
+    """The page with the map drawn over it (PNG), into a file path or a binary file object."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,7 +50,8 @@ def save_map(page: Image.Image, heat: np.ndarray, title: str, path: Path, max_si
     fig.colorbar(layer, ax=ax, fraction=0.046, pad=0.02, label="similarity")
     ax.set_title(title, fontsize=9)
     ax.axis("off")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
     return path

@@ -8,6 +8,7 @@
     python search.py export --index outputs/index --out outputs/index.parquet
     python search.py index ... --backend qdrant --url http://localhost:6333     # also into a Qdrant server
     python search.py query --index outputs/index --backend qdrant --url http://localhost:6333 "warranty period"
+    python search.py serve --index outputs/index --port 8765     # http://127.0.0.1:8765/ : a web page and /search
 
 index: PDFs are rendered with pypdfium2 (--dpi), images decoded; every page is encoded once with the checkpoint's
 head, LoRA and formatting and stored (float16, memory-mapped) with its source file and page. Running index again
@@ -21,6 +22,8 @@ the page the query matched (docs/DESIGN.md "Similarity maps"). Large indexes: --
 local mode) and queries are answered by Qdrant's native MaxSim; the index folder stays the record.
 export: every page's vectors and source as a Parquet table (file, file_bytes, page, sha256, vectors as float16;
 the model, dim and pool factor in the table's metadata); a damaged index is refused.
+serve: the model and index loaded once, queries answered over HTTP on 127.0.0.1 (GET /search?q=TEXT&k=N gives one
+query --json line; / is a web page with the results' similarity maps; colintern/index/serve.py lists the routes).
 verify: every file of the index checked against its checksum (exit 1 naming each damaged file, 0 when intact);
 --repair drops damaged segments so that the next `index` encodes their pages again (`index` does so by itself).
 
@@ -32,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -41,10 +43,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from colintern.cli import Options, parse_command, run_cli, save_config, setup_logging  # noqa: E402
 from colintern.errors import UserError  # noqa: E402
-from colintern.files import display, make_output_dir  # noqa: E402
+from colintern.files import display, json_line, make_output_dir  # noqa: E402
 from colintern.index.api import parse_pairs  # noqa: E402
 from colintern.settings import (SEARCH_COMMANDS, CompactConfig, ExportConfig, ExportModelConfig, IndexConfig,  # noqa: E402
-                                InfoConfig, QdrantOptions, QueryConfig, RemoveConfig, VerifyConfig)
+                                InfoConfig, QdrantOptions, QueryConfig, RemoveConfig, ServeConfig,
+                                VerifyConfig)
 
 log = logging.getLogger("colintern.search")
 OUT_FLAG = "--index"
@@ -104,6 +107,7 @@ def read_queries(config: QueryConfig) -> list[str]:
 
 def query_command(config: QueryConfig) -> None:
     from colintern.index.api import Index
+    from colintern.index.maps import similarity_map
 
     texts = read_queries(config)
     index = Index.open(config.index, model_id=config.model_id, device=config.device)
@@ -114,7 +118,11 @@ def query_command(config: QueryConfig) -> None:
         if config.explain:
             for r, i in zip(line["results"], ids[qi].tolist()):
                 path = Path(config.explain) / f"q{qi + 1:03d}_r{r['rank']:02d}.png"
-                if explain(view, index.model, int(i), qs[qi], line["query"], r["rank"], path):
+                title = f"#{r['rank']}: {Path(r['file']).name} page {r['page']} — {line['query']}"
+                why_not = similarity_map(view, index.model, int(i), qs[qi], title, path)
+                if why_not:
+                    log.warning("%s page %s: %s", display(r["file"]), r["page"], why_not)
+                else:
                     r["map"] = str(path)
         if config.json:
             print(json_line(line))
@@ -154,41 +162,6 @@ def compact_command(config: CompactConfig) -> None:
     segments, freed = compact(config.index)
     print(f"compacted {segments} segment(s) of {config.index}: {freed} bytes freed" if segments else
           f"nothing to compact in {config.index}")
-
-
-def json_line(obj: object) -> str:
-    """One JSON line that is valid UTF-8 whatever the file names: a byte that is not UTF-8 (held as a lone
-    surrogate, as Python keeps such names) is written as its \\udcXX escape, which json.loads and os.fsencode turn
-    back into the original name."""
-    text = json.dumps(obj, ensure_ascii=False)
-    return re.sub(r"[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def explain(index, model, i: int, query_vectors, query: str, rank: int, path: Path) -> bool:
-    """One similarity map: the page re-rendered, its image tokens' boxes, the query's best similarity per box;
-    whether it was written (a warning says why not)."""
-    from colintern.files import file_sha256
-    from colintern.index.sources import render_page
-    from colintern.retriever.simmap import paint, save_map, token_maps
-
-    page = index.pages[i]
-    where = f"{display(page['file'])} page {page['page']}"
-    if not Path(page["file"]).is_file():
-        log.warning("%s: the file is gone; no similarity map", where)
-        return False
-    if file_sha256(page["file"]) != page["sha256"]:
-        log.warning("%s: the file changed since it was indexed; no similarity map (search.py index updates it)", where)
-        return False
-    if not page["image_tokens"]:
-        log.warning("%s: no token map (a single-vector checkpoint, or a pooled index); --explain skipped", where)
-        return False
-    image = render_page(index.source(i), index.meta["dpi"])
-    vectors = index.vectors(i)[page["image_start"]:page["image_start"] + page["image_tokens"]]
-    boxes = model.processor.image_token_boxes(image)
-    _, best = token_maps(query_vectors, vectors)
-    heat = paint(best, boxes, min(image.width, 1024), int(min(image.width, 1024) * image.height / image.width))
-    save_map(image, heat, f"#{rank}: {Path(page['file']).name} page {page['page']} — {query}"[:120], path)
-    return True
 
 
 def export_command(config: ExportConfig) -> None:
@@ -260,13 +233,19 @@ def export_model_command(config: ExportModelConfig) -> None:
     print(f"exported {config.ckpt} on {model_id} to {out}: load it with --model_id {out}")
 
 
+def serve_command(config: ServeConfig) -> None:
+    from colintern.index.serve import serve
+
+    serve(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     command, config = parse_args(argv)
     setup_logging(getattr(config, "verbose", False))
     commands: dict[str, Callable[[Any], int | None]] = {
         "index": index_command, "query": query_command, "export": export_command, "verify": verify_command,
         "export_model": export_model_command, "info": info_command, "remove": remove_command,
-        "compact": compact_command}
+        "compact": compact_command, "serve": serve_command}
     return commands[command](config) or 0
 
 

@@ -25,7 +25,7 @@ from colintern.settings.search import (RenderOptions, IndexFolderOptions, Qdrant
                                        SearchOutputOptions, IndexConfig,
                                        QueryConfig, ExportConfig, InfoConfig,
                                        RemoveConfig, CompactConfig,
-                                       VerifyConfig, ExportModelConfig,
+                                       VerifyConfig, ExportModelConfig, ServeConfig,
                                        SEARCH_COMMANDS)
 from colintern.settings.tools import (SyntheticOptions, DatasetConfig, SyntheticConfig, ScenesConfig, TinyConfig,
                                       SanityConfig, DemoConfig, AblateConfig,
@@ -42,7 +42,7 @@ __all__ = [
     "MineComputeOptions", "MineConfig", "DEFAULT_BENCHMARK", "PoolOptions", "BenchmarkOptions", "ItrEvalOptions",
     "EvalConfig", "RenderOptions", "IndexFolderOptions", "QdrantOptions", "SearchSettings", "SearchOutputOptions",
     "IndexConfig", "QueryConfig", "ExportConfig", "InfoConfig", "RemoveConfig", "CompactConfig", "VerifyConfig",
-    "ExportModelConfig", "SEARCH_COMMANDS", "SyntheticOptions", "DatasetConfig", "SyntheticConfig", "ScenesConfig",
+    "ExportModelConfig", "ServeConfig", "SEARCH_COMMANDS", "SyntheticOptions", "DatasetConfig", "SyntheticConfig", "ScenesConfig",
     "TinyConfig", "SanityConfig", "DemoConfig", "AblateConfig", "ItrDemoConfig", "ReportOptions", "CompareConfig",
     "EfficiencyConfig", "PlotLossConfig", "PLOT_METRICS", "PlotMetricsConfig"
 ]

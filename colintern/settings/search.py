@@ -161,6 +161,20 @@ class ExportModelConfig(LogOptions):
     device: str = with_default(DeviceOptions, "device", "auto")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(IndexFolderOptions, SearchSettings, LogOptions):
+    """search.py serve: answer queries over HTTP (a JSON API and a web page), the model and the index loaded once"""
+
+    host: str = option("127.0.0.1", help="address to listen on; any other than 127.0.0.1 or localhost makes the index "
+                                         "searchable from other machines, with no authentication")
+    port: int = option(8765, at_least=0, help="TCP port (0: any free one, named in the log)")
+    model_id: str | None = with_default(ModelOptions, "model_id", None)
+    device: str = with_default(DeviceOptions, "device", "auto")
+    resident_gb: float = option(8.0, at_least=0, help="keep the index's pages in memory as float32 when that takes at "
+                                                      "most this many GB, so that exact search only computes; 0: never")
+    max_k: int = option(100, at_least=1, help="the largest k a request may ask for")
+
+
 SEARCH_COMMANDS: dict[str, type[Options]] = {
     "index": IndexConfig, "query": QueryConfig, "export": ExportConfig, "info": InfoConfig, "remove": RemoveConfig,
-    "compact": CompactConfig, "verify": VerifyConfig, "export_model": ExportModelConfig}
+    "compact": CompactConfig, "verify": VerifyConfig, "export_model": ExportModelConfig, "serve": ServeConfig}
