@@ -125,3 +125,76 @@ def test_make_dataset_from_python_equals_the_command(made, tmp_path):
         assert (tmp_path / "set" / name).read_bytes() == (out / name).read_bytes(), name
     resolved = (tmp_path / "set" / "dataset_config.yaml").read_text()
     assert "dpi: 72\n" in resolved and resolved.startswith("# resolved settings of this run")
+
+
+def test_generator_writes_the_queries_and_an_interrupted_run_resumes(tiny_model_dir, tmp_path, caplog):
+    """--generator on the real PDFs with the tiny model's LM head: each page's answer is what greedy decoding of the
+    prompt and the page gives (decoded here by hand, step by step), the queries are its lines, the model and prompt
+    are recorded, and a run stopped after its first batch continues without generating those pages again."""
+    import logging
+
+    from PIL import Image
+
+    from colintern.backbones.sanity import greedy
+    from colintern.data import generate_queries as gq
+    from colintern.data.make_dataset import make_dataset
+    from colintern.settings import DatasetConfig
+
+    out = tmp_path / "gen"
+    config = DatasetConfig(inputs=[str(p) for p in PDFS], out=str(out), dpi=40, generator=tiny_model_dir,
+                           device="cpu", min_words=1, max_words=200, max_new_tokens=8, batch_size=4)
+    real_answer, pages_asked = gq.QuestionWriter.answer, []
+
+    def stop_after_one_batch(self, images):
+        if pages_asked:
+            raise RuntimeError("interrupted")
+        pages_asked.append(len(images))
+        return real_answer(self, images)
+
+    gq.QuestionWriter.answer = stop_after_one_batch
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            make_dataset(config)
+    finally:
+        gq.QuestionWriter.answer = real_answer
+    assert not (out / "dataset.json").exists()
+    cached = [json.loads(line) for line in (out / gq.CACHE).read_text().splitlines()]
+    assert len(cached) == 4
+    with caplog.at_level(logging.INFO, logger="colintern.data.make_dataset"):
+        record = make_dataset(config)
+    total = sum(d["pages"] for d in record["documents"])
+    assert f"4 of {total} pages already have their questions" in caplog.text
+    rows = [json.loads(line) for line in (out / gq.CACHE).read_text().splitlines()]
+    assert len(rows) == total and rows[:4] == cached and len({r["key"] for r in rows}) == total
+    assert record["queries_from"] == "generator"
+    assert record["generator"]["model"] == tiny_model_dir and record["generator"]["prompt"] == gq.prompt_for(3)
+
+    # the first page's answer, decoded by hand from the same prompt and page
+    writer = gq.QuestionWriter(tiny_model_dir, "cpu", 3, 8)
+    first = rows[0]["page"].rsplit("/", 1)
+    train_page = out / "pages" / first[0] / f"page-{int(first[1]):03d}.png"
+    image = Image.open(train_page if train_page.exists() else out / "eval" / "pages" / first[0] /
+                       f"page-{int(first[1]):03d}.png").convert("RGB")
+    inputs = writer.model_inputs([image])
+    tokens = greedy(writer.generator, inputs["input_ids"], 8, writer.tokenizer.eos_token_id,
+                    pixel_values=inputs["pixel_values"])
+    assert rows[0]["text"] == writer.tokenizer.decode(tokens, skip_special_tokens=True)
+    # the queries are the answers' lines that pass the filter
+    lines = {q for r in rows for q in gq.split_questions(r["text"])}
+    queries = [json.loads(line)["query"] for line in (out / "train.jsonl").read_text().splitlines()]
+    assert queries and set(queries) <= lines
+
+
+def test_generator_batches_pages_of_different_sizes_like_one_at_a_time(tiny_qwen_dir):
+    """Qwen3-VL's generator path: two rendered real pages of different sizes (different image-token counts, so the
+    batch is left-padded) get the answers each gets alone."""
+    from colintern.data.generate_queries import QuestionWriter
+    from colintern.index.sources import PageSource, render_page
+
+    writer = QuestionWriter(tiny_qwen_dir, "cpu", 3, 6)
+    pages = [render_page(PageSource(str(PDFS[0]), "", 1, "pdf"), 40),
+             render_page(PageSource(str(PDFS[1]), "", 2, "pdf"), 30)]
+    assert pages[0].size != pages[1].size
+    lengths = [int(writer.model_inputs([p])["input_ids"].shape[1]) for p in pages]
+    assert lengths[0] != lengths[1]
+    assert writer.answer(pages) == [writer.answer([p])[0] for p in pages]

@@ -185,6 +185,22 @@ def test_a_port_in_use_is_one_line(served, tmp_path):
                                                 "pass another --port (0: any free one)"]
 
 
+def test_the_server_follows_files_removed_and_added_while_it_runs(served, tiny_model_dir, capsys):
+    real = served["docs"] / "real_pages.pdf"
+    url = search_url(served["base"], QUERIES[2], k=20)
+    assert str(real) in {r["file"] for r in json.loads(get(url)[2])["results"]}
+    assert run(capsys, "remove", "--index", served["index"], real)[0] == 0
+    results = json.loads(get(url)[2])["results"]
+    assert len(results) == 6 and str(real) not in {r["file"] for r in results}
+    assert get(served["base"] + f"map?q=x&file={real}&page=1")[0] == 404
+    assert json.loads(get(served["base"] + "info")[2])["pages"] == 6
+    code, _, err = run(capsys, "index", "--index", served["index"], "--inputs", real, "--device", "cpu")
+    assert code == 0, err
+    results = json.loads(get(url)[2])["results"]
+    assert len(results) == 12 and sum(r["file"] == str(real) for r in results) == 6
+    assert any("changed: loading its pages again" in line for line in served["log"])
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make browser)")
 def test_the_web_page_shows_the_result_thumbnails_in_headless_chromium(served, tmp_path):
     from urllib.parse import urlencode

@@ -59,13 +59,15 @@ def generation_model(model_id: str, ckpt: str | None, device: str, dtype: torch.
 
 
 @torch.inference_mode()
-def greedy(generator: Any, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+def greedy(generator: Any, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+           **inputs: torch.Tensor) -> list[int]:
     """Greedy decoding written out: the whole sequence through the model each step, the most likely next token,
-    until EOS or max_new_tokens. (B = 1; no cache, so nothing hides in generation state.)"""
+    until EOS or max_new_tokens. (B = 1; no cache, so nothing hides in generation state.) `inputs`: what else the
+    model reads at every step (pixel_values of the page the prompt shows)."""
     ids = input_ids
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = generator(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]  # (1, vocab)
+        logits = generator(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits[:, -1]  # (1, vocab)
         token = int(logits.argmax(dim=-1))
         new.append(token)
         if eos_token_id is not None and token == eos_token_id:

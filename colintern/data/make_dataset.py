@@ -14,6 +14,10 @@ mostly not letters (tables, code); a sentence
 that occurs on more than one page is dropped (it would have two right answers). Up to --queries_per_page per page,
 the longest first. Pages without a text layer or without a usable sentence are reported and left out.
 
+--generator MODEL: the queries are written instead by a vision-language model looking at each rendered page
+(colintern/data/generate_queries.py: the prompt, greedy decoding, batched, resumable), filtered the same way; scans
+without a text layer get queries too. dataset.json records the model and the prompt.
+
 Evaluation is held out by document, not by page: pages of one document share their layout and vocabulary, so a
 split by page would score the model on near-copies of what it trained on. --eval_fraction of the documents (at
 least one) go to OUT/eval; the choice is deterministic (--seed) and recorded in dataset.json.
@@ -208,12 +212,15 @@ def write_sets(train: list[Page], held: list[Page], out: Path) -> dict[str, int]
     return counts
 
 
-def make_dataset(config: DatasetConfig) -> dict[str, Any]:
-    """Everything the command does; returns what dataset.json records."""
-    from colintern.index.sources import find_inputs
+def prepare_out(config: DatasetConfig) -> Path:
+    """The output folder, checked (created later, once the split is known): new, empty, a dataset to replace
+    (--overwrite), or an interrupted --generator run (its generated.jsonl and no dataset.json yet), which continues."""
+    from colintern.data.generate_queries import CACHE
 
-    files = find_inputs(config.inputs)
     out = Path(config.out)
+    if out.is_dir() and config.generator and (out / CACHE).is_file() and not (out / "dataset.json").is_file():
+        log.info("%s holds an unfinished --generator run: continuing it", display(out))
+        return out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not config.overwrite or not out.is_dir():
             raise UserError(f"--out {config.out} exists and is not an empty folder; choose a new one or pass "
@@ -222,32 +229,86 @@ def make_dataset(config: DatasetConfig) -> dict[str, Any]:
             raise UserError(f"--out {config.out} is not a dataset this command wrote (no dataset.json); --overwrite "
                             "replaces only those")
         shutil.rmtree(out)
+    return out
+
+
+def generated_queries(pages: list[Page], documents: list[dict[str, Any]], config: DatasetConfig,
+                      out: Path) -> tuple[set[str], dict[str, Any]]:
+    """--generator: render every page, have the model write its questions, keep those that pass the query filter
+    and occur on one page only; (the held-out documents, what dataset.json records about the generator)."""
+    from colintern.data.generate_queries import generate_questions
+    from colintern.device import resolve_device
+
+    held = hold_out(documents, config.eval_fraction, config.seed)
+    make_output_dir(out, OUT_FLAG)
+    render([p for p in pages if p.document not in held], out, config.dpi)
+    render([p for p in pages if p.document in held], out / "eval", config.dpi)
+    for page in pages:  # generate_questions reads each page where it was rendered
+        page.image = str(Path("eval") / page.image) if page.document in held else page.image
+    record = generate_questions(pages, out, config.generator or "", resolve_device(config.device),
+                                config.queries_per_page, config.max_new_tokens, config.batch_size)
+    for page in pages:
+        page.image = page.image.removeprefix("eval/")
+    seen = Counter(q.lower() for page in pages for q in set(page.queries))
+    for page in pages:
+        page.queries = [q for q in page.queries if seen[q.lower()] == 1
+                        and is_query(q, config.min_words, config.max_words)][:config.queries_per_page]
+        if not page.queries:
+            (out / ("eval" if page.document in held else "") / page.image).unlink(missing_ok=True)
+    return held, record
+
+
+def why_left_out(page: Page, generated: bool) -> str:
+    """Why a page has no query, as dataset.json records it."""
+    if generated:
+        return "no usable generated question"
+    return "no text layer" if not page.lines else "no usable sentence"
+
+
+HINTS = {"no text layer": " (a scan? OCR it first, or use --generator)",
+         "no usable generated question": " (none passed the query filter, or each was also written for another page)"}
+
+
+def make_dataset(config: DatasetConfig) -> dict[str, Any]:
+    """Everything the command does; returns what dataset.json records."""
+    from colintern.index.sources import find_inputs
+
+    files = find_inputs(config.inputs)
     pages, documents, bad = read_documents(files)
     for where, why in bad:
         log.warning("skipped %s: %s", where, why)
     if not documents:
         raise UserError("no readable PDF among --inputs; nothing to make")
-    choose_queries(pages, config)
-    usable = {p.document for p in pages if p.queries}  # a document without a usable page cannot be held out
-    held = hold_out([d for d in documents if d["document"] in usable], config.eval_fraction, config.seed)
+    out = prepare_out(config)
+    generator = None
+    if config.generator:
+        held, generator = generated_queries(pages, documents, config, out)
+    else:
+        choose_queries(pages, config)
+        usable = {p.document for p in pages if p.queries}  # a document without a usable page cannot be held out
+        held = hold_out([d for d in documents if d["document"] in usable], config.eval_fraction, config.seed)
     empty = [p for p in pages if not p.queries]
     for p in empty:
-        log.warning("%s page %d: %s; left out", display(p.source), p.number,
-                    "no text layer (a scan? OCR it first)" if not p.lines else "no sentence usable as a query")
+        why = why_left_out(p, bool(generator))
+        log.warning("%s page %d: %s%s; left out", display(p.source), p.number, why, HINTS.get(why, ""))
     kept = [p for p in pages if p.queries]
     if not kept:
-        raise UserError("no page has a usable sentence in its text layer; nothing to make")
-    make_output_dir(out, OUT_FLAG)
-    render([p for p in kept if p.document not in held], out, config.dpi)
-    render([p for p in kept if p.document in held], out / "eval", config.dpi)
+        raise UserError("no page has a usable " + ("generated question" if generator else "sentence in its text "
+                                                   "layer") + "; nothing to make")
+    if not generator:
+        make_output_dir(out, OUT_FLAG)
+        render([p for p in kept if p.document not in held], out, config.dpi)
+        render([p for p in kept if p.document in held], out / "eval", config.dpi)
     counts = write_sets([p for p in kept if p.document not in held], [p for p in kept if p.document in held], out)
-    record = {"command": "python -m colintern.data.make_dataset", "queries_from": "text layer",
+    record = {"command": "python -m colintern.data.make_dataset",
+              "queries_from": "generator" if generator else "text layer", **({"generator": generator} if generator
+                                                                             else {}),
               "settings": {k: getattr(config, k) for k in ("eval_fraction", "queries_per_page", "min_words",
                                                          "max_words", "boilerplate_share", "dpi", "seed")},
               "documents": [{**d, "split": "eval" if d["document"] in held else "train"} for d in documents],
               "counts": {**counts, "pages_left_out": len(empty), "files_skipped": len(bad)},
-              "left_out": [{"file": p.source, "page": p.number, "why": "no text layer" if not p.lines else
-                            "no usable sentence"} for p in empty],
+              "left_out": [{"file": p.source, "page": p.number, "why": why_left_out(p, bool(generator))}
+                           for p in empty],
               "skipped_files": [{"file": where, "why": why} for where, why in bad]}
     atomic_write_json(out / "dataset.json", record)
     save_config(config, out / "dataset_config.yaml", "python -m colintern.data.make_dataset")

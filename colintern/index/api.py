@@ -68,6 +68,7 @@ def add_files(config: IndexConfig, model: Any = None, show_progress: bool = Fals
     from colintern.index.encoding import index_pages
 
     files = find_inputs(config.inputs)
+    config = with_index_model(config)
     if config.ckpt:
         load_checkpoint(config.ckpt)  # one line for a missing, foreign or image-text checkpoint, before any loading
     check_new_index_folder(Path(config.index))
@@ -99,6 +100,24 @@ def add_files(config: IndexConfig, model: Any = None, show_progress: bool = Fals
             log.info("compacted %d segment(s) holding replaced or removed pages: %d bytes freed", segments, freed)
             index = PageIndex.open(config.index)
     return Added(pages=added, files=len(files), total=len(index.pages), report=report, index=index, model=model)
+
+
+def with_index_model(config: IndexConfig) -> IndexConfig:
+    """Extending an existing index without --ckpt or --model_id: the checkpoint and base model it was built with."""
+    from dataclasses import replace
+
+    from colintern.retriever.checkpoint import resolve_recorded_model
+
+    recorded = Path(config.index) / "index.json"
+    if config.ckpt or config.model_id or not recorded.is_file():
+        return config
+    try:
+        meta = json.loads(recorded.read_text(encoding="utf-8"))
+        ckpt, model_id = meta.get("ckpt"), resolve_recorded_model(meta["model_id"], recorded)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return config  # a damaged index.json: opening the index names the damage (and rebuilds it)
+    log.info("extending %s with its own model: %s", config.index, ckpt or model_id)
+    return replace(config, ckpt=ckpt, model_id=model_id)
 
 
 def record_file_meta(index, files: list[Path], given: dict[str, str]) -> None:
@@ -157,6 +176,7 @@ class Index:
         self.pages = PageIndex.open(folder)
         self._model: Any = None
         self.resident: Any = None  # keep_resident(): the pages as float32 in memory, for many queries
+        self.stages: dict[tuple, Any] = {}  # keep_resident(): FAISS first stages kept for the next queries
 
     @classmethod
     def open(cls, folder: str | Path, model_id: str | None = None, device: str = "auto") -> "Index":
@@ -222,7 +242,7 @@ class Index:
             log.warning("the index needs %.2f GB as float32 in memory, over the %.2f GB allowed: each exact search "
                         "reads and widens the pages again", need / 1e9, max_bytes / 1e9)
             return False
-        self.resident = resident_pages(self.pages)
+        self.resident, self.stages = resident_pages(self.pages), {}
         log.info("%d pages resident in memory as float32 (%.2f GB)", len(self.pages.pages),
                  self.resident.nbytes / 1e9)
         return True
@@ -253,7 +273,8 @@ class Index:
                                                                      " yet; add some with search.py index"))
         qs = self.model.encode_queries(queries, show_progress=False)
         values, ids = rank(view, qs, settings if keep is None else _exact(settings), self.device,
-                           subset=keep is not None, resident=None if keep is not None else self.resident)  # (n_q, k)
+                           subset=keep is not None, resident=None if keep is not None else self.resident,
+                           stages=None if keep is not None or self.resident is None else self.stages)  # (n_q, k)
         lines = []
         for qi, query in enumerate(queries):
             results = [{"rank": rank_, "score": round(score, 6), "file": view.pages[i]["file"],
@@ -348,10 +369,12 @@ def _exact(settings: SearchSettings) -> SearchSettings:
     return replace(settings, first_stage="exact", check_recall=False)
 
 
-def rank(index: Any, qs: list, settings: SearchSettings, device: Any, subset: bool = False, resident: Any = None):
+def rank(index: Any, qs: list, settings: SearchSettings, device: Any, subset: bool = False, resident: Any = None,
+         stages: dict[tuple, Any] | None = None):
     """(n_q, k) scores and page positions from the chosen backend (and first stage), with check_recall. `subset`:
     the index is a filtered view; Qdrant then searches only its points (the index folder decides what passes).
-    `resident`: the pages packed in memory (Index.keep_resident), for exact search."""
+    `resident`: the pages packed in memory (Index.keep_resident), scored by exact search and the FAISS re-rank;
+    `stages`: FAISS first stages by their settings, kept between calls (a warm process)."""
     import sys
 
     from colintern.index.page_search import FaissFirstStage, TokenView, choose_first_stage, exact_topk, recall_at_k
@@ -371,12 +394,17 @@ def rank(index: Any, qs: list, settings: SearchSettings, device: Any, subset: bo
         log.info("first stage: %s (%s)", method, why)
         if method == "exact":
             return exact_topk(index, qs, settings.k, device, resident=resident)
-        stage = FaissFirstStage(index, settings.nprobe, settings.token_k, settings.candidates,
-                                settings.faiss_factory, show_progress=sys.stderr.isatty())
-        values, ids = stage.topk(qs, settings.k, device)
+        key = (settings.nprobe, settings.token_k, settings.candidates, settings.faiss_factory)
+        stage = (stages or {}).get(key)
+        if stage is None:
+            stage = FaissFirstStage(index, settings.nprobe, settings.token_k, settings.candidates,
+                                    settings.faiss_factory, show_progress=sys.stderr.isatty())
+            if stages is not None:
+                stages[key] = stage
+        values, ids = stage.topk(qs, settings.k, device, resident=resident)
         what = f"the FAISS first stage ({stage.info['factory']}, {settings.candidates} candidates)"
     if settings.check_recall:
-        _, exact_ids = exact_topk(index, qs, settings.k, device)
+        _, exact_ids = exact_topk(index, qs, settings.k, device, resident=resident)
         log.info("recall@%d of %s against exact MaxSim on these %d queries: %.4f", settings.k, what, len(qs),
                  recall_at_k(ids, exact_ids))
     return values, ids

@@ -225,8 +225,9 @@ class FaissFirstStage:
                  "index's own pages; --check_recall measures it on your queries", key, k, known[key], n_queries)
         return known[key]
 
-    def topk(self, qs: list[torch.Tensor], k: int, device: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(n_q, k) scores and page ids: exact scores of the best candidates (ties: lower page id)."""
+    def topk(self, qs: list[torch.Tensor], k: int, device: Any, resident: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """(n_q, k) scores and page ids: exact scores of the best candidates (ties: lower page id). resident: the
+        pages from resident_pages, read instead of the segments' memory maps (a warm process)."""
         from colintern.mine.search import faiss_candidates, own_candidate_scores
 
         k = min(k, self.view.n_valid)
@@ -238,10 +239,25 @@ class FaissFirstStage:
             found = faiss_candidates(self.faiss, [q.float().numpy() for q in qs], self.view, self.token_k, depth)
         values, ids = np.empty((len(qs), k), dtype=np.float32), np.empty((len(qs), k), dtype=np.int64)
         for r, (q, cand) in enumerate(zip(qs, found)):
-            scores = own_candidate_scores(q, cand, self.view, device)
+            scores = (resident_candidate_scores(q, cand, resident) if resident is not None
+                      else own_candidate_scores(q, cand, self.view, device))
             order = np.lexsort((cand, -scores))[:k]
             values[r], ids[r] = scores[order], cand[order]
         return values, ids
+
+
+@torch.no_grad()
+def resident_candidate_scores(q: torch.Tensor, cand: np.ndarray, resident: Any) -> np.ndarray:
+    """Exact sum-MaxSim of one query (Lq, dim) against its candidate pages held in resident pages (PackedDocs): one
+    GEMM per page on its float32 tokens where they lie (no copy, no widening) -> (len(cand),) float32."""
+    from colintern.retriever.scoring import exact_fp32
+
+    out = np.empty(len(cand), dtype=np.float32)
+    qd = q.to(device=resident.device, dtype=torch.float32)  # (Lq, dim)
+    with exact_fp32(resident.device):
+        for r, u in enumerate(cand.tolist()):
+            out[r] = float((qd @ resident.doc(u).T).amax(dim=1).sum())  # (Lq, L) -> best per query token -> sum
+    return out
 
 
 def search_factory(n_tokens: int) -> str:

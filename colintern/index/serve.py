@@ -11,7 +11,8 @@ A bad request gets a 4xx and {"error": "..."} (the web page shows the message), 
 failure is a 500 with its message (the traceback is logged) and the server goes on. Requests are read and answered
 in threads, but the model, the index and the page renderer serve one request at a time (a lock): torch's own
 threads already use every core for one query. Warm, the pages stay in memory as float32 (--resident_gb), so exact
-search only computes (docs/BENCHMARKS.md, "search.py serve").
+search only computes (docs/BENCHMARKS.md, "search.py serve"); when index.json changes (search.py index, remove or
+compact ran), the next request loads the pages again.
 """
 from __future__ import annotations
 
@@ -56,17 +57,39 @@ class SearchService:
         self.config = config
         self.index = Index.open(config.index, model_id=config.model_id, device=config.device)
         self.index.model  # noqa: B018 - load (and check) the model now, not on the first request
-        if config.backend == "embedded" and config.resident_gb > 0:
-            self.index.keep_resident(int(config.resident_gb * 1e9))
-        self.positions = {(p["file"], p["page"]): i for i, p in enumerate(self.index.pages.pages)}
         self.lock = threading.Lock()
         self.query_vectors: OrderedDict[str, Any] = OrderedDict()  # the latest queries' vectors, for their maps
+        self.state: tuple[int, int, int] | None = None
+        self.follow_index()
+
+    def follow_index(self) -> None:
+        """(Re)load the index's pages when index.json changed (search.py index, remove or compact ran meanwhile):
+        the server answers from the index as it is now, without a restart. Called under the lock."""
+        from colintern.index.page_index import PageIndex
+
+        stat = (Path(self.config.index) / "index.json").stat()
+        state = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if state == self.state:
+            return
+        if self.state is not None:
+            log.info("%s changed: loading its pages again", self.config.index)
+            self.index.pages, self.index.resident = PageIndex.open(self.config.index), None
+        if self.config.backend == "embedded" and self.config.resident_gb > 0:
+            self.index.keep_resident(int(self.config.resident_gb * 1e9))
+        self.positions = {(p["file"], p["page"]): i for i, p in enumerate(self.index.pages.pages)}
+        self.state = state
 
     def search(self, query: str, k: int, files: str | None, where: dict[str, str]) -> dict[str, Any]:
         with self.lock:
+            self.follow_index()
             lines, _, qs, _ = self.index.ranked([query], replace(self.config, k=k), files, where or None)
             self.remember(query, qs[0])
         return lines[0]
+
+    def info(self) -> dict[str, Any]:
+        with self.lock:
+            self.follow_index()
+            return self.index.info()
 
     def remember(self, query: str, vectors: Any) -> None:
         self.query_vectors[query] = vectors
@@ -77,10 +100,11 @@ class SearchService:
     def map_png(self, query: str, file: str, page: int, size: int) -> bytes:
         from colintern.index.maps import similarity_map
 
-        i = self.positions.get((file, page))
-        if i is None:
-            raise RequestError(HTTPStatus.NOT_FOUND, f"the index holds no page {page} of {display(file)}")
         with self.lock:
+            self.follow_index()
+            i = self.positions.get((file, page))
+            if i is None:
+                raise RequestError(HTTPStatus.NOT_FOUND, f"the index holds no page {page} of {display(file)}")
             if query not in self.query_vectors:
                 self.remember(query, self.index.model.encode_queries([query], show_progress=False)[0])
             out = io.BytesIO()
@@ -139,7 +163,7 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(HTTPStatus.OK, "image/png", self.service.map_png(query, file, page, size))
 
     def info(self, params: dict[str, list[str]]) -> None:
-        self.reply(HTTPStatus.OK, "application/json", json_line(self.service.index.info()).encode())
+        self.reply(HTTPStatus.OK, "application/json", json_line(self.service.info()).encode())
 
     def page(self, params: dict[str, list[str]]) -> None:
         query = (self.one(params, "q") or "").strip()

@@ -229,13 +229,21 @@ class PackedDocs:
     def __init__(self, lengths: Sequence[int], fetch: Callable[[int], torch.Tensor],
                  device: str | torch.device | None = None, bucket_tokens: int = 1 << 16) -> None:
         self.device = _resolve_device(device)
-        self.n_docs = len(lengths)
+        self.lengths = list(lengths)
         self.buckets: list[tuple[list[int], torch.Tensor]] = []  # (doc ids, (n, Lmax, dim) float32)
+        self.where: list[tuple[int, int]] = [(0, 0)] * len(lengths)  # doc -> (bucket, row)
         for idx in _doc_buckets(lengths, bucket_tokens):
             self.buckets.append((idx, _pack_bucket([fetch(i) for i in idx], list(range(len(idx))), self.device)))
+            for row, i in enumerate(idx):
+                self.where[i] = (len(self.buckets) - 1, row)
 
     def __len__(self) -> int:
-        return self.n_docs
+        return len(self.lengths)
+
+    def doc(self, i: int) -> torch.Tensor:
+        """(L_i, dim) float32 real tokens of doc i: a view into its bucket, no copy."""
+        bucket, row = self.where[i]
+        return self.buckets[bucket][1][row, :self.lengths[i]]
 
     @property
     def nbytes(self) -> int:

@@ -38,6 +38,13 @@ class DatasetConfig(RenderOptions, LogOptions):
     seed: int = with_default(OptimOptions, "seed", 0)
     overwrite: bool = with_default(TrainOutputOptions, "overwrite", False)
     dpi: int = with_default(RenderOptions, "dpi", 150)
+    generator: str | None = option(None, metavar="MODEL", help="queries written by this vision-language model (hub id "
+                                   "or folder of a family ColIntern loads, with its LM head, e.g. "
+                                   "Qwen/Qwen3-VL-2B-Instruct) from each page's image, instead of the text layer's "
+                                   "sentences; resumable (OUT/generated.jsonl)")
+    max_new_tokens: int = option(96, at_least=1, help="longest generated answer, in tokens (sanity: longest answer)")
+    batch_size: int = with_default(OptimOptions, "batch_size", 4)
+    device: str = with_default(DeviceOptions, "device", "auto")
 
     def check(self) -> None:
         if not 0 <= self.eval_fraction < 1:
@@ -86,7 +93,7 @@ class SanityConfig(LogOptions):
     model_id: str = with_default(ModelOptions, "model_id", MISSING)
     ckpt: str | None = with_default(CheckpointOptions, "ckpt", None)
     question: list[str] | None = option(None, help="questions to answer (default: three fixed ones)")
-    max_new_tokens: int = option(32, at_least=1, help="longest answer")
+    max_new_tokens: int = with_default(DatasetConfig, "max_new_tokens", 32)
     device: str = with_default(DeviceOptions, "device", "auto")
 
 
