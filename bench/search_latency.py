@@ -274,7 +274,50 @@ def qdrant_rows(args, corpus: Corpus, work: Path) -> list[dict[str, Any]]:
         store.close()
     rows.append(row("qdrant local mode", n, build_s, disk_bytes(work / "qdrant") / n, seconds, ids, exact_ids,
                     targets))
+    from colintern.index.page_search import resident_pages
+
+    resident = resident_pages(index)
+    seconds, ids = timed_queries(lambda q: exact_topk(index, q, 10, "cpu", resident=resident), qs)
+    rows.append(row("exact, warm (Qdrant's pages resident as float32)", n, 0.0, 0.0, seconds, ids, exact_ids,
+                    targets))
+    rows += qdrant_edge_rows(index, qs, targets, exact_ids, work / "qdrant_edge")
     return rows
+
+
+def qdrant_edge_rows(index, qs: list[torch.Tensor], targets: list[int], exact_ids: np.ndarray,
+                     folder: Path) -> list[dict[str, Any]]:
+    """Qdrant's own engine (qdrant-edge-py: the Rust shard, in-process) with a float16 MaxSim multivector per page,
+    searched by exact scan (SearchParams(exact=True)): the rate the warm exact path is held against (#27)."""
+    import importlib.util
+
+    if importlib.util.find_spec("qdrant_edge") is None:
+        log.info("qdrant-edge-py not installed: no Qdrant edge row")
+        return []
+    import qdrant_edge as qe
+
+    shutil.rmtree(folder, ignore_errors=True)
+    params = qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Dot, datatype=qe.VectorStorageDatatype.Float16,
+                                 multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim))
+    t0 = time.perf_counter()
+    shard = qe.EdgeShard.create(str(folder), qe.EdgeConfig(vectors=params))
+    for start in range(0, len(index.pages), 64):
+        points = [qe.Point(u, np.asarray(index.page_rows(u), dtype=np.float32).tolist())
+                  for u in range(start, min(start + 64, len(index.pages)))]
+        shard.update(qe.UpdateOperation.upsert_points(points))
+    shard.flush()
+    build_s = time.perf_counter() - t0
+
+    def search(q: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        found = shard.query(qe.QueryRequest(limit=10, query=qe.Query.Nearest(q[0].tolist()),
+                                            params=qe.SearchParams(exact=True)))
+        return np.array([[p.score for p in found]]), np.array([[int(p.id) for p in found]])
+
+    try:
+        seconds, ids = timed_queries(search, qs)
+    finally:
+        shard.close()
+    return [row("qdrant edge (the engine), exact scan", len(index.pages), build_s, disk_bytes(folder) / len(index.pages),
+                seconds, ids, exact_ids, targets)]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
