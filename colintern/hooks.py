@@ -1,6 +1,7 @@
 """Hook points inside long jobs, where a caller acts without code of its own in the job: after every optimizer
 step ("step"), on the loss a step is about to apply ("loss"), on a checkpoint's training section before it is
-written ("checkpoint"), after every committed index segment ("segment").
+written ("checkpoint"), after every committed index segment ("segment"), after every batch of pages sent to a Qdrant
+edge shard ("upload").
 
     remove = install(hook)        # hook(point, n, value) -> value (returned unchanged when it has nothing to do)
     ...

@@ -207,7 +207,8 @@ def test_export_model_is_one_folder_with_the_checkpoints_embeddings(tiny_backbon
     out = tmp_path / "exported"
     code, printed, err = run(capsys, "export_model", "--ckpt", ckpt, "--model_id", folder, "--out", out)
     assert code == 0, err
-    assert printed.strip() == f"exported {ckpt} on {folder} to {out}: load it with --model_id {out}"
+    assert printed.strip() == (f"exported {ckpt} on {folder} to {out}: load it with --model_id {out}; its model card "
+                               f"is {out}/README.md; publish it with: hf upload colintern-exported {out} .")
     exported = ColIntern.from_pretrained(str(out))
     original = ColIntern.from_pretrained(folder, ckpt=str(ckpt))
     assert exported.lora_config is None and not any("lora_" in n for n, _ in exported.backbone.named_parameters())

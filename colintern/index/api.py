@@ -23,7 +23,7 @@ from typing import Any
 
 from colintern.errors import UserError
 from colintern.files import display
-from colintern.settings import IndexConfig, SearchSettings
+from colintern.settings import IndexConfig, QdrantOptions, SearchSettings
 
 log = logging.getLogger("colintern.search")
 
@@ -369,6 +369,20 @@ def _exact(settings: SearchSettings) -> SearchSettings:
     return replace(settings, first_stage="exact", check_recall=False)
 
 
+def open_store(index: Any, settings: QdrantOptions) -> Any:
+    """The Qdrant mirror of an index: qdrant-client (a server, or its Python local mode) or the engine embedded."""
+    if settings.backend == "qdrant-edge":
+        from colintern.index.qdrant_edge_store import EdgePages
+
+        if settings.url:
+            raise UserError("--backend qdrant-edge runs the engine in this process: give --path DIR, not --url "
+                            "(--backend qdrant --url talks to a server)")
+        return EdgePages(index, settings.path, settings.collection)
+    from colintern.index.qdrant_store import QdrantPages
+
+    return QdrantPages(index, settings.url, settings.path, settings.collection)
+
+
 def rank(index: Any, qs: list, settings: SearchSettings, device: Any, subset: bool = False, resident: Any = None,
          stages: dict[tuple, Any] | None = None):
     """(n_q, k) scores and page positions from the chosen backend (and first stage), with check_recall. `subset`:
@@ -379,10 +393,8 @@ def rank(index: Any, qs: list, settings: SearchSettings, device: Any, subset: bo
 
     from colintern.index.page_search import FaissFirstStage, TokenView, choose_first_stage, exact_topk, recall_at_k
 
-    if settings.backend == "qdrant":
-        from colintern.index.qdrant_store import QdrantPages
-
-        store = QdrantPages(index, settings.url, settings.path, settings.collection)
+    if settings.backend != "embedded":
+        store = open_store(index, settings)
         try:
             values, ids = store.topk([q.numpy() for q in qs], settings.k, exact_scan=settings.exact_scan,
                                      subset=subset)

@@ -1,8 +1,8 @@
 """Model export: a trained ColIntern as one folder a user can publish (search.py export_model).
 
 The folder holds the base model's weights with the LoRA adapters merged in (transformers' own layout, so
-`--model_id FOLDER` loads it like any model), its tokenizer and preprocessor files, and `colintern_head.pt`: the
-head (and pooler) with the ColIntern config. `ColIntern.from_pretrained(FOLDER)` finds that file and gives the
+`--model_id FOLDER` loads it like any model), its tokenizer and preprocessor files, `colintern_head.pt`: the
+head (and pooler) with the ColIntern config, and README.md, the model card (model_card.py). `ColIntern.from_pretrained(FOLDER)` finds that file and gives the
 checkpoint's embeddings (merging LoRA changes only float rounding: tested within 1e-5).
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ def merge_lora(backbone: torch.nn.Module) -> int:
     return merged
 
 
-def export_model(model: Any, out: str | Path, source_model_id: str) -> Path:
-    """Write `model` (a loaded ColIntern, LoRA or not) as a self-contained model folder at `out`."""
+def export_model(model: Any, out: str | Path, source_model_id: str, card: str | None = None) -> Path:
+    """Write `model` (a loaded ColIntern, LoRA or not) as a self-contained model folder at `out`, with `card` as its
+    README.md (colintern.retriever.model_card)."""
     from colintern.backbones.base import resolve_file, weights_fingerprint
     from colintern.retriever.checkpoint import save_checkpoint
 
@@ -59,6 +60,8 @@ def export_model(model: Any, out: str | Path, source_model_id: str) -> Path:
         model.config.base_weights = weights_fingerprint(str(tmp))
         model.lora_config = None
         save_checkpoint(str(tmp / HEAD_FILE), **model.checkpoint_parts())
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         if out.exists():
             out.rmdir()  # an empty folder (checked above)
         tmp.rename(out)

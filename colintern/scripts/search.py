@@ -66,15 +66,15 @@ def index_command(config: IndexConfig) -> int:
     report = added.report
     print(f"indexed {added.pages} new page(s) from {added.files} file(s); {added.total} page(s) in {config.index}"
           + (f"; {report.summary()}" if report.count else ""))
-    if config.backend == "qdrant":
+    if config.backend != "embedded":
         sync_qdrant(added.index, config)
     return 1 if report.count else 0
 
 
 def sync_qdrant(index, config: QdrantOptions) -> None:
-    from colintern.index.qdrant_store import QdrantPages
+    from colintern.index.api import open_store
 
-    store = QdrantPages(index, config.url, config.path, config.collection)
+    store = open_store(index, config)
     try:
         sent = store.sync(show_progress=sys.stderr.isatty())
     finally:
@@ -151,7 +151,7 @@ def remove_command(config: RemoveConfig) -> int:
     files, pages = index.remove(config.paths)
     print(f"removed {pages} page(s) of {len(files)} file(s) from {config.index}; {len(index.pages.pages)} page(s) "
           "left (search.py compact reclaims their space)")
-    if config.backend == "qdrant":
+    if config.backend != "embedded":
         sync_qdrant(index.pages, config)
     return 0
 
@@ -225,12 +225,19 @@ def verify_command(config: VerifyConfig) -> int:
 
 def export_model_command(config: ExportModelConfig) -> None:
     from colintern.device import resolve_device
-    from colintern.retriever.export import export_model
     from colintern.index.api import load_model
+    from colintern.retriever.checkpoint import load_checkpoint
+    from colintern.retriever.export import export_model
+    from colintern.retriever.model_card import model_card, read_summary
 
+    summaries = [(path, read_summary(path)) for path in config.eval_summary]  # checked before the model loads
+    payload = load_checkpoint(config.ckpt)
+    repo_id = config.repo_id or f"colintern-{Path(config.out).name}"
     model_id, model = load_model(config.model_id, config.ckpt, resolve_device(config.device))
-    out = export_model(model, config.out, model_id)
-    print(f"exported {config.ckpt} on {model_id} to {out}: load it with --model_id {out}")
+    card = model_card(payload, model_id, config.out, repo_id, config.license, summaries)
+    out = export_model(model, config.out, model_id, card)
+    print(f"exported {config.ckpt} on {model_id} to {out}: load it with --model_id {out}; its model card is "
+          f"{out}/README.md; publish it with: hf upload {repo_id} {out} .")
 
 
 def serve_command(config: ServeConfig) -> None:

@@ -35,12 +35,15 @@ class IndexFolderOptions(Options):
 class QdrantOptions(Options):
     """Qdrant"""
 
-    backend: str = option("embedded", choices=("embedded", "qdrant"), help="embedded: the index folder alone; qdrant: "
-                          "also a Qdrant collection, which answers the queries")
+    backend: str = option("embedded", choices=("embedded", "qdrant", "qdrant-edge"), help="embedded: the index folder "
+                          "alone; qdrant: also a Qdrant collection (qdrant-client: --url a server, --path its "
+                          "Python local mode), which answers the queries; qdrant-edge: also a shard of Qdrant's own "
+                          "engine embedded in the process (qdrant-edge-py, --path DIR)")
     url: str | None = option(None, help="--backend qdrant: server or cluster URL, e.g. http://localhost:6333 (API key "
                                         "from $QDRANT_API_KEY)")
-    path: str | None = option(None, help="--backend qdrant: folder of Qdrant's embedded local mode")
-    collection: str | None = option(None, help="--backend qdrant: collection name (default: the one the index used "
+    path: str | None = option(None, help="--backend qdrant: folder of qdrant-client's local mode; qdrant-edge: folder of "
+                                         "the engine's shards")
+    collection: str | None = option(None, help="--backend qdrant or qdrant-edge: collection (shard) name (default: the one the index used "
                                                "before, else colintern_<index folder name>)")
 
 
@@ -159,6 +162,11 @@ class ExportModelConfig(LogOptions):
     model_id: str | None = with_default(ModelOptions, "model_id", None)
     out: str = with_default(SearchOutputOptions, "out", MISSING)
     device: str = with_default(DeviceOptions, "device", "auto")
+    repo_id: str | None = option(None, metavar="ORG/NAME", help="the Hub repository the model card and the upload "
+                                                               "command name (default: colintern-<--out folder name>)")
+    license: str = option("other", help="the license in the model card's metadata (the base model's terms apply too)")
+    eval_summary: list[str] = option([], repeat=True, metavar="FILE", help="an eval.py summary.json (or its run "
+                                     "folder) whose table goes into the model card; repeat it for more (default: none)")
 
 
 @dataclass(frozen=True, kw_only=True)

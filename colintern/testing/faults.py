@@ -1,6 +1,7 @@
 """Faults the tests inject into training and indexing, installed as hooks (colintern/hooks.py):
 
-    kill@N        SIGKILL after optimizer step N, or after index segment N (a real crash: nothing runs after it)
+    kill@N        SIGKILL after optimizer step N, after index segment N, or after Qdrant upload batch N (a real crash:
+                  nothing runs after it)
     raise@N       RuntimeError after step N (a crash the process survives)
     nan@N         the loss of step N becomes NaN (a diverged run)
     save_error@N  the checkpoint written after step N fails halfway through its temp file (a full disk)
@@ -47,7 +48,7 @@ def fault_hook(spec: str) -> hooks.Hook:
         for kind, at in faults:
             if n != at:
                 continue
-            if kind == "kill" and point in ("step", "segment"):
+            if kind == "kill" and point in ("step", "segment", "upload"):
                 os.kill(os.getpid(), signal.SIGKILL)
             if kind == "raise" and point == "step":
                 raise RuntimeError(f"injected failure after step {n}")
