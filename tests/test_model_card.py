@@ -76,3 +76,53 @@ def test_hub_data_and_a_hub_base_model_are_declared():
     assert front["datasets"] == ["vidore/colpali_train_set"] and front["base_model"] == "Qwen/Qwen3-VL-2B-Instruct"
     assert "[vidore/colpali_train_set](https://huggingface.co/datasets/vidore/colpali_train_set), local data, not " \
            "published" in card
+
+
+def test_the_mteb_reference_file_loads_the_export_and_scores_what_eval_py_scores(tiny_model_dir, synthetic_small_dir,
+                                                                                  tmp_path, capsys):
+    """OUT/mteb_model_meta.py is eval.py's ModelMeta under the Hub name; loaded by its loader and evaluated by
+    mteb.evaluate on a local BEIR set, the exported model scores what eval.py --model_id OUT does."""
+    import importlib.util
+
+    import mteb
+
+    from colintern.eval.evaluation import local_task
+    from colintern.eval.mteb_model import ColInternMTEB
+    from colintern.eval.run import evaluate
+    from colintern.retriever.checkpoint import save_checkpoint
+    from colintern.settings import EvalConfig
+    from colintern import ColIntern
+
+    model = ColIntern.from_pretrained(tiny_model_dir, max_tiles=1, dim=16)
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(str(ckpt), **model.checkpoint_parts(), training={"datasets": ["vidore/colpali_train_set"]})
+    out = tmp_path / "exported"
+    code, _, err = run(capsys, "export_model", "--ckpt", ckpt, "--model_id", tiny_model_dir, "--out", out,
+                       "--repo_id", "me/tiny-retriever", "--license", "mit", "--device", "cpu")
+    assert code == 0, err
+    spec = importlib.util.spec_from_file_location("reference", out / "mteb_model_meta.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    meta = reference.me_tiny_retriever
+    assert meta.name == "me/tiny-retriever" and meta.license == "mit"
+    assert meta.reference == "https://huggingface.co/me/tiny-retriever"
+    assert meta.model_type == ["late-interaction"] and meta.embed_dim == 16 and meta.modalities == ["image", "text"]
+    assert meta.training_datasets == {"VidoreDocVQARetrieval", "VidoreInfoVQARetrieval", "VidoreTatdqaRetrieval",
+                                      "VidoreArxivQARetrieval"}  # colpali_train_set, declared as such
+    declared = ColInternMTEB(str(out), device="cpu").mteb_model_meta  # what eval.py's encoder declares
+    assert meta.adapted_from is None  # the base model is a local folder here, not a Hub id
+    same = ("n_parameters", "embed_dim", "similarity_fn_name", "training_datasets", "modalities", "model_type",
+            "framework", "use_instructions", "open_weights")
+    assert {k: getattr(meta, k) for k in same} == {k: getattr(declared, k) for k in same}
+
+    task = local_task(os.path.join(synthetic_small_dir, "eval"))
+    # ModelMeta.load_model() first demands torchvision (mteb's "image" extra) of every image model, which ColIntern never
+    # needs and this project never installs; past that check it calls the loader like this
+    encoder = meta.loader(meta.name, revision=meta.revision, **{"model_id": str(out), "device": "cpu"})
+    result = mteb.evaluate(encoder, [task], cache=None, co2_tracker=False, show_progress_bar=False)
+    scores = result.task_results[0].scores["test"][0]
+    summary = evaluate(EvalConfig(model_id=str(out), local_dataset=[os.path.join(synthetic_small_dir, "eval")],
+                                  out_dir=str(tmp_path / "eval"), run_name="exported", device="cpu"))
+    by_eval = next(iter(summary["tasks"].values()))
+    for metric in ("ndcg_at_5", "ndcg_at_10", "recall_at_5"):
+        assert scores[metric] == pytest.approx(by_eval[metric], abs=5e-6), metric  # mteb keeps 5 decimals

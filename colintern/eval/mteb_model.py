@@ -87,6 +87,57 @@ TRAINING_SET_TASKS = {
 }
 
 
+def exported_head(model_id: str) -> str | None:
+    """The head file of a folder written by search.py export_model (its training record names the data)."""
+    from colintern.retriever.export import HEAD_FILE
+
+    path = os.path.join(model_id, HEAD_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def reference_file(meta: ModelMeta, repo_id: str, license: str, release_date: str, base_model: str) -> str:
+    """mteb's reference implementation of an exported model, as the file a pull request to mteb would add under
+    mteb/models/model_implementations/: the ModelMeta eval.py's encoder declares for that folder, named after its Hub
+    repository, loaded through ColIntern. adapted_from: the base model when it is a Hub id (a local folder is
+    nobody else's reference)."""
+    fields = meta.model_dump(exclude={"loader", "loader_kwargs", "name", "revision", "reference", "license",
+                                      "release_date", "adapted_from"})
+    shown = {"name": repo_id, "revision": None, "release_date": release_date, "license": license,
+             "reference": f"https://huggingface.co/{repo_id}",
+             "public_training_code": "https://github.com/colintern/colintern",
+             "adapted_from": None if os.path.exists(base_model) else base_model,
+             **{k: v for k, v in fields.items() if k != "public_training_code"}}
+    body = "".join(f"    {k}={_literal(v)},\n" for k, v in shown.items() if k in ModelMeta.model_fields)
+    slug = re.sub(r"[^0-9a-zA-Z]+", "_", repo_id).strip("_").lower()
+    return (f'''"""mteb reference implementation of {repo_id}: a ColIntern visual document retriever (written by search.py
+export_model from the ModelMeta that eval.py's encoder declares for this model)."""
+from __future__ import annotations
+
+from mteb.models.model_meta import ModelMeta, ScoringFunction
+
+
+def colintern_loader(model_name: str, revision: str | None = None, **kwargs):
+    from colintern.eval.mteb_model import ColInternMTEB  # pip install colintern
+
+    return ColInternMTEB(kwargs.pop("model_id", model_name), revision=revision, **kwargs)
+
+
+{slug} = ModelMeta(
+    loader=colintern_loader,
+    loader_kwargs={{"model_id": {repo_id!r}}},
+{body})
+''')
+
+
+def _literal(value: Any) -> str:
+    """Python source of a ModelMeta field's value (sets sorted, the scoring function by name)."""
+    if isinstance(value, ScoringFunction):
+        return f"ScoringFunction.{value.name}"
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(repr(v) for v in sorted(value)) + "}" if value else "set()"
+    return repr(value)
+
+
 def training_datasets_of(ckpt: str | None) -> set[str] | None:
     """mteb's training_datasets for a checkpoint, from what its phases trained on (docs/CONTRACT.md §6): the mteb
     tasks each known training set overlaps; local or private data overlap none. None (unknown) for a checkpoint
@@ -201,7 +252,8 @@ class ColInternMTEB(AbsEncoder):
             model_name, ckpt, revision=fingerprint, dim=int(config["dim"]), n_parameters=n_parameters,
             loader_kwargs={"dtype": dtype, "max_tiles": max_tiles, "batch_size": batch_size,
                            "query_batch_size": query_batch_size, "pool_factor": pool_factor},
-            embedding=str(config.get("embedding", "multi")), training_datasets=training_datasets_of(ckpt))
+            embedding=str(config.get("embedding", "multi")),
+            training_datasets=training_datasets_of(ckpt or exported_head(model_name)))
         self._warned_text_pages = False
         self._page_cache: tuple[str, list[torch.Tensor]] | None = None
 

@@ -36,9 +36,11 @@ def merge_lora(backbone: torch.nn.Module) -> int:
     return merged
 
 
-def export_model(model: Any, out: str | Path, source_model_id: str, card: str | None = None) -> Path:
+def export_model(model: Any, out: str | Path, source_model_id: str, card: str | None = None,
+                 datasets: list[str] | None = None) -> Path:
     """Write `model` (a loaded ColIntern, LoRA or not) as a self-contained model folder at `out`, with `card` as its
-    README.md (colintern.retriever.model_card)."""
+    README.md (colintern.retriever.model_card). `datasets`: what the checkpoint trained on, kept in the head file's
+    training record (mteb's training_datasets reads it)."""
     from colintern.backbones.base import resolve_file, weights_fingerprint
     from colintern.retriever.checkpoint import save_checkpoint
 
@@ -59,7 +61,8 @@ def export_model(model: Any, out: str | Path, source_model_id: str, card: str | 
         # the merged weights are this folder's own: record their fingerprint, so the head only pairs with them
         model.config.base_weights = weights_fingerprint(str(tmp))
         model.lora_config = None
-        save_checkpoint(str(tmp / HEAD_FILE), **model.checkpoint_parts())
+        save_checkpoint(str(tmp / HEAD_FILE), **model.checkpoint_parts(),
+                        training=None if datasets is None else {"datasets": list(datasets)})
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
         if out.exists():

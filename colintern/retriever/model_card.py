@@ -107,7 +107,9 @@ def model_card(payload: dict[str, Any], base_model: str, folder: str, repo_id: s
               "from colintern.retriever.scoring import maxsim", "scores = maxsim(queries, pages)", "```", "",
               "```bash", f"python search.py index --model_id {repo_id} --inputs my_pdfs/ --index outputs/index",
               "python search.py serve --index outputs/index", "```", "",
-              "sentence-transformers, PyLate and mteb's own registry cannot load this folder yet: it is a transformers "
-              "model with ColIntern's head beside it (`colintern_head.pt`).", "", "## Upload", "", "```bash",
+              "With mteb: `mteb_model_meta.py` in this folder is the model's reference implementation (its ModelMeta, "
+              "declaring MaxSim, the dimension and the training data's overlap with mteb tasks), loaded through "
+              "ColIntern. sentence-transformers and PyLate cannot load this folder yet: it is a transformers model "
+              "with ColIntern's head beside it (`colintern_head.pt`).", "", "## Upload", "", "```bash",
               f"hf upload {repo_id} {folder} .", "```", ""]
     return "\n".join(lines)

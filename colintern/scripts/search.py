@@ -235,9 +235,25 @@ def export_model_command(config: ExportModelConfig) -> None:
     repo_id = config.repo_id or f"colintern-{Path(config.out).name}"
     model_id, model = load_model(config.model_id, config.ckpt, resolve_device(config.device))
     card = model_card(payload, model_id, config.out, repo_id, config.license, summaries)
-    out = export_model(model, config.out, model_id, card)
+    datasets = (payload.get("training") or {}).get("datasets")
+    out = export_model(model, config.out, model_id, card, datasets=datasets)
+    write_mteb_reference(model, out, repo_id, config.license, model_id)
     print(f"exported {config.ckpt} on {model_id} to {out}: load it with --model_id {out}; its model card is "
           f"{out}/README.md; publish it with: hf upload {repo_id} {out} .")
+
+
+def write_mteb_reference(model, out: Path, repo_id: str, license: str, base_model: str) -> None:
+    """OUT/mteb_model_meta.py: the ModelMeta eval.py's encoder declares for the exported folder, as mteb's
+    reference-implementation file (colintern.eval.mteb_model.reference_file)."""
+    from datetime import date
+
+    from colintern.eval.mteb_model import ColInternMTEB, reference_file
+    from colintern.files import atomic_write_text
+
+    meta = ColInternMTEB(str(out), model=model, show_progress=False).mteb_model_meta
+    assert meta is not None  # ColInternMTEB always declares one
+    atomic_write_text(out / "mteb_model_meta.py", reference_file(meta, repo_id, license, date.today().isoformat(),
+                                                                     base_model))
 
 
 def serve_command(config: ServeConfig) -> None:
