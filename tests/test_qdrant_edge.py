@@ -40,6 +40,8 @@ def test_the_engine_returns_exact_searchs_top_k_and_persists_across_processes(ti
     assert out.splitlines()[-1] == f"Qdrant collection colintern_index at {shards}: 12 page(s) sent, 12 in all"
     embedded = query_json(capsys, index)
     same_results(query_json(capsys, index, *edge), embedded)
+    code, out, _ = run(capsys, "info", "--index", index, "--json")
+    assert json.loads(out)["backends"] == ["embedded", "qdrant-edge"]
     # another process opens the shard the first one wrote
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(REPO / "search.py"), "query", "--index", str(index), "--k", "8",

@@ -113,8 +113,8 @@ class PageIndex(IndexFolder):
                 "files": len({p["file"] for p in self.pages}), "tokens": sum(p["length"] for p in self.pages),
                 "segments": len(meta["segments"]), "damaged_segments": sorted(self.damaged),
                 "hidden_pages": len(meta.get("hidden_uids", [])) + len(meta.get("hidden", [])),
-                "bytes_on_disk": stored, "backends": ["embedded"] + (["qdrant"] if meta.get("qdrant_collection")
-                                                                      else []),
+                "bytes_on_disk": stored, "backends": ["embedded"] + ([meta.get("qdrant_backend", "qdrant")]
+                                                                      if meta.get("qdrant_collection") else []),
                 "qdrant_collection": meta.get("qdrant_collection"), "file_meta_keys":
                 sorted({k for values in meta.get("file_meta", {}).values() for k in values})}
 

@@ -31,6 +31,8 @@ log = logging.getLogger("colintern.search")
 class EdgePages(PageMirror):
     """One shard of Qdrant's engine holding the pages of one index."""
 
+    backend = "qdrant-edge"
+
     def __init__(self, index: PageIndex, path: str | None, collection: str | None = None):
         try:
             import qdrant_edge

@@ -103,9 +103,12 @@ class PageMirror:
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------------------------
+    backend = "qdrant"  # the --backend name (info lists it)
+
     def record_collection(self) -> None:
-        if self.index.meta.get("qdrant_collection") != self.collection:
-            self.index.meta["qdrant_collection"] = self.collection
+        meta = self.index.meta
+        if meta.get("qdrant_collection") != self.collection or meta.get("qdrant_backend", "qdrant") != self.backend:
+            meta["qdrant_collection"], meta["qdrant_backend"] = self.collection, self.backend
             self.index.save_meta()
 
     def point_ids(self) -> set[int]:
