@@ -67,6 +67,8 @@ def test_queries_come_from_their_own_page_and_evaluation_holds_out_whole_documen
     for q, r in zip(queries, qrels):
         number = int(r["corpus-id"].rsplit("-", 1)[1])
         assert q["query"] in page_text(held["file"], number)
+    for cid, row in corpus.items():  # each page's own text layer rides along, for text baselines
+        assert " ".join(row["text"].split("\n")) == page_text(held["file"], int(cid.rsplit("-", 1)[1]))
 
 
 def test_headers_are_never_queries_and_a_page_without_text_is_reported(made):

@@ -4,7 +4,8 @@
     OUT/train.jsonl                     {"query", "pos", "negs": []} per query, paths relative to OUT, so that
                                         train.py --train_jsonl OUT/train.jsonl --root OUT and mine.py read it as is
     OUT/eval/                           a BEIR-layout set (corpus.jsonl, queries.jsonl, qrels.jsonl, pages/) of the
-                                        held-out documents: eval.py --local_dataset OUT/eval
+                                        held-out documents: eval.py --local_dataset OUT/eval; each corpus row
+                                        also holds its page's text layer ("text"), for text baselines
     OUT/dataset.json                    what was made from what: inputs (sha256), settings, counts, skipped pages
 
 Queries come from each page's own text layer (pypdfium2): its sentences and lines, without the boilerplate a page
@@ -199,7 +200,9 @@ def write_sets(train: list[Page], held: list[Page], out: Path) -> dict[str, int]
                                                   for p in train for q in p.queries]))
     counts = {"train_pages": len(train), "train_queries": sum(len(p.queries) for p in train)}
     if held:
-        corpus = [{"corpus-id": f"{p.document}/page-{p.number:03d}", "image": p.image} for p in held]
+        # "text": the page's own text layer, for text baselines (BM25, text embedders) scored on the same pages
+        corpus = [{"corpus-id": f"{p.document}/page-{p.number:03d}", "image": p.image, "text": "\n".join(p.lines)}
+                  for p in held]
         queries, qrels = [], []
         for p in held:
             for k, q in enumerate(p.queries, start=1):
