@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv browser test demo ablate itr-demo gpu-suite clean
+.PHONY: venv browser ocr test demo ablate itr-demo gpu-suite clean
 
 # torch first (torch==2.13.0: the CPU build on a machine without CUDA; torchvision is never installed),
 # so that nothing in requirements.txt pulls another torch build. FAISS likewise: faiss-cpu only where no faiss is
@@ -33,8 +33,14 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
 	  >/dev/null 2>&1; } || echo "chromium is not installed: the web page's browser test will be skipped"
 
+# Debian's Tesseract, for eval.py --baseline's OCR of pages without text (tests/test_baselines.py), the same way.
+ocr:
+	@command -v tesseract >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  tesseract-ocr tesseract-ocr-eng) >/dev/null 2>&1; } || echo "tesseract is not installed: the OCR test will be skipped"
+
 # ruff and mypy (both configured in pyproject.toml) first: a lint or type error fails the suite before the tests.
-test: venv browser
+test: venv browser ocr
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q tests

@@ -229,7 +229,7 @@ def call_mteb(encoder: Any, tasks: list[Any], run_dir: Path, predictions: Path, 
 
     try:
         result = mteb.evaluate(
-            encoder, tasks,
+            getattr(encoder, "mteb_model", encoder), tasks,  # a text baseline wraps mteb's own model
             encode_kwargs={"batch_size": config.batch_size, "show_progress_bar": PROGRESS_BARS},
             cache=mteb.ResultCache(run_dir),
             overwrite_strategy="always" if config.overwrite else "only-missing",
@@ -382,6 +382,18 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         save_config(config, run_dir / CONFIG_FILE, "eval.py")
         write_json(run_dir / "summary.json", summary)
         return summary
+    if config.baseline:  # the pages' text, scored by BM25 or a text embedder
+        from colintern.eval.baselines import Baseline, text_task
+
+        (run_dir.parent / "ocr").mkdir(parents=True, exist_ok=True)
+        text_tasks = [text_task(path, run_dir.parent / "ocr") for path in config.local_dataset]
+        for path, (_, read) in zip(config.local_dataset, text_tasks):
+            if read:
+                log.info("%s: %d page(s) had no text: read by OCR (cached in %s)", path, read, run_dir.parent / "ocr")
+        baseline = Baseline(config.baseline)
+        prepare_run_dir(run_dir, config.overwrite)
+        save_config(config, run_dir / CONFIG_FILE, "eval.py")
+        return run_mteb(baseline, [task for task, _ in text_tasks], run_dir, benchmark="local", config=config)
     hub_tasks, local_tasks, benchmark = select_tasks(config)
     copies = {item.partition("=")[0] for item in config.task_data}
     hub_tasks = load_hub_data(hub_tasks, copies)

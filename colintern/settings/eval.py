@@ -83,16 +83,31 @@ class EvalConfig(CheckpointOptions, BenchmarkOptions, PoolOptions, ItrEvalOption
     use_flash_attn: bool = with_default(DeviceOptions, "use_flash_attn", False)
     out_dir: str = with_default(TrainOutputOptions, "out_dir", "outputs/eval")
     overwrite: bool = with_default(TrainOutputOptions, "overwrite", False)
+    baseline: str | None = option(None, metavar="bm25|text:MODEL", help="score the --local_dataset pages by their "
+                                  "text instead of a model: bm25 (mteb's BM25), or text:MODEL (a sentence-transformers "
+                                  "text model); a page's text is its corpus row's \"text\", else Tesseract OCR of "
+                                  "its image (cached) (default: none)")
 
     def check(self) -> None:
+        if self.baseline is not None:
+            from colintern.eval.baselines import check_baseline
+
+            check_baseline(self.baseline)
+            if not self.local_dataset or self.tasks or self.benchmark or self.ckpt or self.model_id:
+                raise UserError("--baseline scores --local_dataset sets by their text: give --local_dataset, and no "
+                                "--benchmark, --tasks, --ckpt or --model_id")
         name = self.run_label
         if not name or "/" in name or os.sep in name or name in (".", ".."):
             raise UserError(f"--run_name {name!r}: must be a plain directory name")
 
     @property
     def run_label(self) -> str:
-        """--run_name, else the checkpoint's file stem, else 'base'."""
-        return self.run_name or (Path(self.ckpt).stem if self.ckpt else "base")
+        """--run_name, else the checkpoint's file stem, else the baseline's name, else 'base'."""
+        if self.run_name or self.ckpt:
+            return self.run_name or Path(str(self.ckpt)).stem
+        if self.baseline:
+            return self.baseline if self.baseline == "bm25" else "text-" + Path(self.baseline[5:].rstrip("/")).name
+        return "base"
 
     @property
     def run_dir(self) -> Path:
