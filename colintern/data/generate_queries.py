@@ -85,7 +85,7 @@ def read_cache(path: Path) -> dict[str, str]:
     """key -> raw answer of every complete line of the cache (a line torn by a crash is ignored and overwritten)."""
     if not path.is_file():
         return {}
-    n, size = count_complete_lines(path)
+    _, size = count_complete_lines(path)
     with open(path, "r+b") as f:
         f.truncate(size)  # drop a torn last line, so that appends start on a line of their own
     done = {}
@@ -95,10 +95,10 @@ def read_cache(path: Path) -> dict[str, str]:
     return done
 
 
-def generate_questions(pages: list[Any], root: Path, model_id: str, device: str, questions: int,
+def generate_questions(pages: list[Any], images: list[Path], root: Path, model_id: str, device: str, questions: int,
                        max_new_tokens: int, batch_size: int) -> dict[str, Any]:
-    """Fill page.queries of each page (rendered at root / page.image) from the generator's answer; returns what
-    dataset.json records about the generator."""
+    """Fill page.queries of each page (rendered as the PNG at the same position in `images`) from the generator's
+    answer, with the answers cached in root / CACHE; returns what dataset.json records about the generator."""
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -106,6 +106,7 @@ def generate_questions(pages: list[Any], root: Path, model_id: str, device: str,
     cache = root / CACHE
     done = read_cache(cache)
     keys = {id(page): f"{writer.key_prefix}/{page.document}/{page.number}" for page in pages}
+    image_of = {id(page): image for page, image in zip(pages, images)}
     todo = [page for page in pages if keys[id(page)] not in done]
     if len(todo) < len(pages):
         log.info("%d of %d pages already have their questions in %s (an earlier run): generating the other %d",
@@ -113,7 +114,7 @@ def generate_questions(pages: list[Any], root: Path, model_id: str, device: str,
     with open(cache, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="write questions", unit="page") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            answers = writer.answer([Image.open(root / page.image).convert("RGB") for page in batch])
+            answers = writer.answer([Image.open(image_of[id(page)]).convert("RGB") for page in batch])
             for page, text in zip(batch, answers):
                 done[keys[id(page)]] = text
                 f.write(json.dumps({"key": keys[id(page)], "page": f"{page.document}/{page.number}",

@@ -121,13 +121,19 @@ def choose_queries(pages: list[Page], config: DatasetConfig) -> None:
         counts = Counter(shape for page in members for shape in {line_shape(line) for line in page.lines})
         least = max(2, config.boilerplate_share * len(members))
         boilerplate |= {(document, shape) for shape, n in counts.items() if n >= least}
-    found = {id(page): sentences([line for line in page.lines if (page.document, line_shape(line)) not in boilerplate
-                                  and not PAGE_NUMBER.match(line)]) for page in pages}
-    seen = Counter(s.lower() for page in pages for s in set(found[id(page)]))
-    for page in pages:
-        usable = [s for s in found[id(page)] if seen[s.lower()] == 1 and is_query(s, config.min_words, config.max_words)]
+    found = [sentences([line for line in page.lines if (page.document, line_shape(line)) not in boilerplate
+                        and not PAGE_NUMBER.match(line)]) for page in pages]
+    for page, usable in zip(pages, unique_queries(found, config)):
         usable.sort(key=lambda s: (-len(s.split()), s))
         page.queries = list(dict.fromkeys(usable))[:config.queries_per_page]
+
+
+def unique_queries(candidates: list[list[str]], config: DatasetConfig) -> list[list[str]]:
+    """Each page's candidate queries that pass the query filter and occur on no other page (case folded): a query
+    found on two pages would have two right answers."""
+    seen = Counter(q.lower() for page in candidates for q in set(page))
+    return [[q for q in page if seen[q.lower()] == 1 and is_query(q, config.min_words, config.max_words)]
+            for page in candidates]
 
 
 # -- documents ----------------------------------------------------------------------------------------------
@@ -246,18 +252,13 @@ def generated_queries(pages: list[Page], documents: list[dict[str, Any]], config
     make_output_dir(out, OUT_FLAG)
     render([p for p in pages if p.document not in held], out, config.dpi)
     render([p for p in pages if p.document in held], out / "eval", config.dpi)
-    for page in pages:  # generate_questions reads each page where it was rendered
-        page.image = str(Path("eval") / page.image) if page.document in held else page.image
-    record = generate_questions(pages, out, config.generator or "", resolve_device(config.device),
+    images = [(out / "eval" if p.document in held else out) / p.image for p in pages]  # where each was rendered
+    record = generate_questions(pages, images, out, config.generator or "", resolve_device(config.device),
                                 config.queries_per_page, config.max_new_tokens, config.batch_size)
-    for page in pages:
-        page.image = page.image.removeprefix("eval/")
-    seen = Counter(q.lower() for page in pages for q in set(page.queries))
-    for page in pages:
-        page.queries = [q for q in page.queries if seen[q.lower()] == 1
-                        and is_query(q, config.min_words, config.max_words)][:config.queries_per_page]
+    for page, image, usable in zip(pages, images, unique_queries([p.queries for p in pages], config)):
+        page.queries = usable[:config.queries_per_page]
         if not page.queries:
-            (out / ("eval" if page.document in held else "") / page.image).unlink(missing_ok=True)
+            image.unlink(missing_ok=True)
     return held, record
 
 
