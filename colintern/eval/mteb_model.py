@@ -100,12 +100,13 @@ def reference_file(meta: ModelMeta, repo_id: str, license: str, release_date: st
     mteb/models/model_implementations/: the ModelMeta eval.py's encoder declares for that folder, named after its Hub
     repository, loaded through ColIntern. adapted_from: the base model when it is a Hub id (a local folder is
     nobody else's reference)."""
+    from colintern.retriever.checkpoint import is_hub_id
     fields = meta.model_dump(exclude={"loader", "loader_kwargs", "name", "revision", "reference", "license",
                                       "release_date", "adapted_from"})
     shown = {"name": repo_id, "revision": None, "release_date": release_date, "license": license,
              "reference": f"https://huggingface.co/{repo_id}",
              "public_training_code": "https://github.com/colintern/colintern",
-             "adapted_from": None if os.path.exists(base_model) else base_model,
+             "adapted_from": base_model if is_hub_id(base_model) else None,
              **{k: v for k, v in fields.items() if k != "public_training_code"}}
     body = "".join(f"    {k}={_literal(v)},\n" for k, v in shown.items() if k in ModelMeta.model_fields)
     slug = re.sub(r"[^0-9a-zA-Z]+", "_", repo_id).strip("_").lower()

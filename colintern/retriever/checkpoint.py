@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import pickle
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,14 @@ def base_model_of(payload: dict[str, Any], ckpt: str) -> str:
     if not base:
         raise UserError(f"{ckpt}: the checkpoint names no base model; pass --model_id")
     return resolve_recorded_model(base, ckpt)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(name: str) -> bool:
+    """An ORG/NAME on the Hub, not a path on this machine (what a model card or mteb may name as a model or dataset)."""
+    return bool(HUB_ID.match(name)) and not Path(name).exists()
 
 
 def resolve_recorded_model(base: str, recorded_in: str | Path) -> str:

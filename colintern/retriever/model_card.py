@@ -8,20 +8,19 @@ is listed in the metadata; local files are said to be local, never listed as a d
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no type information
 
 from colintern.errors import UserError
+from colintern.retriever.checkpoint import is_hub_id
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def split_datasets(names: list[str]) -> tuple[list[str], list[str]]:
     """(Hub dataset ids, local files) among the datasets a checkpoint trained on."""
-    hub = [n for n in names if HUB_ID.match(n) and not Path(n).exists()]
+    hub = [n for n in names if is_hub_id(n)]
     return hub, [n for n in names if n not in hub]
 
 
@@ -85,7 +84,7 @@ def model_card(payload: dict[str, Any], base_model: str, folder: str, repo_id: s
             "tags": ["colintern", "visual-document-retrieval", "vidore",
                      "single-vector" if config.get("embedding") == "single" else "late-interaction",
                      str(config.get("backbone"))]}
-    if HUB_ID.match(base_model) and not Path(base_model).exists():
+    if is_hub_id(base_model):
         meta["base_model"] = base_model
     if hub:
         meta["datasets"] = hub
