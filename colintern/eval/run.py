@@ -385,7 +385,6 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if config.baseline:  # the pages' text, scored by BM25 or a text embedder
         from colintern.eval.baselines import Baseline, text_task
 
-        (run_dir.parent / "ocr").mkdir(parents=True, exist_ok=True)
         text_tasks = [text_task(path, run_dir.parent / "ocr") for path in config.local_dataset]
         for path, (_, read) in zip(config.local_dataset, text_tasks):
             if read:

@@ -2,8 +2,9 @@
 
 The folder holds the base model's weights with the LoRA adapters merged in (transformers' own layout, so
 `--model_id FOLDER` loads it like any model), its tokenizer and preprocessor files, `colintern_head.pt`: the
-head (and pooler) with the ColIntern config, and README.md, the model card (model_card.py). `ColIntern.from_pretrained(FOLDER)` finds that file and gives the
-checkpoint's embeddings (merging LoRA changes only float rounding: tested within 1e-5).
+head (and pooler) with the ColIntern config, and README.md, the model card (model_card.py).
+`ColIntern.from_pretrained(FOLDER)` finds the head file and gives the checkpoint's embeddings (merging LoRA changes
+only float rounding: tested within 1e-5).
 """
 from __future__ import annotations
 

@@ -254,12 +254,13 @@ def _iter_packed(qs: list[torch.Tensor], docs: PackedDocs, query_chunk: int | No
                  ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """_iter_scores over PackedDocs: one multi-threaded GEMM pass per bucket (buckets are large: no thread pool)."""
     dev = docs.device
+    chunk = int(query_chunk or _DEFAULT_CHUNKS.get(dev.type, _DEFAULT_CHUNKS["cuda"])[1])  # as _iter_scores picks it
     with torch.no_grad():
         qt = _QueryTokens(qs, dev)
     sim_buf = None
     for idx, bucket in docs.buckets:
         with torch.no_grad(), exact_fp32(dev):
-            scores, sim_buf = _score_bucket(qt, bucket, int(query_chunk or _DEFAULT_CHUNKS["cpu"][1]), sim_buf)
+            scores, sim_buf = _score_bucket(qt, bucket, chunk, sim_buf)
         yield idx, scores
 
 
