@@ -105,7 +105,7 @@ def test_pages_without_text_are_read_by_ocr_once(real_set, tmp_path, monkeypatch
     (data / "corpus.jsonl").write_text("".join(json.dumps(c) + "\n" for c in corpus))
     cache = tmp_path / "ocr"
     task, read = text_task(str(data), cache)
-    assert read == 2 and len(list(cache.glob("*.txt"))) == 2
+    assert read == 2 and len(list(cache.glob("*.json"))) == 2
     texts = dict(zip(task.dataset["default"]["test"]["corpus"]["id"], task.dataset["default"]["test"]["corpus"]["text"]))
     for cid in corpus:
         cid = cid["corpus-id"]
@@ -119,6 +119,13 @@ def test_pages_without_text_are_read_by_ocr_once(real_set, tmp_path, monkeypatch
     monkeypatch.setattr(pytesseract, "image_to_string", lambda *a, **k: (_ for _ in ()).throw(AssertionError("OCR")))
     again, read = text_task(str(data), cache)
     assert read == 2 and list(again.dataset["default"]["test"]["corpus"]["text"]) == list(texts.values())
+    # a cache file with a flipped byte is not trusted: the page is read by OCR again
+    damaged = sorted(cache.glob("*.json"))[0]
+    damaged.write_text(damaged.read_text().replace("e", "f", 1))
+    calls = []
+    monkeypatch.setattr(pytesseract, "image_to_string", lambda image, **k: calls.append(1) or "read again")
+    third, _ = text_task(str(data), cache)
+    assert calls == [1] and "read again" in list(third.dataset["default"]["test"]["corpus"]["text"])
 
 
 def test_baseline_arguments_are_checked_before_anything_loads(tmp_path, capsys):

@@ -171,6 +171,15 @@ def test_generator_writes_the_queries_and_an_interrupted_run_resumes(tiny_model_
     assert record["queries_from"] == "generator"
     assert record["generator"]["model"] == tiny_model_dir and record["generator"]["prompt"] == gq.prompt_for(3)
 
+    # a damaged cache line is one line naming it, not a traceback
+    from colintern.errors import UserError
+
+    lines = (out / gq.CACHE).read_text().splitlines()
+    (out / gq.CACHE).write_text("\n".join([lines[0], "{not json", *lines[2:]]) + "\n")
+    with pytest.raises(UserError, match=r"generated.jsonl:2: not a line this command wrote \(damaged\)"):
+        gq.read_cache(out / gq.CACHE)
+    (out / gq.CACHE).write_text("\n".join(lines) + "\n")
+
     # the first page's answer, decoded by hand from the same prompt and page
     writer = gq.QuestionWriter(tiny_model_dir, "cpu", 3, 8)
     first = rows[0]["page"].rsplit("/", 1)

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from colintern.errors import UserError
 from colintern.files import count_complete_lines, display
 
 log = logging.getLogger("colintern.data.make_dataset")
@@ -89,9 +90,13 @@ def read_cache(path: Path) -> dict[str, str]:
     with open(path, "r+b") as f:
         f.truncate(size)  # drop a torn last line, so that appends start on a line of their own
     done = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        done[row["key"]] = row["text"]
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            done[str(row["key"])] = str(row["text"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{display(path)}:{number}: not a line this command wrote (damaged); delete that line, "
+                            "or the file to generate every page's questions again") from None
     return done
 
 

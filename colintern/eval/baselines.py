@@ -4,7 +4,8 @@
     python eval.py --local_dataset data/mine/eval --baseline text:FOLDER_OR_HUB_ID --run_name minilm
 
 A page's text is its corpus row's "text" (make_dataset writes the PDF's own text layer there); a page without any
-is read by OCR (Tesseract through pytesseract), once: the text is cached as OUT_DIR/ocr/<sha256 of the image>.txt.
+is read by OCR (Tesseract through pytesseract), once: the text is cached, with its checksum, as
+OUT_DIR/ocr/<sha256 of the image>.json.
 bm25: mteb's own BM25 baseline (mteb/baseline-bm25s: bm25s with English stemming and stopwords). text:MODEL: any
 sentence-transformers text model, cosine similarity. Both go through the same mteb evaluator and summary.json as a
 ColIntern model, so plot_vidore_metrics.py and the eval.py table put them beside it.
@@ -45,13 +46,21 @@ def text_fields(folder: Path) -> dict[str, str]:
 
 
 def ocr(image: Any, cache: Path) -> str:
-    """Tesseract's text of a page image (PIL), cached by the image's sha256."""
+    """Tesseract's text of a page image (PIL), cached by the image's sha256 as {"text", "sha256" of the text}: a
+    damaged cache file is read again by OCR, never used."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     key = hashlib.sha256(buffer.getvalue()).hexdigest()
-    cached = cache / f"{key}.txt"
-    if cached.is_file():
-        return cached.read_text(encoding="utf-8")
+    cached = cache / f"{key}.json"
+    try:
+        entry = json.loads(cached.read_text(encoding="utf-8"))
+        if hashlib.sha256(entry["text"].encode()).hexdigest() == entry["sha256"]:
+            return str(entry["text"])
+        log.warning("%s is damaged: reading the page again", cached)
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("%s is damaged: reading the page again", cached)
     try:
         import pytesseract
 
@@ -61,7 +70,7 @@ def ocr(image: Any, cache: Path) -> str:
                         "(apt install tesseract-ocr)") from None
     except Exception as err:  # noqa: BLE001 - pytesseract wraps a missing binary and its failures in its own types
         raise UserError(f"a page has no text and Tesseract failed on it: {err}; install tesseract-ocr") from None
-    atomic_write_text(cached, text)
+    atomic_write_text(cached, json.dumps({"text": text, "sha256": hashlib.sha256(text.encode()).hexdigest()}))
     return text
 
 
