@@ -44,6 +44,28 @@ class LoadedBackbone:
     weights: str = ""           # fingerprint of the weight files (weights_fingerprint), "" when unknown
 
 
+@dataclass
+class TransformersProcessorFiles:
+    """How transformers' own processor for a family reproduces ColIntern's page inputs, for a model folder that
+    other libraries load (the sentence-transformers export, colintern/retriever/st_layout.py)."""
+
+    processor_class: str             # processor_config.json: the transformers processor class
+    image_processor: dict[str, Any]  # preprocessor_config.json: the image processor and its settings
+    processor_settings: dict[str, Any] = field(default_factory=dict)  # more processor_config.json entries
+    tokenizer_tokens: dict[str, str] = field(default_factory=dict)    # named tokens the processor reads from
+                                                                       # the tokenizer (extra_special_tokens)
+    image_placeholder: str = "<image>"  # what a page prompt's "<image>" becomes in the chat template's text
+
+
+def image_processor_file(config: "ColInternConfig", image_processor_type: str, processor_class: str,
+                         **settings: Any) -> dict[str, Any]:
+    """preprocessor_config.json of a transformers image processor that resizes bicubic, rescales by 1/255 and
+    normalises with the config's mean and std, as ColIntern's processors do; `settings` are the family's own."""
+    return {"image_processor_type": image_processor_type, "processor_class": processor_class, **settings,
+            "resample": 3, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "do_convert_rgb": True, "image_mean": list(config.image_mean), "image_std": list(config.image_std)}
+
+
 class BackboneFamily:
     """What ColIntern needs to know about one family of vision-language backbones.
 
@@ -86,6 +108,11 @@ class BackboneFamily:
         """The ...ForConditionalGeneration of a transformers-native folder (with its LM head, for the sanity
         check), and its inner backbone as a LoadedBackbone (LoRA loaded into it reaches the generator)."""
         raise NotImplementedError
+
+    def transformers_processor(self, config: "ColInternConfig") -> TransformersProcessorFiles | None:
+        """The files that make transformers' AutoProcessor prepare pages as this family's processor does under
+        `config`; None when no transformers processor can (the export then has no page path outside ColIntern)."""
+        return None
 
     def build_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> str:
         """Write a tiny random model of this family's architecture to out_dir (tests, the demo); returns out_dir."""

@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from colintern.backbones.base import BackboneFamily, LoadedBackbone, load_tokenizer, read_state_dict
+from colintern.backbones.base import (BackboneFamily, LoadedBackbone, TransformersProcessorFiles, image_processor_file,
+                                     load_tokenizer, read_state_dict)
 from colintern.retriever.config import ColInternConfig
 from colintern.errors import UserError
 from colintern.backbones.processor import PageProcessor, check_page_image, grid_boxes, page_keep_mask
@@ -40,7 +41,6 @@ _DROP_CONFIG_KEYS = {
     "torch_dtype", "dtype", "_attn_implementation",
 }
 
-
 # Original InternViT / projector names -> transformers-native names (applied in order).
 _VISION_RENAMES = [
     (r"^vision_model\.", "vision_tower."),
@@ -54,8 +54,6 @@ _VISION_RENAMES = [
     (r"\.norm1\.", ".layernorm_before."),
     (r"\.norm2\.", ".layernorm_after."),
 ]
-
-
 _PROJECTOR_RENAMES = {"mlp1.0.": "multi_modal_projector.layer_norm.", "mlp1.1.": "multi_modal_projector.linear_1.",
                       "mlp1.3.": "multi_modal_projector.linear_2."}
 
@@ -63,8 +61,7 @@ _PROJECTOR_RENAMES = {"mlp1.0.": "multi_modal_projector.layer_norm.", "mlp1.1.":
 def _internvl_facts(model: Any, tokenizer: Any, layout: str) -> LoadedBackbone:
     config = model.config
     vision, text = config.vision_config, config.text_config
-    tile = int(vision.image_size[0])
-    patch = int(vision.patch_size[0])
+    tile, patch = int(vision.image_size[0]), int(vision.patch_size[0])
     tokens_per_tile = int((tile // patch) ** 2 * config.downsample_ratio ** 2)
     signature = {
         "model_type": "internvl", "text_model_type": text.model_type, "hidden_size": text.hidden_size,
@@ -484,6 +481,17 @@ class InternVLFamily(BackboneFamily):
         tokenizer = load_tokenizer(model_id)
         generator = InternVLForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
         return generator, _internvl_facts(generator.model, tokenizer, "native")
+
+    def transformers_processor(self, config: ColInternConfig) -> TransformersProcessorFiles:
+        """transformers' InternVLProcessor: GotOcr2's tiling with the settings InternVLProcessor here uses, and `<img>` +
+        tiles x image_seq_length `<IMG_CONTEXT>` + `</img>` for the one context token the chat template writes."""
+        tiling = image_processor_file(config, "GotOcr2ImageProcessor", "InternVLProcessor", crop_to_patches=True,
+                                      size={"height": config.tile_size, "width": config.tile_size}, min_patches=1,
+                                      max_patches=config.max_tiles)
+        tokens = {"start_image_token": config.image_start_token, "end_image_token": config.image_end_token,
+                  "context_image_token": config.image_token, "video_token": "<video>"}
+        settings = {"image_seq_length": config.image_tokens_per_tile}
+        return TransformersProcessorFiles("InternVLProcessor", tiling, settings, tokens, config.image_token)
 
     def build_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> str:
         return build_tiny_internvl(out_dir, layout=options.get("layout") or "native", seed=seed)

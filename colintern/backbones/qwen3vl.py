@@ -25,7 +25,8 @@ from PIL import Image
 import numpy as np
 from torch import nn
 
-from colintern.backbones.base import BackboneFamily, LoadedBackbone, load_tokenizer, resolve_file
+from colintern.backbones.base import (BackboneFamily, LoadedBackbone, TransformersProcessorFiles, image_processor_file,
+                                     load_tokenizer, resolve_file)
 from colintern.retriever.config import ColInternConfig
 from colintern.errors import UserError
 from colintern.backbones.processor import PageProcessor, check_page_image, grid_boxes, page_keep_mask
@@ -324,6 +325,21 @@ class Qwen3VLFamily(BackboneFamily):
         tokenizer = load_tokenizer(model_id)
         generator = Qwen3VLForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
         return generator, describe_qwen3vl(generator.model, tokenizer, _read_preprocessor(model_id))
+
+    def transformers_processor(self, config: ColInternConfig) -> TransformersProcessorFiles:
+        """transformers' Qwen3VLProcessor: the page resized by Qwen's rule to min..max_visual_tokens visual tokens (the
+        size Qwen3VLProcessor here picks, except for pages so thin that the rule, keeping each side at least one
+        token wide, overshoots the cap: ColIntern trims those further) and one `<|image_pad|>` per visual token."""
+        sig = config.signature
+        factor = int(sig["patch_size"]) * int(sig["spatial_merge_size"])
+        image_processor = image_processor_file(
+            config, "Qwen2VLImageProcessor", "Qwen3VLProcessor", patch_size=int(sig["patch_size"]),
+            size={"shortest_edge": config.min_visual_tokens * factor ** 2,
+                  "longest_edge": config.max_visual_tokens * factor ** 2},
+            temporal_patch_size=int(sig["temporal_patch_size"]), merge_size=int(sig["spatial_merge_size"]))
+        placeholder = config.image_start_token + config.image_token + config.image_end_token
+        return TransformersProcessorFiles("Qwen3VLProcessor", image_processor, {}, {"image_token": config.image_token},
+                                          image_placeholder=placeholder)
 
     def build_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> str:
         return build_tiny_qwen3vl(out_dir, seed=seed)

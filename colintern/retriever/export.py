@@ -44,6 +44,7 @@ def export_model(model: Any, out: str | Path, source_model_id: str, card: str | 
     training record (mteb's training_datasets reads it)."""
     from colintern.backbones.base import resolve_file, weights_fingerprint
     from colintern.retriever.checkpoint import save_checkpoint
+    from colintern.retriever.st_layout import sentence_transformers_gap, write_sentence_transformers_files
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -55,9 +56,14 @@ def export_model(model: Any, out: str | Path, source_model_id: str, card: str | 
         n = merge_lora(model.backbone) if model.lora_config is not None else 0
         model.backbone.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
-        extra = resolve_file(source_model_id, "preprocessor_config.json", required=False)
-        if extra:
-            shutil.copy(extra, tmp / "preprocessor_config.json")
+        gap = sentence_transformers_gap(model.config)
+        if gap is None:
+            write_sentence_transformers_files(tmp, model)
+        else:
+            log.warning("no sentence-transformers layout: %s; the folder loads with ColIntern only", gap)
+            extra = resolve_file(source_model_id, "preprocessor_config.json", required=False)
+            if extra:
+                shutil.copy(extra, tmp / "preprocessor_config.json")
         model.config.base_model = str(out.resolve())
         # the merged weights are this folder's own: record their fingerprint, so the head only pairs with them
         model.config.base_weights = weights_fingerprint(str(tmp))

@@ -73,12 +73,37 @@ def training_rows(payload: dict[str, Any], base_model: str) -> list[tuple[str, s
     return rows
 
 
+def sentence_transformers_usage(config: dict[str, Any], repo_id: str, extra_tokens: list[str]) -> list[str]:
+    """The model card's lines on loading the folder with sentence-transformers (colintern/retriever/st_layout.py)."""
+    from colintern.retriever.config import ColInternConfig
+    from colintern.retriever.st_layout import sentence_transformers_gap
+
+    gap = sentence_transformers_gap(ColInternConfig.from_dict(config))
+    if gap is not None:
+        return [f"sentence-transformers cannot load this model: {gap}.", ""]
+    multi = config.get("embedding", "multi") == "multi"
+    kind = "MultiVectorEncoder" if multi else "SentenceTransformer"
+    lines = ["With sentence-transformers 6 (`pip install \"sentence-transformers[image]\"`: transformers' processors "
+             f"for this backbone need torchvision), as a `{kind}`:", "", "```python",
+             f"from sentence_transformers import {kind}", "", f"model = {kind}({repo_id!r})",
+             "queries = model.encode_query([\"where is the warranty period?\"])",
+             "pages = model.encode_document([page_image])           # PIL images of pages",
+             "scores = model.similarity(queries, pages)" + ("             # MaxSim" if multi else ""), "```", ""]
+    if extra_tokens:
+        lines += [f"sentence-transformers also scores the page prompt's {extra_tokens} before the image, one vector "
+                  "that is the same on every page (its mask can drop token ids, not positions; ColIntern keeps the "
+                  "tokens from the image on), so its scores differ slightly from ColIntern's.", ""]
+    return lines
+
+
 def model_card(payload: dict[str, Any], base_model: str, folder: str, repo_id: str, license: str,
-               summaries: list[tuple[str, dict[str, Any]]]) -> str:
-    """README.md of an exported model folder: Hub metadata, training, scores, usage, upload."""
+               summaries: list[tuple[str, dict[str, Any]]], st_extra_tokens: list[str] | None = None) -> str:
+    """README.md of an exported model folder: Hub metadata, training, scores, usage, upload. `st_extra_tokens`: the
+    page-prompt tokens sentence-transformers scores beyond ColIntern's (st_layout.page_token_mask)."""
     from colintern.eval.run import format_table
 
     config = payload["config"]
+    st_extra_tokens = st_extra_tokens or []
     hub, _ = split_datasets((payload.get("training") or {}).get("datasets") or [])
     meta = {"library_name": "colintern", "pipeline_tag": "visual-document-retrieval", "license": license,
             "tags": ["colintern", "visual-document-retrieval", "vidore",
@@ -106,9 +131,9 @@ def model_card(payload: dict[str, Any], base_model: str, folder: str, repo_id: s
               "from colintern.retriever.scoring import maxsim", "scores = maxsim(queries, pages)", "```", "",
               "```bash", f"python search.py index --model_id {repo_id} --inputs my_pdfs/ --index outputs/index",
               "python search.py serve --index outputs/index", "```", "",
+              *sentence_transformers_usage(config, repo_id, st_extra_tokens),
               "With mteb: `mteb_model_meta.py` in this folder is the model's reference implementation (its ModelMeta, "
               "declaring MaxSim, the dimension and the training data's overlap with mteb tasks), loaded through "
-              "ColIntern. sentence-transformers and PyLate cannot load this folder yet: it is a transformers model "
-              "with ColIntern's head beside it (`colintern_head.pt`).", "", "## Upload", "", "```bash",
+              "ColIntern.", "", "## Upload", "", "```bash",
               f"hf upload {repo_id} {folder} .", "```", ""]
     return "\n".join(lines)

@@ -234,7 +234,10 @@ def export_model_command(config: ExportModelConfig) -> None:
     payload = load_checkpoint(config.ckpt)
     repo_id = config.repo_id or f"colintern-{Path(config.out).name}"
     model_id, model = load_model(config.model_id, config.ckpt, resolve_device(config.device))
-    card = model_card(payload, model_id, config.out, repo_id, config.license, summaries)
+    from colintern.retriever.st_layout import page_token_mask
+
+    st_extra_tokens = page_token_mask(model.config, model.tokenizer)[1] if model.config.embedding == "multi" else []
+    card = model_card(payload, model_id, config.out, repo_id, config.license, summaries, st_extra_tokens)
     datasets = (payload.get("training") or {}).get("datasets")
     out = export_model(model, config.out, model_id, card, datasets=datasets)
     write_mteb_reference(model, out, repo_id, config.license, model_id)
