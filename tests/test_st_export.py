@@ -61,8 +61,8 @@ def page_images():
 
 
 def test_sentence_transformers_gives_colinterns_embeddings(tiny_backbone, tmp_path, capsys):
-    """Queries on both backbones: equal within 1e-5. Pages: Qwen3-VL's equal within 1e-5 (its page prompt has no
-    token before the image that also occurs after it); InternVL's default prompt starts with "...user\\n" and
+    """Queries on every backbone: equal within 1e-5. Pages: Qwen2.5-VL's and Qwen3-VL's equal within 1e-5 (their page
+    prompt has no token before the image that also occurs after it); InternVL's default prompt starts with "...user\\n" and
     continues "\\nDescribe...", so sentence-transformers' id-based mask also scores the "\\n" before the image: one
     extra row, first, the same on every page, the other rows ColIntern's within 1e-5. Scores: MaxSim over those."""
     name, folder = tiny_backbone
@@ -90,7 +90,8 @@ def test_sentence_transformers_gives_colinterns_embeddings(tiny_backbone, tmp_pa
         assert np.abs(st["scores"] - maxsim(queries, pages).numpy()).max() < 1e-4
     # the folder is transformers' own: a class transformers knows, its processor, the chat template
     config = json.loads(open(os.path.join(out, "config.json")).read())
-    assert config["architectures"] == [{"internvl": "InternVLModel", "qwen3_vl": "Qwen3VLModel"}[name]]
+    assert config["architectures"] == [{"internvl": "InternVLModel", "qwen3_vl": "Qwen3VLModel",
+                                        "qwen2_5_vl": "Qwen2_5_VLModel"}[name]]
     modules = json.loads(open(os.path.join(out, "modules.json")).read())
     assert [m["path"] for m in modules] == ["", "1_Dense", "2_MultiVectorMask", "3_Normalize"]
     card = open(os.path.join(out, "README.md")).read()

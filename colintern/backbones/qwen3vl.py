@@ -66,7 +66,7 @@ def qwen3vl_signature(config) -> dict[str, Any]:
     """Architecture facts a checkpoint must match; patch/merge sizes are also what the processor needs."""
     vision, text = config.vision_config, config.text_config
     return {
-        "model_type": "qwen3_vl", "text_model_type": text.model_type, "hidden_size": int(text.hidden_size),
+        "model_type": config.model_type, "text_model_type": text.model_type, "hidden_size": int(text.hidden_size),
         "num_hidden_layers": int(text.num_hidden_layers), "vocab_size": int(text.vocab_size),
         "vision_hidden_size": int(vision.hidden_size), "vision_layers": int(vision.depth),
         "patch_size": int(vision.patch_size), "spatial_merge_size": int(vision.spatial_merge_size),
@@ -74,61 +74,72 @@ def qwen3vl_signature(config) -> dict[str, Any]:
     }
 
 
-_BACKBONE_CLASS = None
+_BACKBONE_CLASSES: dict[str, type] = {}
 
 
-def backbone_class():
-    """`Qwen3VLModel` that skips the LM head of a `...ForConditionalGeneration` checkpoint quietly (untied in the
-    4B/8B models): retrieval needs hidden states, not logits."""
-    global _BACKBONE_CLASS
-    if _BACKBONE_CLASS is None:
-        from transformers import Qwen3VLModel
+def backbone_class(base: str = "Qwen3VLModel"):
+    """transformers' `base` (Qwen3VLModel, Qwen2_5_VLModel) that skips the LM head of a
+    `...ForConditionalGeneration` checkpoint quietly (untied in the larger models): retrieval needs hidden states,
+    not logits. It keeps transformers' class name, and transformers' checkpoint key conversions for that class are
+    registered under it (transformers applies them to classes outside its package only when registered), as for
+    InternVL (colintern/backbones/internvl.py)."""
+    if base not in _BACKBONE_CLASSES:
+        import transformers
+        from transformers import conversion_mapping as conversions
 
-        class Qwen3VLBackbone(Qwen3VLModel):
-            _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
-
-        _BACKBONE_CLASS = Qwen3VLBackbone
-    return _BACKBONE_CLASS
+        model_type = {"Qwen3VLModel": "qwen3_vl", "Qwen2_5_VLModel": "qwen2_5_vl"}.get(base, "")
+        if base not in conversions.USER_REGISTERED_MAPPINGS:
+            same = conversions.get_checkpoint_conversion_mapping(base) or \
+                conversions.get_checkpoint_conversion_mapping(model_type)
+            if same:
+                conversions.register_checkpoint_conversion_mapping(base, same, overwrite=True)
+        _BACKBONE_CLASSES[base] = type(base, (getattr(transformers, base),),
+                                       {"_keys_to_ignore_on_load_unexpected": [r"^lm_head\."]})
+    return _BACKBONE_CLASSES[base]
 
 
 def load_qwen3vl(model_id: str, raw_config: dict, dtype: torch.dtype = torch.float32,
-                 attn_implementation: str = "sdpa") -> LoadedBackbone:
-    """Load a Qwen3-VL checkpoint (hub id or local directory) as `Qwen3VLModel` + tokenizer + config defaults."""
+                 attn_implementation: str = "sdpa", family: "Qwen3VLFamily | None" = None) -> LoadedBackbone:
+    """Load a Qwen-VL checkpoint of `family` (Qwen3-VL by default; hub id or local directory) as its transformers
+    model without LM head + tokenizer + config defaults."""
+    family = family or FAMILY
     try:
-        model_class = backbone_class()
-    except ImportError:
-        raise UserError("this transformers has no Qwen3-VL support; install transformers>=4.57") from None
+        model_class = backbone_class(family.model_class)
+    except (ImportError, AttributeError):
+        raise UserError(f"this transformers has no {family.title} support; upgrade transformers") from None
 
     tokenizer = load_tokenizer(model_id)
     for token in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
-            raise UserError(f"{model_id}: the tokenizer has no {token} token; not a Qwen3-VL checkpoint?")
+            raise UserError(f"{model_id}: the tokenizer has no {token} token; not a {family.title} checkpoint?")
     try:
         model = model_class.from_pretrained(model_id, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load Qwen3-VL weights from {model_id!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load {family.title} weights from {model_id!r}: {str(err).splitlines()[0]}") from None
     image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     if model.config.image_token_id != image_pad:
         raise UserError(f"{model_id}: config image_token_id {model.config.image_token_id} is not the tokenizer's "
                         f"<|image_pad|> id {image_pad}; the model folder is inconsistent")
-    return describe_qwen3vl(model, tokenizer, _read_preprocessor(model_id))
+    return describe_qwen3vl(model, tokenizer, _read_preprocessor(model_id), family)
 
 
-def describe_qwen3vl(model: nn.Module, tokenizer: Any, pre: dict[str, Any]) -> LoadedBackbone:
-    """A loaded Qwen3VLModel as a LoadedBackbone: its signature and the ColQwen3 formatting defaults (image
-    normalisation and the smallest page size from its preprocessor_config.json `pre`, {} for the defaults)."""
+def describe_qwen3vl(model: nn.Module, tokenizer: Any, pre: dict[str, Any],
+                     family: "Qwen3VLFamily | None" = None) -> LoadedBackbone:
+    """A loaded Qwen-VL model as a LoadedBackbone: its signature and the ColQwen formatting defaults (image
+    normalisation and the smallest page size from its preprocessor_config.json `pre`, {} for the family's defaults)."""
+    family = family or FAMILY
     signature = qwen3vl_signature(model.config)
     factor = signature["patch_size"] * signature["spatial_merge_size"]
-    min_pixels = pre.get("min_pixels") or (pre.get("size") or {}).get("shortest_edge") or QWEN3VL_MIN_PIXELS
-    defaults = {  # formatting defaults of a fresh ColIntern config on this backbone (ColQwen3 recipe)
+    min_pixels = pre.get("min_pixels") or (pre.get("size") or {}).get("shortest_edge") or family.min_pixels
+    defaults = {  # formatting defaults of a fresh ColIntern config on this backbone (ColQwen recipe)
         "page_prompt": QWEN_PAGE_PROMPT, "image_token": "<|image_pad|>", "image_start_token": "<|vision_start|>",
-        "image_end_token": "<|vision_end|>", "image_mean": [float(x) for x in pre.get("image_mean", QWEN3VL_IMAGE_MEAN)],
-        "image_std": [float(x) for x in pre.get("image_std", QWEN3VL_IMAGE_STD)],
+        "image_end_token": "<|vision_end|>", "image_mean": [float(x) for x in pre.get("image_mean", family.image_mean)],
+        "image_std": [float(x) for x in pre.get("image_std", family.image_std)],
         "min_visual_tokens": max(1, math.ceil(int(min_pixels) / factor ** 2)),
         "query_prefix": "Query: ", "augmentation_token": "<|endoftext|>", "n_augmentation": 10,
     }
-    return LoadedBackbone(model=model, tokenizer=tokenizer, family="qwen3_vl", layout="native",
+    return LoadedBackbone(model=model, tokenizer=tokenizer, family=family.name, layout="native",
                           hidden_size=signature["hidden_size"], signature=signature, config_defaults=defaults)
 
 
@@ -304,14 +315,22 @@ def build_tiny_qwen3vl(out_dir: str, seed: int = 0) -> str:
 
 # -- the family ---------------------------------------------------------------------------------------
 class Qwen3VLFamily(BackboneFamily):
+    """Qwen3-VL; Qwen2.5-VL (colintern/backbones/qwen25vl.py) is this family with other classes and defaults."""
+
     name = "qwen3_vl"
+    title = "Qwen3-VL"
     model_types = ("qwen3_vl",)
     causal = True
     vision_lora_targets = VISION_LORA_TARGETS  # fused qkv + output projection of the vision blocks
+    model_class = "Qwen3VLModel"  # transformers' classes of the backbone, the generator and the processor
+    generator_class = "Qwen3VLForConditionalGeneration"
+    processor_class = "Qwen3VLProcessor"
+    image_mean, image_std, min_pixels = QWEN3VL_IMAGE_MEAN, QWEN3VL_IMAGE_STD, QWEN3VL_MIN_PIXELS  # without a
+    # preprocessor_config.json
 
     def load(self, model_id: str, raw_config: dict[str, Any], dtype: torch.dtype,
              attn_implementation: str) -> LoadedBackbone:
-        return load_qwen3vl(model_id, raw_config, dtype, attn_implementation)
+        return load_qwen3vl(model_id, raw_config, dtype, attn_implementation, family=self)
 
     def make_processor(self, tokenizer: Any, config: ColInternConfig) -> Qwen3VLProcessor:
         return Qwen3VLProcessor(tokenizer, config)
@@ -320,11 +339,11 @@ class Qwen3VLFamily(BackboneFamily):
         return backbone.visual
 
     def load_generator(self, model_id: str, dtype: torch.dtype) -> tuple[nn.Module, LoadedBackbone]:
-        from transformers import Qwen3VLForConditionalGeneration
+        import transformers
 
         tokenizer = load_tokenizer(model_id)
-        generator = Qwen3VLForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
-        return generator, describe_qwen3vl(generator.model, tokenizer, _read_preprocessor(model_id))
+        generator = getattr(transformers, self.generator_class).from_pretrained(model_id, dtype=dtype)
+        return generator, describe_qwen3vl(generator.model, tokenizer, _read_preprocessor(model_id), self)
 
     def transformers_processor(self, config: ColInternConfig) -> TransformersProcessorFiles:
         """transformers' Qwen3VLProcessor: the page resized by Qwen's rule to min..max_visual_tokens visual tokens (the
@@ -333,13 +352,13 @@ class Qwen3VLFamily(BackboneFamily):
         sig = config.signature
         factor = int(sig["patch_size"]) * int(sig["spatial_merge_size"])
         image_processor = image_processor_file(
-            config, "Qwen2VLImageProcessor", "Qwen3VLProcessor", patch_size=int(sig["patch_size"]),
+            config, "Qwen2VLImageProcessor", self.processor_class, patch_size=int(sig["patch_size"]),
             size={"shortest_edge": config.min_visual_tokens * factor ** 2,
                   "longest_edge": config.max_visual_tokens * factor ** 2},
             temporal_patch_size=int(sig["temporal_patch_size"]), merge_size=int(sig["spatial_merge_size"]))
         placeholder = config.image_start_token + config.image_token + config.image_end_token
-        return TransformersProcessorFiles("Qwen3VLProcessor", image_processor, {}, {"image_token": config.image_token},
-                                          image_placeholder=placeholder)
+        return TransformersProcessorFiles(self.processor_class, image_processor, {},
+                                          {"image_token": config.image_token}, image_placeholder=placeholder)
 
     def build_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> str:
         return build_tiny_qwen3vl(out_dir, seed=seed)

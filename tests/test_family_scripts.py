@@ -1,0 +1,84 @@
+"""Each script's main path on each backbone family's tiny model (`tiny_backbone` runs once per registered family):
+train.py (LoRA), mine.py, eval.py and search.py index + query, each checked against the model's own MaxSim."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+from PIL import Image
+
+from colintern import ColIntern
+from colintern.retriever.checkpoint import load_checkpoint
+from colintern.retriever.scoring import maxsim
+from helpers import load_script, search_page
+from helpers import search_run as run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """8 train pages x 3 queries and 4 held-out pages (96-px wide), shared by every family."""
+    from colintern.testing.synthetic import generate
+
+    out = tmp_path_factory.mktemp("family_synthetic")
+    generate(str(out), n_train_pages=8, n_eval_pages=4, queries_per_page=3, page_size=96)
+    return str(out)
+
+
+def test_every_script_runs_on_every_family(tiny_backbone, corpus, tmp_path, capsys):
+    name, folder = tiny_backbone
+    train, mine, evaluate = load_script("train"), load_script("mine"), load_script("eval")
+    assert train.main(["--model_id", folder, "--train_hub", os.path.join(corpus, "train"), "--batch_size", "4",
+                       "--max_steps", "2", "--lr", "1e-3", "--lora", "--lora_r", "4", "--lora_alpha", "8",
+                       "--max_tiles", "1", "--max_visual_tokens", "64", "--dim", "32", "--save_every", "2",
+                       "--device", "cpu", "--out_dir", str(tmp_path / "train")]) == 0
+    ckpt = str(tmp_path / "train" / "colintern_heads_step2.pt")
+    payload = load_checkpoint(ckpt)
+    assert payload["config"]["backbone"] == name and payload["lora"]["config"]["r"] == 4
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    model = ColIntern.from_pretrained(folder, ckpt=ckpt)
+
+    # mine.py: the mined positive's score is this model's MaxSim of the query and its page
+    from colintern.data.datasets import load_page_dataset
+    from colintern.data.images import decode_image
+
+    mined = tmp_path / "mined.jsonl"
+    assert mine.main(["--model_id", folder, "--ckpt", ckpt, "--hub_name", os.path.join(corpus, "train"), "--method", "exact", "--k", "1",
+                      "--fn_filter", "0", "--out_jsonl", str(mined), "--quiet"]) == 0
+    rows = [json.loads(line) for line in mined.read_text().splitlines()]
+    data = load_page_dataset(os.path.join(corpus, "train"))
+    assert len(rows) == len(data) == 24
+    first = maxsim(model.encode_queries([data[0]["query"]]), model.encode_images([decode_image(data[0]["image"], "0")]))
+    assert rows[0]["scores"]["pos"] == pytest.approx(float(first[0, 0]), abs=2e-3)  # pages stored in float16
+
+    # eval.py: the run's scores are the model's MaxSim
+    assert evaluate.main(["--ckpt", ckpt, "--local_dataset", os.path.join(corpus, "eval"), "--out_dir",
+                          str(tmp_path / "eval"), "--run_name", name, "--save_run", "--device", "cpu"]) == 0
+    run_scores = json.loads((tmp_path / "eval" / name / "runs" / "eval.json").read_text())
+    query_id, page_scores = next(iter(run_scores.items()))
+    queries = {json.loads(line)["query-id"]: json.loads(line)["query"]
+               for line in open(os.path.join(corpus, "eval", "queries.jsonl"))}
+    corpus_rows = [json.loads(line) for line in open(os.path.join(corpus, "eval", "corpus.jsonl"))]
+    pages = [Image.open(os.path.join(corpus, "eval", row["image"])).convert("RGB") for row in corpus_rows]
+    direct = maxsim(model.encode_queries([queries[query_id]]), model.encode_images(pages))
+    for j, row in enumerate(corpus_rows):
+        assert page_scores[row["corpus-id"]] == pytest.approx(float(direct[0, j]), abs=2e-5)
+
+    # search.py: index two pages, the query's top score is the model's MaxSim
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    search_page(0).save(docs / "a.png")
+    search_page(3).save(docs / "b.png")
+    code, _, err = run(capsys, "index", "--ckpt", ckpt, "--inputs", docs, "--index", tmp_path / "index")
+    assert code == 0, err
+    code, out, err = run(capsys, "query", "--index", tmp_path / "index", "--k", 2, "--json", "a red page")
+    assert code == 0, err
+    results = json.loads(out)["results"]
+    direct = maxsim(model.encode_queries(["a red page"]), model.encode_images([search_page(0), search_page(3)]))
+    for result in results:
+        column = 0 if result["file"].endswith("a.png") else 1
+        assert result["score"] == pytest.approx(float(direct[0, column]), abs=2e-3)
