@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     corpus, queries, qrels = load_beir_dir(options.eval)
     model = ColIntern.from_pretrained(load_checkpoint(options.ckpt)["config"]["base_model"], ckpt=options.ckpt)
-    mask_config, extra_tokens = page_token_mask(model.config, model.tokenizer)
+    mask_config, extra_tokens = page_token_mask(model.processor)
     skip = torch.tensor(model.tokenizer.convert_tokens_to_ids(mask_config["skiplist_words"]) or [-1])
     page_ids = list(corpus)
     images = [Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref).convert("RGB") for ref in corpus.values()]

@@ -65,10 +65,19 @@ def tiny_qwen25_dir(tmp_path_factory) -> str:
     return get_family("qwen2_5_vl").build_tiny(str(tmp_path_factory.mktemp("tiny_qwen25vl")), seed=0)
 
 
-@pytest.fixture(scope="session", params=["internvl", "qwen3_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="session")
+def tiny_smolvlm_dir(tmp_path_factory) -> str:
+    """A tiny Idefics3 (SmolVLM / ColSmol's architecture)."""
+    from colintern.backbones.registry import get_family
+
+    return get_family("smolvlm").build_tiny(str(tmp_path_factory.mktemp("tiny_smolvlm")), seed=0)
+
+
+@pytest.fixture(scope="session", params=["internvl", "qwen3_vl", "qwen2_5_vl", "smolvlm"])
 def tiny_backbone(request) -> tuple[str, str]:
     """(family name, tiny model folder) for each backbone family: the contract tests run once per family."""
-    folder = {"internvl": "tiny_model_dir", "qwen3_vl": "tiny_qwen_dir", "qwen2_5_vl": "tiny_qwen25_dir"}[request.param]
+    folder = {"internvl": "tiny_model_dir", "qwen3_vl": "tiny_qwen_dir", "qwen2_5_vl": "tiny_qwen25_dir",
+              "smolvlm": "tiny_smolvlm_dir"}[request.param]
     return request.param, request.getfixturevalue(folder)
 
 

@@ -10,7 +10,8 @@ transformers builds a video processor for every InternVL and Qwen3-VL processor,
 for torchvision, which this machine does not have. Without torchvision the processor is therefore built here as
 AutoProcessor.from_pretrained would build it, from the folder's own files (processor_config.json's class,
 preprocessor_config.json's image processor on transformers' PIL backend, the tokenizer, chat_template.jinja), with
-no video processor; pages never use it. With torchvision installed nothing is patched.
+no video processor; pages never use it. With torchvision installed, or for a processor without video (SmolVLM's
+Idefics3Processor), nothing is patched.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def processor_without_video(folder: str, **kwargs):
 
 def main(folder: str, queries_file: str, pages_dir: str, out: str) -> None:
     import numpy as np
+    import transformers
     from PIL import Image
     from transformers.utils import is_torchvision_available
 
@@ -50,7 +52,9 @@ def main(folder: str, queries_file: str, pages_dir: str, out: str) -> None:
         pass
     else:
         raise SystemExit("colintern is importable here; this test must run without it")
-    if not is_torchvision_available():
+    with open(os.path.join(folder, "processor_config.json"), encoding="utf-8") as f:
+        processor_class = getattr(transformers, json.load(f)["processor_class"])
+    if not is_torchvision_available() and "video_processor" in processor_class.get_attributes():
         from sentence_transformers.base.modules import transformer
 
         transformer.AutoProcessor.from_pretrained = processor_without_video  # type: ignore[method-assign]

@@ -57,11 +57,17 @@ def test_embed_is_head_then_l2_then_mask_against_float64(family_model):
 
 
 def test_embeddings_count_page_tokens_and_are_unit_vectors(family_model):
+    """A page keeps its tokens from the first image token to its last real token (keep_page_tokens "page"), of
+    which page_cost are image tokens; every vector has unit norm."""
     _, _, model = family_model
     docs = model.encode_images(PAGES)
-    prompt_after = model.config.page_prompt.split("<image>")[1]
-    n_after = len(model.tokenizer(model.config.image_end_token + prompt_after, add_special_tokens=False)["input_ids"])
-    assert [d.shape for d in docs] == [(model.processor.page_cost(p) + n_after, model.config.dim) for p in PAGES]
+    for page, emb in zip(PAGES, docs):
+        inputs = model.processor.process_images([page])
+        ids, real = inputs["input_ids"][0], inputs["attention_mask"][0].bool()
+        is_image = ids == model.processor.image_token_id
+        first = int(is_image.nonzero()[0])
+        assert int(is_image.sum()) == model.processor.page_cost(page)
+        assert emb.shape == (int(real[first:].sum()), model.config.dim)
     for emb in docs + model.encode_queries(QUERIES):
         assert emb.dtype == torch.float32 and torch.isfinite(emb).all()
         torch.testing.assert_close(emb.norm(dim=-1), torch.ones(emb.shape[0]), atol=1e-5, rtol=0)
@@ -80,7 +86,7 @@ def test_item_embedding_is_the_same_alone_and_in_a_mixed_batch(family_model):
 
 def test_image_token_boxes_tile_the_page(family_model):
     """One box per image token, in [0, 1]; the boxes of one view cover the page exactly once (InternVL adds a
-    thumbnail view on multi-tile pages), so the areas sum to the number of views."""
+    thumbnail view on multi-tile pages, SmolVLM a global image), so the areas sum to the number of views."""
     name, _, model = family_model
     proc = model.processor
     for page in PAGES:
@@ -88,9 +94,15 @@ def test_image_token_boxes_tile_the_page(family_model):
         ids = proc.process_images([page])["input_ids"][0]
         assert boxes.shape == (int((ids == proc.image_token_id).sum()), 4) == (proc.page_cost(page), 4)
         assert boxes.min() >= 0 and boxes.max() <= 1 and (boxes[:, 2] > boxes[:, 0]).all()
-        views = 1 + (name == "internvl" and proc.num_tiles(page) > 1)
+        views = 1 + ((name == "internvl" and proc.num_tiles(page) > 1) or (name == "smolvlm" and proc.grid(page)[0] > 0))
         area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum()
         assert area == pytest.approx(views, abs=1e-9)
+    if name == "smolvlm":  # 2 x 2 tiles of 4x4 tokens, then the global image: token 5 is row 1, col 1 of tile 1
+        boxes = proc.image_token_boxes(noisy_page(100, 100, (9, 9, 9), 0))
+        assert proc.grid(noisy_page(100, 100, (9, 9, 9), 0)) == (2, 2) and boxes.shape == (80, 4)
+        np.testing.assert_allclose(boxes[5], [0.125, 0.125, 0.25, 0.25])
+        np.testing.assert_allclose(boxes[16], [0.5, 0.0, 0.625, 0.125])  # first token of the top right tile
+        np.testing.assert_allclose(boxes[64], [0.0, 0.0, 0.25, 0.25])  # first global-image token
     if name == "internvl":  # a 1x2 grid (+ thumbnail) of 4x4-token tiles: token 5 is row 1, col 1 of the top tile
         page = noisy_page(112, 224, (9, 9, 9), 0)
         boxes = proc.image_token_boxes(page)
@@ -104,8 +116,9 @@ def test_worst_case_page_is_the_costliest_page_the_config_allows(family_model):
     name, _, model = family_model
     worst = model.processor.worst_case_page()
     cost = model.processor.page_cost(worst)
-    expected = (CAPS["max_tiles"] + 1) * model.config.image_tokens_per_tile if name == "internvl" \
-        else CAPS["max_visual_tokens"]
+    side = model.config.longest_edge // model.config.tile_size  # SmolVLM: tiles along each side of a square page
+    expected = {"internvl": (CAPS["max_tiles"] + 1) * model.config.image_tokens_per_tile,
+                "smolvlm": (side * side + 1) * model.config.image_tokens_per_tile}.get(name, CAPS["max_visual_tokens"])
     assert cost == expected
     assert all(model.processor.page_cost(p) <= cost for p in PAGES)
 

@@ -62,9 +62,10 @@ def page_images():
 
 def test_sentence_transformers_gives_colinterns_embeddings(tiny_backbone, tmp_path, capsys):
     """Queries on every backbone: equal within 1e-5. Pages: Qwen2.5-VL's and Qwen3-VL's equal within 1e-5 (their page
-    prompt has no token before the image that also occurs after it); InternVL's default prompt starts with "...user\\n" and
-    continues "\\nDescribe...", so sentence-transformers' id-based mask also scores the "\\n" before the image: one
-    extra row, first, the same on every page, the other rows ColIntern's within 1e-5. Scores: MaxSim over those."""
+    prompt has no token before the image that also occurs after it). sentence-transformers' mask drops token ids,
+    so a prompt token before the image whose id recurs after it is scored too: InternVL's "\\n" before the image,
+    SmolVLM's "s", ":" and the first tile's <fake_token_around_image>. Those rows come first and are the same on every
+    page; the other rows are ColIntern's within 1e-5. Scores: MaxSim over those."""
     name, folder = tiny_backbone
     original, out = export(tmp_path, capsys, folder)
     st = st_encode(tmp_path, out)
@@ -74,16 +75,22 @@ def test_sentence_transformers_gives_colinterns_embeddings(tiny_backbone, tmp_pa
         assert st[f"query_{i}"].shape == tuple(q.shape)
         assert np.abs(st[f"query_{i}"] - q.numpy()).max() < 1e-5
     mask = json.loads(open(os.path.join(out, "2_MultiVectorMask", "config.json")).read())
-    extra = 1 if name == "internvl" else 0
+    skipped = set(original.tokenizer.convert_tokens_to_ids(mask["skiplist_words"]))
     if name == "internvl":
         assert mask["skiplist_words"][0] == "<|im_start|>" and mask["skiplist_words"][-1] == "<img>"
-        first_rows = np.stack([st[f"page_{i}"][0] for i in range(len(pages))])
-        assert np.abs(first_rows - first_rows[0]).max() < 1e-6  # the same vector on every page
+    elif name == "smolvlm":  # "<|im_start|>User:" and the first tile's markup, less the tokens that recur after it
+        assert mask["skiplist_words"][0] == "<|im_start|>" and mask["skiplist_words"][-1] == "<row_1_col_1>"
     else:
         assert mask["skiplist_words"] == ["<|im_start|>", "u", "s", "er", "Ċ", "<|vision_start|>"]
-    for i, p in enumerate(pages):
+    for i, (image, p) in enumerate(zip(page_images(), pages)):
+        inputs = original.processor.process_images([image])
+        prefix = inputs["input_ids"][0][inputs["attention_mask"][0].bool() & ~inputs["keep_mask"][0]].tolist()
+        extra = sum(1 for token in prefix if token not in skipped)  # prompt tokens whose id recurs after the image
+        assert extra == {"internvl": 1, "smolvlm": 3}.get(name, 0)
         assert st[f"page_{i}"].shape == (p.shape[0] + extra, p.shape[1])
         assert np.abs(st[f"page_{i}"][extra:] - p.numpy()).max() < 1e-5
+        if extra:  # the same vectors on every page
+            assert np.abs(st[f"page_{i}"][:extra] - st["page_0"][:extra]).max() < 1e-6
     st_pages = [torch.from_numpy(st[f"page_{i}"]) for i in range(len(pages))]
     assert np.abs(st["scores"] - maxsim(queries, st_pages).numpy()).max() < 1e-4
     if name == "qwen3_vl":
@@ -91,12 +98,13 @@ def test_sentence_transformers_gives_colinterns_embeddings(tiny_backbone, tmp_pa
     # the folder is transformers' own: a class transformers knows, its processor, the chat template
     config = json.loads(open(os.path.join(out, "config.json")).read())
     assert config["architectures"] == [{"internvl": "InternVLModel", "qwen3_vl": "Qwen3VLModel",
-                                        "qwen2_5_vl": "Qwen2_5_VLModel"}[name]]
+                                        "qwen2_5_vl": "Qwen2_5_VLModel", "smolvlm": "Idefics3Model"}[name]]
     modules = json.loads(open(os.path.join(out, "modules.json")).read())
     assert [m["path"] for m in modules] == ["", "1_Dense", "2_MultiVectorMask", "3_Normalize"]
     card = open(os.path.join(out, "README.md")).read()
     assert "model = MultiVectorEncoder('me/tiny')" in card
     assert ("also scores the page prompt's ['Ċ']" in card) == (name == "internvl")
+    assert ("also scores the page prompt's" in card) == (name in ("internvl", "smolvlm"))
 
 
 def test_single_vector_last_token_model_loads_as_a_sentence_transformer(tiny_qwen_dir, tmp_path, capsys):

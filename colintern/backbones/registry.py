@@ -6,14 +6,14 @@ from typing import Any
 
 import torch
 
-from colintern.backbones import internvl, qwen3vl, qwen25vl
+from colintern.backbones import internvl, qwen3vl, qwen25vl, smolvlm
 from colintern.backbones.base import BackboneFamily, LoadedBackbone, read_model_config, weights_fingerprint
 from colintern.retriever.config import ColInternConfig
 from colintern.errors import UserError
 from colintern.backbones.processor import PageProcessor
 
 FAMILIES: dict[str, BackboneFamily] = {family.name: family for family in (internvl.FAMILY, qwen3vl.FAMILY,
-                                                                           qwen25vl.FAMILY)}
+                                                                           qwen25vl.FAMILY, smolvlm.FAMILY)}
 BY_MODEL_TYPE: dict[str, BackboneFamily] = {t: f for f in FAMILIES.values() for t in f.model_types}
 
 

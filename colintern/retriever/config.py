@@ -18,7 +18,7 @@ CONFIG_VERSION = 1
 PAGE_TOKEN_CHOICES = ("page", "all", "image")
 # Fields added after the first checkpoints, with the value that reproduces what those checkpoints mean.
 LATER_FIELDS = {"embedding": "multi", "pooling": "mean", "attention": "causal", "latent": {}, "instruction": "",
-                "query_suffix": ""}
+                "query_suffix": "", "longest_edge": 0}
 EMBEDDINGS = ("multi", "single")
 POOLINGS = ("last", "mean", "latent")  # colintern/retriever/pooling.py
 ATTENTIONS = ("causal", "bidirectional")
@@ -49,6 +49,8 @@ class ColInternConfig:
     # Pages (Qwen3-VL): dynamic resolution capped by this many visual tokens.
     max_visual_tokens: int = 768
     min_visual_tokens: int = 4         # smaller pages are upscaled to at least this many visual tokens
+    # Pages (SmolVLM / Idefics3): resized to this longest edge, then cut into tile_size tiles + a global image.
+    longest_edge: int = 0
     page_prompt: str = "<|im_start|>user\n<image>\nDescribe the document page.<|im_end|>\n"
     keep_page_tokens: str = "page"     # "page": real tokens from the image on (those before it are the same for
                                        # every page in a causal LM); "all" real tokens; or only "image" tokens

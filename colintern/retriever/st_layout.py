@@ -78,27 +78,28 @@ def chat_template(config: Any, image_placeholder: str) -> str:
     )
 
 
-def _token_ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def page_token_mask(config: Any, tokenizer: Any) -> tuple[dict[str, Any], list[str]]:
-    """(2_MultiVectorMask/config.json, the prompt tokens sentence-transformers scores that ColIntern does not).
+def page_token_mask(processor: Any) -> tuple[dict[str, Any], list[str]]:
+    """(2_MultiVectorMask/config.json, the prompt tokens sentence-transformers scores that ColIntern does not), for a
+    family's page processor (its config and tokenizer).
 
     "all": every real token; "image": only the image token (keep_only_token_ids); "page": every real token except
-    the ids found only before the first image token (the page prompt's start and the image start token)."""
+    the ids that occur before the first image token and never after it. Those are read off pages the processor
+    prepares (the costliest page and a small one: a family's image markup can differ with the tile count)."""
+    from PIL import Image
+
+    config, tokenizer = processor.config, processor.tokenizer
     mask: dict[str, Any] = {"skiplist_words": [], "skiplist_tasks": ["document"], "keep_only_token_ids": None}
     if config.keep_page_tokens == "image":
         mask["keep_only_token_ids"] = [int(tokenizer.convert_tokens_to_ids(config.image_token))]
         return mask, []
     if config.keep_page_tokens == "all":
         return mask, []
-    before, _, after = config.page_prompt.partition("<image>")
-    # ColIntern keeps the tokens from the first image token on: the image start token comes before it
-    later = set(_token_ids(tokenizer, config.image_token + config.image_end_token + after))
-    prefix = _token_ids(tokenizer, before + config.image_start_token)
-    mask["skiplist_words"] = [tokenizer.convert_ids_to_tokens(i) for i in dict.fromkeys(prefix) if i not in later]
-    return mask, [tokenizer.convert_ids_to_tokens(i) for i in prefix if i in later]
+    inputs = processor.process_images([processor.worst_case_page(), Image.new("RGB", (64, 48), (255, 255, 255))])
+    real, keep = inputs["attention_mask"].bool(), inputs["keep_mask"].bool()  # (2, L)
+    later = set(inputs["input_ids"][keep].tolist())
+    before = list(dict.fromkeys(inputs["input_ids"][real & ~keep].tolist()))
+    mask["skiplist_words"] = [tokenizer.convert_ids_to_tokens(i) for i in before if i not in later]
+    return mask, [tokenizer.convert_ids_to_tokens(i) for i in before if i in later]
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -153,7 +154,7 @@ def write_sentence_transformers_files(folder: Path, model: Any) -> list[str]:
     multi = config.embedding == "multi"
     if multi:
         tokens, vector = "token_embeddings", "token_embeddings"
-        mask, extra_tokens = page_token_mask(config, model.tokenizer)
+        mask, extra_tokens = page_token_mask(model.processor)
         modules = [("1_Dense", "sentence_transformers.base.modules.Dense"),
                    ("2_MultiVectorMask", "sentence_transformers.multi_vector_encoder.modules.MultiVectorMask"),
                    ("3_Normalize", "sentence_transformers.base.modules.Normalize")]

@@ -236,7 +236,7 @@ def export_model_command(config: ExportModelConfig) -> None:
     model_id, model = load_model(config.model_id, config.ckpt, resolve_device(config.device))
     from colintern.retriever.st_layout import page_token_mask
 
-    st_extra_tokens = page_token_mask(model.config, model.tokenizer)[1] if model.config.embedding == "multi" else []
+    st_extra_tokens = page_token_mask(model.processor)[1] if model.config.embedding == "multi" else []
     card = model_card(payload, model_id, config.out, repo_id, config.license, summaries, st_extra_tokens)
     datasets = (payload.get("training") or {}).get("datasets")
     out = export_model(model, config.out, model_id, card, datasets=datasets)

@@ -80,7 +80,7 @@ class TinyConfig(LogOptions):
     """python -m colintern.testing.tiny: a tiny random model of a backbone family, saved like the real one"""
 
     out: str = with_default(SearchOutputOptions, "out", MISSING, positional=True)
-    backbone: str = option("internvl", help="backbone family to build (internvl, qwen3_vl, qwen2_5_vl)")
+    backbone: str = option("internvl", help="backbone family to build (internvl, qwen3_vl, qwen2_5_vl, smolvlm)")
     layout: str | None = option(None, choices=("native", "remote"), help="internvl only: transformers-native "
                                 "InternVL or original internvl_chat checkpoint layout (default: native)")
     seed: int = with_default(OptimOptions, "seed", 0)

@@ -23,15 +23,18 @@ find me look for a page that contains containing showing shown colour color shap
 """
 
 
-def build_tokenizer(out_dir: str, vocab_size: int = 1024):
-    """Train a byte-level BPE tokenizer (deterministic for a fixed text) and save it as a fast tokenizer."""
+def build_tokenizer(out_dir: str, vocab_size: int = 1024, extra_special_tokens: tuple[str, ...] = ()):
+    """Train a byte-level BPE tokenizer (deterministic for a fixed text) and save it as a fast tokenizer.
+    `extra_special_tokens`: a family's own markup tokens, after the shared ones (the other families' tokenizers, and
+    so their seeded tiny models, stay as they were)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     lines = [line for line in _TOKENIZER_TEXT.strip().splitlines()]
     tok.train_from_iterator(lines * 4 + [line.upper() for line in lines] + [line.title() for line in lines],
