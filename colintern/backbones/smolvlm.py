@@ -146,7 +146,8 @@ class SmolVLMProcessor(PageProcessor):
         images past each page's own N (the model drops those), pixel_attention_mask (B, N, S, S), keep_mask (B, L)."""
         cfg = self.config
         pages = [check_page_image(image, f"image {i}") for i, image in enumerate(images)]
-        out = self.image_processor([[page] for page in pages], return_row_col_info=True, return_tensors="pt")
+        image_processor: Any = self.image_processor  # its typed __call__ knows neither nested lists nor its own kwargs
+        out = image_processor([[page] for page in pages], return_row_col_info=True, return_tensors="pt")
         texts = [cfg.page_prompt.replace("<image>", image_markup(rows[0], cols[0], cfg.image_tokens_per_tile))
                  for rows, cols in zip(out["rows"], out["cols"])]
         batch = self.tokenizer(texts, padding="longest", return_tensors="pt", add_special_tokens=False)
