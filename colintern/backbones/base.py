@@ -42,6 +42,7 @@ class LoadedBackbone:
     image_tokens_per_tile: int = 0
     config_defaults: dict[str, Any] = field(default_factory=dict)  # family-specific ColInternConfig defaults
     weights: str = ""           # fingerprint of the weight files (weights_fingerprint), "" when unknown
+    head_state: dict[str, torch.Tensor] | None = None  # a published retriever's own head (colpali_engine.py)
 
 
 @dataclass

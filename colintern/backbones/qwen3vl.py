@@ -79,8 +79,8 @@ _BACKBONE_CLASSES: dict[str, type] = {}
 
 def backbone_class(base: str = "Qwen3VLModel"):
     """transformers' `base` (Qwen3VLModel, Qwen2_5_VLModel) that skips the LM head of a
-    `...ForConditionalGeneration` checkpoint quietly (untied in the larger models): retrieval needs hidden states,
-    not logits. It keeps transformers' class name, and transformers' checkpoint key conversions for that class are
+    `...ForConditionalGeneration` checkpoint quietly (untied in the larger models; retrieval needs hidden states, not
+    logits), and a colpali-engine checkpoint's `custom_text_proj` (colintern/retriever/colpali_engine.py reads it). It keeps transformers' class name, and transformers' checkpoint key conversions for that class are
     registered under it (transformers applies them to classes outside its package only when registered), as for
     InternVL (colintern/backbones/internvl.py)."""
     if base not in _BACKBONE_CLASSES:
@@ -93,8 +93,9 @@ def backbone_class(base: str = "Qwen3VLModel"):
                 conversions.get_checkpoint_conversion_mapping(model_type)
             if same:
                 conversions.register_checkpoint_conversion_mapping(base, same, overwrite=True)
+        ignored = [r"^lm_head\.", r"(^|\.)custom_text_proj\."]
         _BACKBONE_CLASSES[base] = type(base, (getattr(transformers, base),),
-                                       {"_keys_to_ignore_on_load_unexpected": [r"^lm_head\."]})
+                                       {"_keys_to_ignore_on_load_unexpected": ignored})
     return _BACKBONE_CLASSES[base]
 
 

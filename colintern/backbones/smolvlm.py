@@ -9,7 +9,8 @@
   `image_tokens_per_tile` `<image>` tokens, in a row-major grid (the connector's pixel shuffle keeps the order). The
   page prompt's `<image>` becomes transformers' own markup (`<fake_token_around_image><row_r_col_c>` + tokens per
   tile, a newline per row, then `<global-img>` + tokens), so the text is what Idefics3Processor would write.
-- Queries: ColSmol's formatting, "Query: " + text + 10 x `<end_of_utterance>`.
+- Queries: "Query: " + text + 10 x `<end_of_utterance>` (ColSmol's augmentation token; a colpali-engine checkpoint
+  brings its own formatting, colintern/retriever/colpali_engine.py).
 - Tiny model: 64-px tiles of 8-px patches, scale factor 2 (16 tokens per tile), pages resized to 128 px.
 """
 from __future__ import annotations
@@ -57,10 +58,12 @@ def smolvlm_signature(config) -> dict[str, Any]:
 
 
 def backbone_class(base: str):
-    """transformers' `base` (Idefics3Model, SmolVLMModel) that skips a generator checkpoint's LM head quietly."""
+    """transformers' `base` (Idefics3Model, SmolVLMModel) that skips a generator checkpoint's LM head quietly, and a
+    colpali-engine ColIdefics3 checkpoint's `linear` head (colintern/retriever/colpali_engine.py reads it)."""
     import transformers
 
-    return type(base, (getattr(transformers, base),), {"_keys_to_ignore_on_load_unexpected": [r"(^|\.)lm_head\."]})
+    ignored = [r"(^|\.)lm_head\.", r"^linear\."]
+    return type(base, (getattr(transformers, base),), {"_keys_to_ignore_on_load_unexpected": ignored})
 
 
 def describe_smolvlm(model: nn.Module, tokenizer: Any, pre: dict[str, Any]) -> LoadedBackbone:

@@ -101,6 +101,20 @@ def is_exported_model(model_id: str) -> bool:
     return os.path.isfile(os.path.join(model_id, HEAD_FILE))
 
 
+def load_any_backbone(model_id: str, dtype: torch.dtype, attn: str, device: str | torch.device) -> LoadedBackbone:
+    """The backbone of `model_id`: a model folder or hub id of any family, or a colpali-engine checkpoint (its
+    adapters merged and its head kept, colintern/retriever/colpali_engine.py)."""
+    from colintern.retriever.colpali_engine import colpali_checkpoint, load_colpali
+
+    colpali = None if is_exported_model(model_id) else colpali_checkpoint(model_id)
+    if colpali is None:
+        return load_backbone(model_id, dtype=dtype, attn_implementation=attn, device=device)
+    loaded = load_colpali(colpali, dtype, attn)
+    loaded.model.to(device)
+    loaded.model.eval()
+    return loaded
+
+
 def config_for_backbone(loaded: LoadedBackbone, model_id: str, **overrides: Any) -> ColInternConfig:
     """A fresh ColIntern config for a backbone (no checkpoint): facts from the backbone, formatting defaults."""
     config = ColInternConfig(base_model=recorded_model_id(model_id), backbone=loaded.family, source_layout=loaded.layout,
@@ -166,9 +180,11 @@ class ColIntern(nn.Module):
         torch_dtype = resolve_dtype(dtype, device)
         attn = resolve_attn_implementation(use_flash_attn, device, torch_dtype)
         payload = load_checkpoint(ckpt) if ckpt else None
-        loaded = load_backbone(model_id, dtype=torch_dtype, attn_implementation=attn, device=device)
+        loaded = load_any_backbone(model_id, torch_dtype, attn, device)
         if payload is None:
             model = cls(loaded, config_for_backbone(loaded, model_id, **config_overrides))
+            if loaded.head_state is not None:  # a published retriever brings its trained head
+                model.head.load_state_dict(loaded.head_state)
         else:
             check_compatible(payload, loaded.signature, str(ckpt), weights=loaded.weights,
                              allow_other_base=allow_other_base)

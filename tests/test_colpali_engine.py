@@ -1,0 +1,95 @@
+"""colpali-engine checkpoints (ColQwen2.5, ColQwen3, ColSmol / ColIdefics3) load as ColIntern models and give what
+colpali-engine computes: tiny checkpoints are saved in its layout (the model class with its head, saved by
+transformers; LoRA adapters on the language model and the head, saved by peft) and compared with a restatement of its
+forward and processor (tests/colpali_reference.py)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import colpali_reference as ref
+from colintern import ColIntern
+from helpers import noisy_page
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PAGES = [noisy_page(224, 300, (255, 0, 0), 1), noisy_page(100, 100, (0, 0, 255), 2),
+         noisy_page(400, 150, (0, 255, 0), 3)]
+QUERIES = ["red page", "a blue square with the word delta", "x"]
+TARGETS = {  # the target_modules colpali-engine's training configs give peft
+    "custom_text_proj": r"(.*(model).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$|.*(custom_text_proj).*$)",
+    "linear": r"(.*(text_model).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$|.*(linear).*$)",
+}
+TINY = {"qwen2_5_vl": "tiny_qwen25_dir", "qwen3_vl": "tiny_qwen_dir", "smolvlm": "tiny_smolvlm_dir"}
+
+
+def copy_processor_files(source: str, folder, family: str) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(os.path.join(source, name), folder / name)
+    if family == "smolvlm":
+        (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Idefics3Processor",
+                                                                  "image_seq_len": 16}))
+
+
+def colpali_layout(family: str, tiny_dir: str, out):
+    """(the reference model, its embeddings without adapters, the base folder, the adapter folder)."""
+    from peft import LoraConfig, get_peft_model
+
+    backbone = ColIntern.from_pretrained(tiny_dir).backbone
+    torch.manual_seed(1)
+    model = ref.reference_model(family, backbone.config)
+    target = model.model if family == "smolvlm" else model
+    missing, unexpected = target.load_state_dict(backbone.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("custom_text_proj") for k in missing)
+    model.eval()
+    base = out / "base"
+    model.save_pretrained(base)
+    copy_processor_files(tiny_dir, base, family)
+    processor = ref.reference_processor(family, str(base))
+    plain = (ref.embed(model, ref.process_queries(family, processor, QUERIES)),
+             ref.embed(model, ref.process_images(family, processor, PAGES)))
+    head = ref.SPECS[family][3]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                  target_modules=TARGETS[head]))
+    peft_model.peft_config["default"].base_model_name_or_path = str(base)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    adapter = out / "adapter"
+    peft_model.save_pretrained(adapter)
+    copy_processor_files(tiny_dir, adapter, family)
+    return model, plain, base, adapter
+
+
+def close(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "smolvlm"])
+def test_colpali_checkpoints_give_colpali_engines_embeddings(family, request, tmp_path):
+    tiny_dir = request.getfixturevalue(TINY[family])
+    model, plain, base, adapter = colpali_layout(family, tiny_dir, tmp_path)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base) and adapter_config["r"] == 4
+    processor = ref.reference_processor(family, str(adapter))
+    with_adapters = (ref.embed(model, ref.process_queries(family, processor, QUERIES)),
+                     ref.embed(model, ref.process_images(family, processor, PAGES)))
+
+    loaded = ColIntern.from_pretrained(str(adapter))  # the adapter folder, as a user passes a hub id
+    assert loaded.config.dim == ref.SPECS[family][2] and loaded.config.backbone == family
+    assert (loaded.config.query_prefix, loaded.config.keep_page_tokens, loaded.config.padding_side) == \
+        ("", "all", "left")
+    assert close(loaded.encode_queries(QUERIES), with_adapters[0]) < 1e-5
+    assert close(loaded.encode_images(PAGES), with_adapters[1]) < 1e-5
+    assert close(loaded.encode_queries(QUERIES), plain[0]) > 1e-3  # the adapters matter
+
+    full = ColIntern.from_pretrained(str(base))  # a full folder with its head, no adapters
+    assert close(full.encode_queries(QUERIES), plain[0]) < 1e-5
+    assert close(full.encode_images(PAGES), plain[1]) < 1e-5
