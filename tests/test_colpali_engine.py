@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import colpali_reference as ref
-from colintern import ColIntern
+from colintern import ColIntern, UserError
 from helpers import noisy_page
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,3 +93,41 @@ def test_colpali_checkpoints_give_colpali_engines_embeddings(family, request, tm
     full = ColIntern.from_pretrained(str(base))  # a full folder with its head, no adapters
     assert close(full.encode_queries(QUERIES), plain[0]) < 1e-5
     assert close(full.encode_images(PAGES), plain[1]) < 1e-5
+
+
+def test_a_colpali_teacher_mines_for_a_student_of_another_family(tiny_smolvlm_dir, tiny_model_dir, tmp_path):
+    """mine.py --teacher (a ColSmol-layout checkpoint): the mined scores are colpali-engine's MaxSim, the
+    positive-aware filter holds, the meta names the teacher; a tiny InternVL student trains on the triples."""
+    from colintern.data.datasets import load_page_dataset
+    from colintern.data.images import decode_image
+    from colintern.retriever.checkpoint import load_checkpoint
+    from colintern.retriever.scoring import maxsim
+    from colintern.testing.synthetic import generate
+    from helpers import load_script
+
+    model, _, _, adapter = colpali_layout("smolvlm", tiny_smolvlm_dir, tmp_path)
+    corpus = tmp_path / "corpus"
+    generate(str(corpus), n_train_pages=6, n_eval_pages=2, queries_per_page=2, page_size=96)
+    mined = tmp_path / "mined.jsonl"
+    mine = load_script("mine")
+    with pytest.raises(UserError, match="pass --teacher, or --model_id with --ckpt, not both"):
+        mine.main(["--teacher", str(adapter), "--model_id", tiny_model_dir, "--hub_name", str(corpus / "train")])
+    assert mine.main(["--teacher", str(adapter), "--hub_name", str(corpus / "train"), "--method", "exact", "--k", "2",
+                      "--fn_filter", "0.95", "--out_jsonl", str(mined), "--device", "cpu", "--quiet"]) == 0
+    meta = json.loads(mined.with_suffix(".meta.json").read_text())
+    assert meta["teacher"] == {"given": str(adapter), "family": "smolvlm", "dim": 128,
+                               "kind": "colpali-engine ColIdefics3 (ColSmol)"}
+    rows = [json.loads(line) for line in mined.read_text().splitlines()]
+    data = load_page_dataset(str(corpus / "train"))
+    processor = ref.reference_processor("smolvlm", str(adapter))
+    queries = ref.embed(model, ref.process_queries("smolvlm", processor, [data[0]["query"]]))
+    page = ref.embed(model, ref.process_images("smolvlm", processor, [decode_image(data[0]["image"], "row 0")]))
+    assert rows[0]["scores"]["pos"] == pytest.approx(float(maxsim(queries, page)[0, 0]), abs=2e-3)  # fp16 pages
+    for row in rows:
+        assert all(s <= 0.95 * row["scores"]["pos"] + 1e-6 for s in row["scores"]["negs"])
+    train = load_script("train")
+    assert train.main(["--model_id", tiny_model_dir, "--train_jsonl", str(mined), "--num_negs", "1", "--batch_size",
+                       "4", "--max_steps", "2", "--lr", "1e-3", "--max_tiles", "1", "--device", "cpu", "--save_every",
+                       "2", "--out_dir", str(tmp_path / "student")]) == 0
+    student = load_checkpoint(str(tmp_path / "student" / "colintern_heads_step2.pt"))
+    assert student["config"]["backbone"] == "internvl" and student["training"]["step"] == 2

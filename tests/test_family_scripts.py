@@ -42,13 +42,15 @@ def test_every_script_runs_on_every_family(tiny_backbone, corpus, tmp_path, caps
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     model = ColIntern.from_pretrained(folder, ckpt=ckpt)
 
-    # mine.py: the mined positive's score is this model's MaxSim of the query and its page
+    # mine.py --teacher CKPT (on its recorded base model): the mined positive's score is this model's MaxSim
     from colintern.data.datasets import load_page_dataset
     from colintern.data.images import decode_image
 
     mined = tmp_path / "mined.jsonl"
-    assert mine.main(["--model_id", folder, "--ckpt", ckpt, "--hub_name", os.path.join(corpus, "train"), "--method", "exact", "--k", "1",
+    assert mine.main(["--teacher", ckpt, "--hub_name", os.path.join(corpus, "train"), "--method", "exact", "--k", "1",
                       "--fn_filter", "0", "--out_jsonl", str(mined), "--quiet"]) == 0
+    meta = json.loads(mined.with_suffix(".meta.json").read_text())
+    assert meta["teacher"]["kind"] == "ColIntern checkpoint" and meta["model"] == folder and meta["checkpoint"] == ckpt
     rows = [json.loads(line) for line in mined.read_text().splitlines()]
     data = load_page_dataset(os.path.join(corpus, "train"))
     assert len(rows) == len(data) == 24

@@ -32,14 +32,14 @@ def load_model(model_id: str | None, ckpt: str | None, device: str) -> tuple[str
     """(the base model id in use, the model): the checkpoint's own base model unless model_id is given; a warning
     when there is no trained head (no checkpoint, and not an exported model folder)."""
     from colintern.retriever.checkpoint import base_model_of, load_checkpoint, recorded_model_id
-    from colintern.retriever.model import ColIntern, is_exported_model
+    from colintern.retriever.model import ColIntern, has_trained_head
 
     if ckpt is None and model_id is None:
         raise UserError("pass --ckpt (a trained ColIntern checkpoint) or --model_id")
     if ckpt is not None and not Path(ckpt).is_file():
         raise UserError(f"--ckpt {ckpt}: no such file")
     model_id = recorded_model_id(model_id or base_model_of(load_checkpoint(str(ckpt)), str(ckpt)))
-    if ckpt is None and not is_exported_model(model_id):
+    if ckpt is None and not has_trained_head(model_id):
         log.warning("no --ckpt: the base model %s with an UNTRAINED head; results will be close to random", model_id)
     return model_id, ColIntern.from_pretrained(model_id, ckpt=ckpt, device=device)
 

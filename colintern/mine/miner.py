@@ -135,6 +135,12 @@ class Miner(PreparedMining):
             remove_store(self.store_dir)
         return self.summary(meta, recall)
 
+    def teacher_kind(self) -> str:
+        from colintern.retriever.colpali_engine import colpali_checkpoint
+
+        colpali = colpali_checkpoint(self.model_id)
+        return f"colpali-engine {colpali.kind.name}" if colpali else "exported ColIntern model"
+
     def meta(self, recall: dict[str, Any] | None, t_recall: float) -> dict[str, Any]:
         config, state, plan, store = self.config, self.output.state, self.plan, self.store
         part_secs = sum(p["seconds"] for p in store.parts)
@@ -144,6 +150,9 @@ class Miner(PreparedMining):
             "deepened_queries": state["deepened"], "indexed": "every page token vector (inner product)"}
         return {
             "checkpoint": config.ckpt, "checkpoint_sha256": self.ckpt_sha, "model": config.model_id,
+            "teacher": None if config.teacher is None else {
+                "given": config.teacher, "family": self.model.config.backbone, "dim": self.model.config.dim,
+                "kind": "ColIntern checkpoint" if config.ckpt else self.teacher_kind()},
             "dataset": self.corpus.name, "split": self.corpus.split, "limit": config.limit, "method": self.method,
             "method_asked": config.method, "method_why": self.method_why, "k": config.k, "score": SCORE_DOC,
             "filters": {"fn_filter": self.fn_filter, "skip_top": config.skip_top,

@@ -39,7 +39,7 @@ class PreparedMining:
         from colintern.data.report import SkipReport
         from colintern.data.datasets import clean_query
         from colintern.mine.search import choose_method, plan_pairs
-        from colintern.retriever.model import ColIntern, is_exported_model
+        from colintern.retriever.model import ColIntern, has_trained_head
         from colintern.mine.page_store import PageStore, plan_pages
 
         assert config.model_id is not None  # MineConfig.check: required unless --merge
@@ -49,7 +49,7 @@ class PreparedMining:
         self.show = not config.quiet
         self.device = mining_device(config.device)
         self.use_gpu = self.device.startswith("cuda")
-        if config.ckpt is None and not is_exported_model(self.model_id):
+        if config.ckpt is None and not has_trained_head(self.model_id):
             log.warning("no --ckpt: mining with the base model %s and an UNTRAINED head; negatives will be close "
                         "to random. Pass --ckpt outputs/train/colintern_heads_epoch1.pt", config.model_id)
         self.model = ColIntern.from_pretrained(self.model_id, ckpt=config.ckpt, device=self.device, dtype=config.dtype,

@@ -101,6 +101,13 @@ def is_exported_model(model_id: str) -> bool:
     return os.path.isfile(os.path.join(model_id, HEAD_FILE))
 
 
+def has_trained_head(model_id: str) -> bool:
+    """Whether model_id brings its own trained head: an exported ColIntern folder or a colpali-engine checkpoint."""
+    from colintern.retriever.colpali_engine import colpali_checkpoint
+
+    return is_exported_model(model_id) or colpali_checkpoint(model_id) is not None
+
+
 def load_any_backbone(model_id: str, dtype: torch.dtype, attn: str, device: str | torch.device) -> LoadedBackbone:
     """The backbone of `model_id`: a model folder or hub id of any family, or a colpali-engine checkpoint (its
     adapters merged and its head kept, colintern/retriever/colpali_engine.py)."""

@@ -96,6 +96,11 @@ class MineConfig(CheckpointOptions, MineDataOptions, MineOutputOptions, MiningOp
     """Everything mine.py needs. num_shards and shard_id default to torchrun's WORLD_SIZE and RANK."""
 
     model_id: str | None = with_default(ModelOptions, "model_id", None)
+    teacher: str | None = option(None, help="the model that mines, instead of --model_id/--ckpt: any model ColIntern "
+                                 "loads: a ColIntern checkpoint (.pt, on its recorded base model; any family), an "
+                                 "exported ColIntern folder, or a published colpali-engine retriever (ColQwen2.5, "
+                                 "ColQwen3, ColSmol; hub id or folder). Its negatives then train a student of any family "
+                                 "(train.py --train_jsonl); the meta file records it")
     allow_other_base: bool = with_default(ModelOptions, "allow_other_base", False)
     split: str = with_default(TrainDataOptions, "split", "train")
     train_jsonl: str | None = with_default(TrainDataOptions, "train_jsonl", None)
@@ -118,9 +123,19 @@ class MineConfig(CheckpointOptions, MineDataOptions, MineOutputOptions, MiningOp
             raise UserError(f"--shard_id must be in 0..{self.num_shards - 1}, got {self.shard_id}")
         if self.merge and self.num_shards < 2:
             raise UserError("--merge joins shard files: pass --num_shards N (N >= 2) as used for the shards")
+        if self.teacher is not None:
+            if self.model_id or self.ckpt:
+                raise UserError("pass --teacher, or --model_id with --ckpt, not both")
+            if self.teacher.endswith(".pt") or os.path.isfile(self.teacher):  # a ColIntern checkpoint
+                from colintern.retriever.checkpoint import base_model_of, load_checkpoint
+
+                object.__setattr__(self, "ckpt", self.teacher)
+                object.__setattr__(self, "model_id", base_model_of(load_checkpoint(self.teacher), self.teacher))
+            else:
+                object.__setattr__(self, "model_id", self.teacher)
         if not self.merge and (not self.model_id or not (self.hub_name or self.train_jsonl)):
-            raise UserError("--model_id and --hub_name (a page dataset) or --train_jsonl (local pages) are required "
-                            "(except with --merge)")
+            raise UserError("--model_id (or --teacher) and --hub_name (a page dataset) or --train_jsonl (local pages) "
+                            "are required (except with --merge)")
         if self.hub_name and self.train_jsonl:
             raise UserError("pass only one of --hub_name and --train_jsonl")
         if self.pages and not self.train_jsonl:
