@@ -131,3 +131,53 @@ def test_a_colpali_teacher_mines_for_a_student_of_another_family(tiny_smolvlm_di
                        "2", "--out_dir", str(tmp_path / "student")]) == 0
     student = load_checkpoint(str(tmp_path / "student" / "colintern_heads_step2.pt"))
     assert student["config"]["backbone"] == "internvl" and student["training"]["step"] == 2
+
+
+def test_a_published_retriever_is_a_baseline_in_eval_search_and_the_plots(tiny_qwen25_dir, tmp_path, capsys):
+    """eval.py and search.py take a colpali-engine checkpoint as --model_id: eval's run scores and search's scores
+    are colpali-engine's MaxSim, and plot_vidore_metrics.py puts its run beside another in one table."""
+    from colintern.retriever.scoring import maxsim
+    from colintern.testing.synthetic import generate
+    from helpers import load_script, search_page
+    from helpers import search_run as run
+
+    model, _, _, adapter = colpali_layout("qwen2_5_vl", tiny_qwen25_dir, tmp_path)
+    processor = ref.reference_processor("qwen2_5_vl", str(adapter))
+    corpus = tmp_path / "corpus"
+    generate(str(corpus), n_train_pages=2, n_eval_pages=3, queries_per_page=1, page_size=96)
+    evaluate = load_script("eval")
+    for name, flags in (("colqwen", ["--model_id", str(adapter)]), ("base", ["--model_id", tiny_qwen25_dir])):
+        assert evaluate.main([*flags, "--local_dataset", str(corpus / "eval"), "--out_dir", str(tmp_path / "eval"),
+                              "--run_name", name, "--save_run", "--device", "cpu"]) == 0
+    run_scores = json.loads((tmp_path / "eval" / "colqwen" / "runs" / "eval.json").read_text())
+    queries = {json.loads(line)["query-id"]: json.loads(line)["query"] for line in open(corpus / "eval" / "queries.jsonl")}
+    rows = [json.loads(line) for line in open(corpus / "eval" / "corpus.jsonl")]
+    from PIL import Image
+
+    pages = [Image.open(corpus / "eval" / row["image"]) for row in rows]
+    query_id = next(iter(run_scores))
+    direct = maxsim(ref.embed(model, ref.process_queries("qwen2_5_vl", processor, [queries[query_id]])),
+                    ref.embed(model, ref.process_images("qwen2_5_vl", processor, pages)))
+    for j, row in enumerate(rows):
+        assert run_scores[query_id][row["corpus-id"]] == pytest.approx(float(direct[0, j]), abs=2e-5)
+
+    plots = load_script("plot_vidore_metrics")
+    assert plots.main(["--inputs", str(tmp_path / "eval" / "colqwen"), str(tmp_path / "eval" / "base"), "--outdir",
+                       str(tmp_path / "plots")]) == 0
+    table = (tmp_path / "plots" / "metrics.csv").read_text().splitlines()
+    summaries = {name: json.loads((tmp_path / "eval" / name / "summary.json").read_text()) for name in ("colqwen", "base")}
+    for name, summary in summaries.items():
+        value = summary["tasks"]["eval"]["ndcg_at_5"]
+        assert any(line.startswith(f"{name},eval,ndcg_at_5,") and float(line.split(",")[3]) == pytest.approx(value)
+                   for line in table)
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    search_page(1).save(docs / "a.png")
+    code, _, err = run(capsys, "index", "--model_id", adapter, "--inputs", docs, "--index", tmp_path / "index")
+    assert code == 0 and "UNTRAINED" not in err, err
+    code, out, err = run(capsys, "query", "--index", tmp_path / "index", "--json", "a green page")
+    assert code == 0, err
+    expected = maxsim(ref.embed(model, ref.process_queries("qwen2_5_vl", processor, ["a green page"])),
+                      ref.embed(model, ref.process_images("qwen2_5_vl", processor, [search_page(1)])))
+    assert json.loads(out)["results"][0]["score"] == pytest.approx(float(expected[0, 0]), abs=2e-3)
