@@ -67,6 +67,19 @@ def image_processor_file(config: "ColInternConfig", image_processor_type: str, p
             "do_convert_rgb": True, "image_mean": list(config.image_mean), "image_std": list(config.image_std)}
 
 
+def save_tiny_model(model: Any, out_dir: str, what: str, preprocessor: dict[str, Any] | None = None) -> str:
+    """Save a family's tiny random model (and its preprocessor_config.json) to out_dir, say so; returns out_dir."""
+    import logging
+
+    model.save_pretrained(out_dir)
+    if preprocessor is not None:
+        with open(os.path.join(out_dir, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+            json.dump(preprocessor, f, indent=2)
+    logging.getLogger("colintern").info("wrote tiny %s model (%.2fM parameters) to %s", what,
+                                        sum(p.numel() for p in model.parameters()) / 1e6, out_dir)
+    return out_dir
+
+
 class BackboneFamily:
     """What ColIntern needs to know about one family of vision-language backbones.
 

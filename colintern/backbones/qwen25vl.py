@@ -9,17 +9,14 @@ blocks' fused qkv and proj) and the export's processor files are Qwen3-VL's code
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 from typing import Any
 
 import torch
 
+from colintern.backbones.base import save_tiny_model
 from colintern.backbones.qwen3vl import Qwen3VLFamily, qwen3vl_token_ids
 from colintern.testing.toy_tokenizer import build_tokenizer
-
-log = logging.getLogger("colintern")
 
 # Qwen2.5-VL's preprocessor defaults (OpenAI CLIP normalisation; at least 4 visual tokens of 28 x 28 px).
 QWEN25VL_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -55,17 +52,12 @@ def build_tiny_qwen25vl(out_dir: str, seed: int = 0) -> str:
     config = tiny_qwen25vl_config(len(tokenizer), token_ids)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.save_pretrained(out_dir)
     preprocessor = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
                     "min_pixels": QWEN25VL_MIN_PIXELS, "max_pixels": 12845056, "patch_size": 14,
                     "temporal_patch_size": 2, "merge_size": 2, "do_resize": True, "do_rescale": True,
                     "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
                     "image_mean": QWEN25VL_IMAGE_MEAN, "image_std": QWEN25VL_IMAGE_STD}
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w", encoding="utf-8") as f:
-        json.dump(preprocessor, f, indent=2)
-    log.info("wrote tiny Qwen2.5-VL-architecture model (%.2fM parameters) to %s",
-             sum(p.numel() for p in model.parameters()) / 1e6, out_dir)
-    return out_dir
+    return save_tiny_model(model, out_dir, "Qwen2.5-VL-architecture", preprocessor)
 
 
 class Qwen25VLFamily(Qwen3VLFamily):

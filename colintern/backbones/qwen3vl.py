@@ -26,7 +26,7 @@ import numpy as np
 from torch import nn
 
 from colintern.backbones.base import (BackboneFamily, LoadedBackbone, TransformersProcessorFiles, image_processor_file,
-                                     load_tokenizer, resolve_file)
+                                      load_tokenizer, resolve_file, save_tiny_model)
 from colintern.retriever.config import ColInternConfig
 from colintern.errors import UserError
 from colintern.backbones.processor import PageProcessor, check_page_image, grid_boxes, page_keep_mask
@@ -299,7 +299,6 @@ def build_tiny_qwen3vl(out_dir: str, seed: int = 0) -> str:
     config = tiny_qwen3vl_config(len(tokenizer), qwen3vl_token_ids(tokenizer))
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
-    model.save_pretrained(out_dir)
     preprocessor = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
                     # Qwen3-VL's own limits: at least 64 tokens of 32 x 32 px a page (a page below that is scaled
                     # up), so a --max_visual_tokens under 64 fails here as on the real model
@@ -307,11 +306,7 @@ def build_tiny_qwen3vl(out_dir: str, seed: int = 0) -> str:
                     "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "do_resize": True,
                     "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
                     "image_mean": QWEN3VL_IMAGE_MEAN, "image_std": QWEN3VL_IMAGE_STD}
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w", encoding="utf-8") as f:
-        json.dump(preprocessor, f, indent=2)
-    log.info("wrote tiny Qwen3-VL-architecture model (%.2fM parameters) to %s",
-             sum(p.numel() for p in model.parameters()) / 1e6, out_dir)
-    return out_dir
+    return save_tiny_model(model, out_dir, "Qwen3-VL-architecture", preprocessor)
 
 
 # -- the family ---------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 from typing import Any, Sequence
 
@@ -26,14 +24,12 @@ from PIL import Image
 from torch import nn
 
 from colintern.backbones.base import (BackboneFamily, LoadedBackbone, TransformersProcessorFiles, image_processor_file,
-                                     load_tokenizer)
+                                      load_tokenizer, save_tiny_model)
 from colintern.backbones.processor import PageProcessor, check_page_image, grid_boxes, page_keep_mask
 from colintern.backbones.qwen3vl import _read_preprocessor
 from colintern.errors import UserError
 from colintern.retriever.config import ColInternConfig
 from colintern.testing.toy_tokenizer import build_tokenizer
-
-log = logging.getLogger("colintern")
 
 # ColSmol's page prompt (colpali-engine's ColIdefics3 visual prompt); "<image>" is expanded as Idefics3Processor does.
 SMOLVLM_PAGE_PROMPT = "<|im_start|>User:<image>Describe the image.<end_of_utterance>\nAssistant:"
@@ -187,16 +183,11 @@ def build_tiny_smolvlm(out_dir: str, seed: int = 0) -> str:
     config = tiny_idefics3_config(len(tokenizer), ids)
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
-    model.save_pretrained(out_dir)
     preprocessor = {"image_processor_type": "Idefics3ImageProcessor", "processor_class": "Idefics3Processor",
                     "size": {"longest_edge": 128}, "max_image_size": {"longest_edge": 64}, "do_image_splitting": True,
                     "do_pad": True, "resample": 1, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
                     "do_normalize": True, "do_convert_rgb": True, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD}
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w", encoding="utf-8") as f:
-        json.dump(preprocessor, f, indent=2)
-    log.info("wrote tiny Idefics3 (SmolVLM-architecture) model (%.2fM parameters) to %s",
-             sum(p.numel() for p in model.parameters()) / 1e6, out_dir)
-    return out_dir
+    return save_tiny_model(model, out_dir, "Idefics3 (SmolVLM-architecture)", preprocessor)
 
 
 # -- the family ---------------------------------------------------------------------------------------
