@@ -84,3 +84,25 @@ def test_every_script_runs_on_every_family(tiny_backbone, corpus, tmp_path, caps
     for result in results:
         column = 0 if result["file"].endswith("a.png") else 1
         assert result["score"] == pytest.approx(float(direct[0, column]), abs=2e-3)
+
+
+def test_smolvlm2_model_type_loads_the_same_model(tiny_smolvlm_dir, tmp_path):
+    """SmolVLM2 folders (model_type "smolvlm") load through SmolVLMModel: the tiny Idefics3 relabelled as one gives
+    the same embeddings (the same weights are read; the image rules are the same as Idefics3's)."""
+    import shutil
+
+    from helpers import noisy_page
+
+    copy = tmp_path / "smolvlm2"
+    shutil.copytree(tiny_smolvlm_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(model_type="smolvlm", architectures=["SmolVLMForConditionalGeneration"])
+    config["text_config"]["model_type"] = "llama"
+    config["vision_config"]["model_type"] = "smolvlm_vision"
+    (copy / "config.json").write_text(json.dumps(config))
+    pages, queries = [noisy_page(200, 120, (200, 30, 30), 1)], ["a red page"]
+    original, relabelled = ColIntern.from_pretrained(tiny_smolvlm_dir), ColIntern.from_pretrained(str(copy))
+    assert type(relabelled.backbone).__mro__[1].__name__ == "SmolVLMModel"
+    for a, b in ((original.encode_images(pages), relabelled.encode_images(pages)),
+                 (original.encode_queries(queries), relabelled.encode_queries(queries))):
+        assert a[0].shape == b[0].shape and (a[0] - b[0]).abs().max().item() < 1e-6
