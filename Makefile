@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv browser ocr test demo ablate itr-demo gpu-suite clean
+.PHONY: venv browser ocr test demo ablate itr-demo teacher-mining gpu-suite clean
 
 # torch first (torch==2.13.0: the CPU build on a machine without CUDA; torchvision is never installed),
 # so that nothing in requirements.txt pulls another torch build. FAISS likewise: faiss-cpu only where no faiss is
@@ -56,6 +56,13 @@ ablate: venv
 # after every epoch, with the comparison and efficiency tables (about 5 minutes on 2 cores).
 itr-demo: venv
 	$(PY) -m colintern.itr.demo --out outputs/itr_demo
+
+# Seed 002's "negatives from another model": the demo's InternVL checkpoint mines (mine.py --teacher) for a tiny
+# Qwen2.5-VL student, against in-batch negatives alone, 3 seeds each (docs/BENCHMARKS.md; runs make demo first when needed).
+teacher-mining: venv
+	test -f outputs/demo/train/colintern_heads_epoch2.pt || $(MAKE) demo
+	PYTHONPATH=$(CURDIR) $(PY) bench/teacher_mining.py --teacher outputs/demo/train/colintern_heads_epoch2.pt \
+	    --data outputs/demo/synthetic --student qwen2_5_vl --seeds 0 1 2 --out outputs/bench/teacher_mining
 
 # On a machine with a CUDA GPU, with that machine's own python (torch, transformers, peft, accelerate; no venv
 # needed): the one prepared measurement, about 8 minutes, results in outputs/bench/gpu_suite/ (docs/BENCHMARKS.md).

@@ -30,8 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*command: str) -> None:
+    """Run one script as a user would (one torch thread each, offline, as make demo does)."""
+    from colintern.scripts.demo import child_env
+
     print("$", " ".join(command), flush=True)
-    done = subprocess.run([sys.executable, *command], cwd=REPO)
+    done = subprocess.run([sys.executable, *command], cwd=REPO, env=child_env(1)[0])
     if done.returncode != 0:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}")
 
