@@ -1,5 +1,6 @@
 """Each script's main path on each backbone family's tiny model (`tiny_backbone` runs once per registered family):
-train.py (LoRA), mine.py, eval.py and search.py index + query, each checked against the model's own MaxSim."""
+train.py (LoRA, heads only), mine.py --teacher, eval.py, search.py index + query (and token pooling), each checked
+against the model's own MaxSim."""
 from __future__ import annotations
 
 import json
@@ -41,6 +42,13 @@ def test_every_script_runs_on_every_family(tiny_backbone, corpus, tmp_path, caps
     losses = [json.loads(line)["loss"] for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     model = ColIntern.from_pretrained(folder, ckpt=ckpt)
+    # heads only (no --lora): one step changes the head and nothing else
+    assert train.main(["--model_id", folder, "--train_hub", os.path.join(corpus, "train"), "--batch_size", "4",
+                       "--max_steps", "1", "--warmup_ratio", "0", "--lr", "1e-3", "--max_tiles", "1",
+                       "--max_visual_tokens", "64", "--dim", "32", "--save_every", "1", "--device", "cpu", "--out_dir", str(tmp_path / "heads")]) == 0
+    heads = load_checkpoint(str(tmp_path / "heads" / "colintern_heads_step1.pt"))
+    fresh = ColIntern.from_pretrained(folder, max_tiles=1, max_visual_tokens=64, dim=32)
+    assert heads["lora"] is None and not (heads["head"]["weight"] == fresh.head.weight).all()
 
     # mine.py --teacher CKPT (on its recorded base model): the mined positive's score is this model's MaxSim
     from colintern.data.datasets import load_page_dataset
@@ -84,6 +92,15 @@ def test_every_script_runs_on_every_family(tiny_backbone, corpus, tmp_path, caps
     for result in results:
         column = 0 if result["file"].endswith("a.png") else 1
         assert result["score"] == pytest.approx(float(direct[0, column]), abs=2e-3)
+    # token pooling (--pool_factor 2): each page keeps ceil(n / 2) vectors
+    from colintern.index.page_index import PageIndex
+
+    code, _, err = run(capsys, "index", "--ckpt", ckpt, "--inputs", docs, "--index", tmp_path / "pooled",
+                       "--pool_factor", 2)
+    assert code == 0, err
+    lengths = {p["file"]: p["length"] for p in PageIndex.open(tmp_path / "pooled").pages}
+    full = model.encode_images([search_page(0), search_page(3)])
+    assert sorted(lengths.values()) == sorted(-(-len(e) // 2) for e in full)
 
 
 def test_smolvlm2_model_type_loads_the_same_model(tiny_smolvlm_dir, tmp_path):
