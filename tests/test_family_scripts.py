@@ -45,7 +45,8 @@ def test_every_script_runs_on_every_family(tiny_backbone, corpus, tmp_path, caps
     # heads only (no --lora): one step changes the head and nothing else
     assert train.main(["--model_id", folder, "--train_hub", os.path.join(corpus, "train"), "--batch_size", "4",
                        "--max_steps", "1", "--warmup_ratio", "0", "--lr", "1e-3", "--max_tiles", "1",
-                       "--max_visual_tokens", "64", "--dim", "32", "--save_every", "1", "--device", "cpu", "--out_dir", str(tmp_path / "heads")]) == 0
+                       "--max_visual_tokens", "64", "--dim", "32", "--save_every", "1", "--device", "cpu",
+                       "--out_dir", str(tmp_path / "heads")]) == 0
     heads = load_checkpoint(str(tmp_path / "heads" / "colintern_heads_step1.pt"))
     fresh = ColIntern.from_pretrained(folder, max_tiles=1, max_visual_tokens=64, dim=32)
     assert heads["lora"] is None and not (heads["head"]["weight"] == fresh.head.weight).all()
