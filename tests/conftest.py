@@ -102,6 +102,16 @@ def synthetic_small_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def synthetic_tiny_dir(tmp_path_factory) -> str:
+    """8 train pages x 3 queries and 4 held-out pages, 96 px wide: the script runs on every family's tiny model."""
+    from colintern.testing.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic_tiny")
+    generate(str(out), n_train_pages=8, n_eval_pages=4, queries_per_page=3, page_size=96)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def search_docs(tmp_path_factory):
     """a.pdf (3 pages), b.pdf (2 pages), c.png: the search tests' documents (read only; copy them to change one)."""
     from helpers import search_page

@@ -19,14 +19,9 @@ from helpers import search_run as run
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    """8 train pages x 3 queries and 4 held-out pages (96-px wide), shared by every family."""
-    from colintern.testing.synthetic import generate
-
-    out = tmp_path_factory.mktemp("family_synthetic")
-    generate(str(out), n_train_pages=8, n_eval_pages=4, queries_per_page=3, page_size=96)
-    return str(out)
+@pytest.fixture(scope="session")
+def corpus(synthetic_tiny_dir) -> str:
+    return synthetic_tiny_dir
 
 
 def test_every_script_runs_on_every_family(tiny_backbone, corpus, tmp_path, capsys):

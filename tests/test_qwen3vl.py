@@ -274,14 +274,9 @@ def test_eval_script_on_a_qwen3_vl_checkpoint(tiny_qwen_dir, qwen_ckpt, tmp_path
         assert summary["tasks"]["qset"][f"ndcg_at_{k}"] == pytest.approx(ndcg(qrels, run, k), abs=1e-6)
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory) -> str:
-    """A small synthetic corpus (8 train pages x 3 queries, 96-px wide pages) for the script runs."""
-    from colintern.testing.synthetic import generate
-
-    out = tmp_path_factory.mktemp("qwen_synthetic")
-    generate(str(out), n_train_pages=8, n_eval_pages=2, queries_per_page=3, page_size=96)
-    return str(out)
+@pytest.fixture(scope="session")
+def small_corpus(synthetic_tiny_dir) -> str:
+    return synthetic_tiny_dir
 
 
 def test_mine_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, qwen_ckpt, tmp_path):
