@@ -1,16 +1,21 @@
 """Does a teacher's mining help a student of another family? Seed 002's "better negatives from another, stronger
-model" (NV-Retriever's positive-aware mining), measured on the tiny models and the synthetic pages.
+model" (NV-Retriever's positive-aware mining), measured on the tiny models and the synthetic pages, in the ColPali
+recipe's shape: an in-batch epoch first, then an epoch with mined negatives.
 
     make demo                                         # the teacher: the demo's epoch-2 InternVL checkpoint
     PYTHONPATH=. .venv/bin/python bench/teacher_mining.py --teacher outputs/demo/train/colintern_heads_epoch2.pt \\
         --data outputs/demo/synthetic --student qwen2_5_vl --seeds 0 1 2 --out outputs/bench/teacher_mining
 
-1. mine.py --teacher TEACHER: hard negatives for every training query, with the positive-aware filter
-   (--fn_filter 0.95: a candidate scoring above 95 % of the positive is taken for an unlabelled positive and skipped).
-2. For each seed, two students of another family (a fresh tiny model) train for one epoch on the same queries, the
-   same steps, batch and learning rate: in-batch negatives only (train.py --train_hub), or in-batch plus one of the
-   teacher's negatives per query (train.py --train_jsonl mined --num_negs 1).
-3. eval.py scores both on the held-out set. The difference of the means is compared with the seed spread.
+1. mine.py --teacher TEACHER, twice: with the positive-aware filter (--fn_filter 0.95: a candidate scoring above
+   95 % of the positive is taken for an unlabelled positive and skipped) and without it (--fn_filter 0). The
+   synthetic set has real unlabelled positives (queries naming attributes that several pages share).
+2. For each seed, a student of another family (a fresh tiny model, LoRA) trains epoch 1 on in-batch negatives
+   (train.py --train_hub). From that checkpoint (--resume_ckpt), epoch 2 runs three ways on the same mined queries,
+   steps, batch and learning rate: in-batch negatives only (--num_negs 0), plus one filtered teacher negative per
+   query, plus one unfiltered teacher negative.
+3. eval.py scores each epoch-2 student (and the epoch-1 one) on the held-out set. The arms share each seed's epoch
+   1, so the per-seed differences to in-batch are paired: their mean, how many seeds improve, and a paired t-test
+   (an arm "helps" when its mean gain is positive at p < 0.05).
 Writes OUT/teacher_mining.json and prints the table (every command is run as a user would run it).
 """
 from __future__ import annotations
@@ -22,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scipy.stats import ttest_rel
+
 from benchlib import env, print_table, write_json  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402
@@ -29,10 +36,14 @@ from colintern.cli import run_cli, setup_logging  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*command: str) -> None:
-    """Run one script as a user would (one torch thread each, offline, as make demo does)."""
+def run(*command: str, done_if: Path | None = None) -> None:
+    """Run one script as a user would (one torch thread each, offline, as make demo does); skipped when done_if
+    exists (a finished step of an interrupted or extended run: more --seeds reuse the earlier ones)."""
     from colintern.scripts.demo import child_env
 
+    if done_if is not None and done_if.exists():
+        print("# done already:", done_if, flush=True)
+        return
     print("$", " ".join(command), flush=True)
     done = subprocess.run([sys.executable, *command], cwd=REPO, env=child_env(1)[0])
     if done.returncode != 0:
@@ -56,38 +67,67 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     out, data = Path(options.out), options.data
     student = out / "student"
-    run("-m", "colintern.testing.tiny", str(student), "--backbone", options.student)
-    mined = out / "mine" / "mined.jsonl"
-    run("mine.py", "--teacher", options.teacher, "--hub_name", f"{data}/train", "--k", "4", "--fn_filter", "0.95",
-        "--method", "exact", "--out_jsonl", str(mined), "--device", "cpu", "--quiet")
+    run("-m", "colintern.testing.tiny", str(student), "--backbone", options.student,
+        done_if=student / "model.safetensors")
+    mined = {}
+    for name, threshold in (("filtered", "0.95"), ("unfiltered", "0")):
+        mined[name] = out / "mine" / f"{name}.jsonl"
+        run("mine.py", "--teacher", options.teacher, "--hub_name", f"{data}/train", "--k", "4", "--fn_filter",
+            threshold, "--method", "exact", "--out_jsonl", str(mined[name]), "--device", "cpu", "--quiet",
+            done_if=mined[name].with_suffix(".meta.json"))
     common = ["--model_id", str(student), "--batch_size", str(options.batch_size), "--lr", str(options.lr), "--lora",
-              "--lora_r", "16", "--epochs", "1", "--device", "cpu", "--save_every", "0", "--num_workers", "1"]
-    scores: dict[str, list[float]] = {"in-batch": [], "teacher": []}
-    for seed in options.seeds:
-        for arm, data_flags in (("in-batch", ["--train_hub", f"{data}/train"]),
-                                ("teacher", ["--train_jsonl", str(mined), "--num_negs", "1"])):
-            train_dir = out / arm / f"seed{seed}"
-            run("train.py", *common, *data_flags, "--seed", str(seed), "--out_dir", str(train_dir))
-            run("eval.py", "--ckpt", str(train_dir / "colintern_heads_epoch1.pt"), "--local_dataset", f"{data}/eval",
-                "--out_dir", str(out / "eval"), "--run_name", f"{arm}_seed{seed}", "--device", "cpu", "--overwrite")
-            scores[arm].append(ndcg_at_5(out / "eval" / f"{arm}_seed{seed}" / "summary.json"))
-    meta = json.loads(mined.with_suffix(".meta.json").read_text())
-    rows = [{"arm": arm, "mean": statistics.mean(v), "spread": (max(v) - min(v)) / 2,
-             "seeds": " ".join(f"{x:.4f}" for x in v)} for arm, v in scores.items()]
-    print_table(rows, [("arm", "student negatives", "s"), ("mean", "nDCG@5 mean", ".4f"),
-                       ("spread", "± half range", ".4f"), ("seeds", "per seed", "s")])
-    gain = rows[1]["mean"] - rows[0]["mean"]
-    noise = max(rows[0]["spread"], rows[1]["spread"])
-    every_seed = all(t > b for t, b in zip(scores["teacher"], scores["in-batch"]))
-    verdict = (f"teacher negatives {'improve' if gain > 0 else 'do not improve'} the student by {gain:+.4f} nDCG@5 "
-               f"(seed half-range {noise:.4f}; better on {'every' if every_seed else 'not every'} seed)")
-    print(verdict)
-    write_json(out / "teacher_mining.json", {
-        "env": env(__import__("torch").device("cpu")), "teacher": options.teacher, "teacher_meta": meta.get("teacher"),
-        "fn_filtered": meta["counts"]["fn_filtered"], "student": options.student, "seeds": options.seeds,
-        "scores": scores, "gain": gain, "noise": noise, "every_seed": every_seed, "verdict": verdict})
-    return 0
+              "--lora_r", "16", "--epochs", "1", "--device", "cpu", "--save_every", "0", "--num_workers", "1",
+              "--overwrite"]
+    arms = {"in-batch": ["--train_jsonl", str(mined["filtered"]), "--num_negs", "0"],
+            "teacher, filtered": ["--train_jsonl", str(mined["filtered"]), "--num_negs", "1"],
+            "teacher, unfiltered": ["--train_jsonl", str(mined["unfiltered"]), "--num_negs", "1"]}
+    scores: dict[str, list[float]] = {"epoch 1 (in-batch)": [], **{arm: [] for arm in arms}}
 
+    def evaluate(checkpoint: Path, run_name: str) -> float:
+        run("eval.py", "--ckpt", str(checkpoint), "--local_dataset", f"{data}/eval", "--out_dir", str(out / "eval"),
+            "--run_name", run_name, "--device", "cpu", "--overwrite", done_if=out / "eval" / run_name / "summary.json")
+        return ndcg_at_5(out / "eval" / run_name / "summary.json")
+
+    for seed in options.seeds:
+        first = out / "epoch1" / f"seed{seed}"
+        run("train.py", *common, "--train_hub", f"{data}/train", "--seed", str(seed), "--out_dir", str(first),
+            done_if=first / "colintern_heads_epoch1.pt")
+        scores["epoch 1 (in-batch)"].append(evaluate(first / "colintern_heads_epoch1.pt", f"epoch1_seed{seed}"))
+        for arm, data_flags in arms.items():
+            slug = arm.replace(", ", "_").replace(" ", "_")
+            second = out / slug / f"seed{seed}"
+            run("train.py", *common, *data_flags, "--resume_ckpt", str(first / "colintern_heads_epoch1.pt"), "--seed",
+                str(seed), "--out_dir", str(second), done_if=second / "colintern_heads_epoch2.pt")
+            scores[arm].append(evaluate(second / "colintern_heads_epoch2.pt", f"{slug}_seed{seed}"))
+    baseline = scores["in-batch"]
+    rows = []
+    for arm, values in scores.items():
+        paired = [v - b for v, b in zip(values, baseline)]
+        test = ttest_rel(values, baseline) if arm != "in-batch" and len(values) > 1 else None
+        rows.append({"arm": arm, "mean": statistics.mean(values), "spread": (max(values) - min(values)) / 2,
+                     "gain": statistics.mean(paired), "wins": sum(d > 0 for d in paired),
+                     "p": float(test.pvalue) if test is not None else float("nan"),
+                     "seeds": " ".join(f"{x:.4f}" for x in values)})
+    print_table(rows, [("arm", "student negatives", "s"), ("mean", "nDCG@5 mean", ".4f"),
+                       ("spread", "± half range", ".4f"), ("gain", "vs epoch 2 in-batch", "+.4f"),
+                       ("wins", "seeds better", "d"), ("p", "paired t-test p", ".3f"), ("seeds", "per seed", "s")])
+    verdicts = []
+    for row in rows[2:]:
+        helps = row["gain"] > 0 and row["p"] < 0.05
+        verdicts.append(f"{row['arm']}: {row['gain']:+.4f} nDCG@5 over in-batch (better on {row['wins']} of "
+                        f"{len(options.seeds)} seeds, paired t-test p = {row['p']:.3f}) -> "
+                        f"{'helps' if helps else 'no significant gain' if row['gain'] > 0 else 'no gain'}")
+    for verdict in verdicts:
+        print(verdict)
+    metas = {name: json.loads(path.with_suffix(".meta.json").read_text()) for name, path in mined.items()}
+    write_json(out / "teacher_mining.json", {
+        "env": env(__import__("torch").device("cpu")), "teacher": options.teacher,
+        "teacher_meta": metas["filtered"].get("teacher"),
+        "mined": {name: {key: m["counts"][key] for key in ("fn_filtered", "negatives_per_line")}
+                  for name, m in metas.items()},
+        "student": options.student, "seeds": options.seeds, "scores": scores, "rows": rows,
+        "verdicts": verdicts})
+    return 0
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))
