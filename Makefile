@@ -57,12 +57,20 @@ ablate: venv
 itr-demo: venv
 	$(PY) -m colintern.itr.demo --out outputs/itr_demo
 
-# Seed 002's "negatives from another model": the demo's InternVL checkpoint mines (mine.py --teacher) for a tiny
-# Qwen2.5-VL student, against in-batch negatives alone, 3 seeds each (docs/BENCHMARKS.md; runs make demo first when needed).
+# Seed 002's "negatives from another model": InternVL teachers mine (mine.py --teacher) for a tiny Qwen2.5-VL student:
+# the demo's epoch-2 checkpoint, and a stronger one (the same trained 2 epochs more on the demo's mined triples).
+# After a shared in-batch epoch, epoch 2 with a teacher's negatives against in-batch alone, 8 seeds, paired (about
+# 45 minutes on 2 cores; docs/BENCHMARKS.md, "A teacher of another family"; runs make demo first when needed).
+TEACHER_LONGER := outputs/bench/teacher_mining/teacher_longer
 teacher-mining: venv
 	test -f outputs/demo/train/colintern_heads_epoch2.pt || $(MAKE) demo
-	PYTHONPATH=$(CURDIR) $(PY) bench/teacher_mining.py --teacher outputs/demo/train/colintern_heads_epoch2.pt \
-	    --data outputs/demo/synthetic --student qwen2_5_vl --seeds 0 1 2 --out outputs/bench/teacher_mining
+	test -f $(TEACHER_LONGER)/colintern_heads_epoch4.pt || $(PY) train.py --model_id outputs/demo/tiny \
+	    --resume_ckpt outputs/demo/train/colintern_heads_epoch2.pt --train_jsonl outputs/demo/mine/mined_triples.jsonl \
+	    --num_negs 1 --lora --lora_r 16 --batch_size 16 --lr 1e-3 --epochs 2 --device cpu --save_every 0 \
+	    --num_workers 1 --out_dir $(TEACHER_LONGER)
+	PYTHONPATH=$(CURDIR) $(PY) bench/teacher_mining.py --data outputs/demo/synthetic --student qwen2_5_vl \
+	    --teacher outputs/demo/train/colintern_heads_epoch2.pt $(TEACHER_LONGER)/colintern_heads_epoch4.pt \
+	    --seeds 0 1 2 3 4 5 6 7 --out outputs/bench/teacher_mining
 
 # On a machine with a CUDA GPU, with that machine's own python (torch, transformers, peft, accelerate; no venv
 # needed): the one prepared measurement, about 8 minutes, results in outputs/bench/gpu_suite/ (docs/BENCHMARKS.md).

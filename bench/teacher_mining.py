@@ -2,20 +2,24 @@
 model" (NV-Retriever's positive-aware mining), measured on the tiny models and the synthetic pages, in the ColPali
 recipe's shape: an in-batch epoch first, then an epoch with mined negatives.
 
-    make demo                                         # the teacher: the demo's epoch-2 InternVL checkpoint
-    PYTHONPATH=. .venv/bin/python bench/teacher_mining.py --teacher outputs/demo/train/colintern_heads_epoch2.pt \\
-        --data outputs/demo/synthetic --student qwen2_5_vl --seeds 0 1 2 --out outputs/bench/teacher_mining
+    make teacher-mining          # trains the stronger teacher (and runs make demo) first, then runs this:
+    PYTHONPATH=. .venv/bin/python bench/teacher_mining.py --data outputs/demo/synthetic --student qwen2_5_vl \\
+        --teacher outputs/demo/train/colintern_heads_epoch2.pt \\
+                  outputs/bench/teacher_mining/teacher_longer/colintern_heads_epoch4.pt \\
+        --seeds 0 1 2 3 4 5 6 7 --out outputs/bench/teacher_mining
 
-1. mine.py --teacher TEACHER, twice: with the positive-aware filter (--fn_filter 0.95: a candidate scoring above
-   95 % of the positive is taken for an unlabelled positive and skipped) and without it (--fn_filter 0). The
-   synthetic set has real unlabelled positives (queries naming attributes that several pages share).
+1. eval.py scores each teacher on the held-out set (is it stronger than the student?); mine.py --teacher mines the
+   training queries with each, with the positive-aware filter (--fn_filter 0.95: a candidate scoring above 95 % of
+   the positive is taken for an unlabelled positive and skipped), and with the first teacher also without it
+   (--fn_filter 0). The synthetic set has real unlabelled positives (queries naming attributes several pages share).
 2. For each seed, a student of another family (a fresh tiny model, LoRA) trains epoch 1 on in-batch negatives
-   (train.py --train_hub). From that checkpoint (--resume_ckpt), epoch 2 runs three ways on the same mined queries,
-   steps, batch and learning rate: in-batch negatives only (--num_negs 0), plus one filtered teacher negative per
-   query, plus one unfiltered teacher negative.
+   (train.py --train_hub). From that checkpoint (--resume_ckpt), epoch 2 runs once per arm on the same mined
+   queries, steps, batch and learning rate: in-batch negatives only (--num_negs 0), or plus one teacher negative
+   per query (--num_negs 1) from each mined file.
 3. eval.py scores each epoch-2 student (and the epoch-1 one) on the held-out set. The arms share each seed's epoch
    1, so the per-seed differences to in-batch are paired: their mean, how many seeds improve, and a paired t-test
    (an arm "helps" when its mean gain is positive at p < 0.05).
+Finished steps are kept: a rerun, or one with more seeds or teachers, runs only what is missing.
 Writes OUT/teacher_mining.json and prints the table (every command is run as a user would run it).
 """
 from __future__ import annotations
@@ -56,10 +60,11 @@ def ndcg_at_5(summary: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="any model ColIntern loads (mine.py --teacher)")
+    parser.add_argument("--teacher", required=True, nargs="+",
+                        help="one or more models ColIntern loads (mine.py --teacher); the first also mines unfiltered")
     parser.add_argument("--data", default="outputs/demo/synthetic", help="a synthetic corpus: DATA/train, DATA/eval")
     parser.add_argument("--student", default="qwen2_5_vl", help="the student's family (a fresh tiny model)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="training seeds (default: 0-7)")
     parser.add_argument("--out", default="outputs/bench/teacher_mining", help="output folder")
     parser.add_argument("--batch_size", type=int, default=16, help="pairs per step (default: 16)")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
@@ -69,24 +74,28 @@ def main(argv: list[str] | None = None) -> int:
     student = out / "student"
     run("-m", "colintern.testing.tiny", str(student), "--backbone", options.student,
         done_if=student / "model.safetensors")
-    mined = {}
-    for name, threshold in (("filtered", "0.95"), ("unfiltered", "0")):
-        mined[name] = out / "mine" / f"{name}.jsonl"
-        run("mine.py", "--teacher", options.teacher, "--hub_name", f"{data}/train", "--k", "4", "--fn_filter",
-            threshold, "--method", "exact", "--out_jsonl", str(mined[name]), "--device", "cpu", "--quiet",
-            done_if=mined[name].with_suffix(".meta.json"))
+    mined: dict[str, Path] = {}  # arm -> the triples it trains on
+    for i, teacher in enumerate(options.teacher):
+        label, prefix = ("teacher", "") if i == 0 else (f"teacher {i + 1}", f"teacher{i + 1}_")
+        for name, threshold in (("filtered", "0.95"), ("unfiltered", "0"))[:2 if i == 0 else 1]:
+            path = mined[f"{label}, {name}"] = out / "mine" / f"{prefix}{name}.jsonl"
+            run("mine.py", "--teacher", teacher, "--hub_name", f"{data}/train", "--k", "4", "--fn_filter", threshold,
+                "--method", "exact", "--out_jsonl", str(path), "--device", "cpu", "--quiet",
+                done_if=path.with_suffix(".meta.json"))
     common = ["--model_id", str(student), "--batch_size", str(options.batch_size), "--lr", str(options.lr), "--lora",
               "--lora_r", "16", "--epochs", "1", "--device", "cpu", "--save_every", "0", "--num_workers", "1",
               "--overwrite"]
-    arms = {"in-batch": ["--train_jsonl", str(mined["filtered"]), "--num_negs", "0"],
-            "teacher, filtered": ["--train_jsonl", str(mined["filtered"]), "--num_negs", "1"],
-            "teacher, unfiltered": ["--train_jsonl", str(mined["unfiltered"]), "--num_negs", "1"]}
+    arms = {"in-batch": ["--train_jsonl", str(mined["teacher, filtered"]), "--num_negs", "0"],
+            **{arm: ["--train_jsonl", str(path), "--num_negs", "1"] for arm, path in mined.items()}}
     scores: dict[str, list[float]] = {"epoch 1 (in-batch)": [], **{arm: [] for arm in arms}}
 
-    def evaluate(checkpoint: Path, run_name: str) -> float:
-        run("eval.py", "--ckpt", str(checkpoint), "--local_dataset", f"{data}/eval", "--out_dir", str(out / "eval"),
+    def evaluate(model: str | Path, run_name: str) -> float:
+        which = "--ckpt" if str(model).endswith(".pt") else "--model_id"
+        run("eval.py", which, str(model), "--local_dataset", f"{data}/eval", "--out_dir", str(out / "eval"),
             "--run_name", run_name, "--device", "cpu", "--overwrite", done_if=out / "eval" / run_name / "summary.json")
         return ndcg_at_5(out / "eval" / run_name / "summary.json")
+
+    teacher_scores = {teacher: evaluate(teacher, f"teacher{i + 1}") for i, teacher in enumerate(options.teacher)}
 
     for seed in options.seeds:
         first = out / "epoch1" / f"seed{seed}"
@@ -117,14 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append(f"{row['arm']}: {row['gain']:+.4f} nDCG@5 over in-batch (better on {row['wins']} of "
                         f"{len(options.seeds)} seeds, paired t-test p = {row['p']:.3f}) -> "
                         f"{'helps' if helps else 'no significant gain' if row['gain'] > 0 else 'no gain'}")
+    for i, (teacher, score) in enumerate(teacher_scores.items()):
+        print(f"teacher{'' if i == 0 else f' {i + 1}'}: {teacher}, nDCG@5 {score:.4f} on the held-out set")
     for verdict in verdicts:
         print(verdict)
-    metas = {name: json.loads(path.with_suffix(".meta.json").read_text()) for name, path in mined.items()}
+    metas = {arm: json.loads(path.with_suffix(".meta.json").read_text()) for arm, path in mined.items()}
     write_json(out / "teacher_mining.json", {
-        "env": env(__import__("torch").device("cpu")), "teacher": options.teacher,
-        "teacher_meta": metas["filtered"].get("teacher"),
-        "mined": {name: {key: m["counts"][key] for key in ("fn_filtered", "negatives_per_line")}
-                  for name, m in metas.items()},
+        "env": env(__import__("torch").device("cpu")), "teachers": teacher_scores,
+        "teacher_meta": {arm: m.get("teacher") for arm, m in metas.items()},
+        "mined": {arm: {key: m["counts"][key] for key in ("fn_filtered", "negatives_per_line")}
+                  for arm, m in metas.items()},
         "student": options.student, "seeds": options.seeds, "scores": scores, "rows": rows,
         "verdicts": verdicts})
     return 0

@@ -422,3 +422,41 @@ def test_real_pdf_pooling_bench_builds_its_sets_from_page_text(tmp_path):
     for kind in ("seen", "unseen"):
         k1, k3 = result[kind]
         assert k1["ndcg_at_5_kept"] == 1.0 and k3["vectors_per_page"] < 0.4 * k1["vectors_per_page"]
+
+
+def test_teacher_mining_bench_pairs_every_arm_with_in_batch_and_reruns_nothing(tmp_path, search_ckpt,
+                                                                               synthetic_tiny_dir, capfd):
+    """bench/teacher_mining.py on the tiny corpus, 2 seeds: each arm's scores are its eval summaries, the gains are
+    the paired per-seed differences with scipy's paired t-test, the unfiltered mining filtered nothing, and a rerun
+    finds every step done."""
+    from scipy.stats import ttest_rel
+
+    bench = load_bench("teacher_mining")
+    out = tmp_path / "teacher_mining"
+    argv = ["--teacher", search_ckpt, "--data", synthetic_tiny_dir, "--student", "qwen2_5_vl", "--seeds", "0", "1",
+            "--batch_size", "4", "--out", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads((out / "teacher_mining.json").read_text())
+    scores = result["scores"]
+    runs = {"epoch 1 (in-batch)": "epoch1", "in-batch": "in-batch", "teacher, filtered": "teacher_filtered",
+            "teacher, unfiltered": "teacher_unfiltered"}
+    assert list(scores) == list(runs)
+    for arm, slug in runs.items():
+        for seed, score in zip((0, 1), scores[arm]):
+            summary = json.loads((out / "eval" / f"{slug}_seed{seed}" / "summary.json").read_text())
+            assert score == summary["average"]["ndcg_at_5"]
+    rows = {row["arm"]: row for row in result["rows"]}
+    for arm in ("teacher, filtered", "teacher, unfiltered"):
+        paired = [a - b for a, b in zip(scores[arm], scores["in-batch"])]
+        assert rows[arm]["gain"] == pytest.approx(sum(paired) / 2, abs=1e-12)
+        assert rows[arm]["wins"] == sum(d > 0 for d in paired)
+        expected = ttest_rel(scores[arm], scores["in-batch"]).pvalue
+        assert rows[arm]["p"] == pytest.approx(expected, nan_ok=True)
+    assert result["mined"]["teacher, unfiltered"]["fn_filtered"] == 0
+    assert result["teacher_meta"]["teacher, filtered"]["given"] == search_ckpt
+    teacher_summary = json.loads((out / "eval" / "teacher1" / "summary.json").read_text())
+    assert result["teachers"] == {search_ckpt: teacher_summary["average"]["ndcg_at_5"]}
+    capfd.readouterr()
+    assert bench.main(argv) == 0
+    printed = capfd.readouterr().out
+    assert "# done already" in printed and not any(line.startswith("$ ") for line in printed.splitlines())
