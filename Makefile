@@ -60,7 +60,7 @@ itr-demo: venv
 # Seed 002's "negatives from another model": InternVL teachers mine (mine.py --teacher) for a tiny Qwen2.5-VL student:
 # the demo's epoch-2 checkpoint, and a stronger one (the same trained 2 epochs more on the demo's mined triples).
 # After a shared in-batch epoch, epoch 2 with a teacher's negatives against in-batch alone, 8 seeds, paired (about
-# 45 minutes on 2 cores; docs/BENCHMARKS.md, "A teacher of another family"; runs make demo first when needed).
+# an hour on 2 cores; docs/BENCHMARKS.md, "A teacher of another family"; runs make demo first when needed).
 TEACHER_LONGER := outputs/bench/teacher_mining/teacher_longer
 teacher-mining: venv
 	test -f outputs/demo/train/colintern_heads_epoch2.pt || $(MAKE) demo
