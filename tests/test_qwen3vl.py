@@ -274,12 +274,7 @@ def test_eval_script_on_a_qwen3_vl_checkpoint(tiny_qwen_dir, qwen_ckpt, tmp_path
         assert summary["tasks"]["qset"][f"ndcg_at_{k}"] == pytest.approx(ndcg(qrels, run, k), abs=1e-6)
 
 
-@pytest.fixture(scope="session")
-def small_corpus(synthetic_tiny_dir) -> str:
-    return synthetic_tiny_dir
-
-
-def test_mine_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, qwen_ckpt, tmp_path):
+def test_mine_script_on_qwen3_vl(tiny_qwen_dir, synthetic_tiny_dir, qwen_ckpt, tmp_path):
     """mine.py --method exact with a Qwen3-VL checkpoint (LoRA, 32-token cap, dim 64): every line's positive and
     negative scores are this model's MaxSim (pages stored in fp16), and its negatives are the best other pages."""
     from colintern.data.images import decode_image
@@ -289,10 +284,11 @@ def test_mine_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, qwen_ckpt, tmp_pat
     _, ckpt = qwen_ckpt
     out = tmp_path / "mined.jsonl"
     mine = load_script("mine")
-    assert mine.main(["--model_id", tiny_qwen_dir, "--ckpt", ckpt, "--hub_name", os.path.join(small_corpus, "train"),
-                      "--method", "exact", "--k", "2", "--fn_filter", "0", "--out_jsonl", str(out), "--quiet"]) == 0
+    assert mine.main(["--model_id", tiny_qwen_dir, "--ckpt", ckpt, "--hub_name",
+                      os.path.join(synthetic_tiny_dir, "train"), "--method", "exact", "--k", "2", "--fn_filter", "0",
+                      "--out_jsonl", str(out), "--quiet"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    data = load_page_dataset(os.path.join(small_corpus, "train"))
+    data = load_page_dataset(os.path.join(synthetic_tiny_dir, "train"))
     assert len(rows) == len(data) == 24
     model = ColIntern.from_pretrained(tiny_qwen_dir, ckpt=ckpt)
     pages, index = [], {}
@@ -318,18 +314,18 @@ def test_mine_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, qwen_ckpt, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_qwen_dir, small_corpus, tmp_path_factory) -> Path:
+def trained(tiny_qwen_dir, synthetic_tiny_dir, tmp_path_factory) -> Path:
     """train.py --lora, 2 steps of 4 pairs (pairwise loss) on the tiny Qwen3-VL, a checkpoint after each step."""
     out = tmp_path_factory.mktemp("qwen_train")
     train = load_script("train")
-    assert train.main(["--model_id", tiny_qwen_dir, "--train_hub", os.path.join(small_corpus, "train"),
+    assert train.main(["--model_id", tiny_qwen_dir, "--train_hub", os.path.join(synthetic_tiny_dir, "train"),
                        "--batch_size", "4", "--max_steps", "2", "--lr", "1e-3", "--lora", "--lora_r", "4",
                        "--lora_alpha", "8", "--loss", "pairwise", "--tau", "0.02", "--save_every", "1",
                        "--device_map", "cpu", "--out_dir", str(out)]) == 0
     return out
 
 
-def test_train_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, trained):
+def test_train_script_on_qwen3_vl(tiny_qwen_dir, synthetic_tiny_dir, trained):
     """Step 1's logged loss is the pairwise loss of the untrained model (LoRA B = 0) on the plan's first 4 pairs,
     recomputed here; checkpoints carry the Qwen3-VL config and LoRA on the language model only, and reload."""
     from colintern.data.images import decode_image
@@ -338,7 +334,7 @@ def test_train_script_on_qwen3_vl(tiny_qwen_dir, small_corpus, trained):
 
     lines = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all(math.isfinite(m["loss"]) for m in lines)
-    data = load_page_dataset(os.path.join(small_corpus, "train"))
+    data = load_page_dataset(os.path.join(synthetic_tiny_dir, "train"))
     rows = make_plan(len(data), 0, 1, 4, 1, 1).micro[0]  # seed 0, epoch 1, batch 4, 1 process, no accumulation
     m = ColIntern.from_pretrained(tiny_qwen_dir)
     with torch.no_grad():
