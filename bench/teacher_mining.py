@@ -19,7 +19,8 @@ recipe's shape: an in-batch epoch first, then an epoch with mined negatives.
 3. eval.py scores each epoch-2 student (and the epoch-1 one) on the held-out set. The arms share each seed's epoch
    1, so the per-seed differences to in-batch are paired: their mean, how many seeds improve, and a paired t-test
    (an arm "helps" when its mean gain is positive at p < 0.05).
-Finished steps are kept: a rerun, or one with more seeds or teachers, runs only what is missing.
+Finished steps are kept: a rerun, or one with more seeds or teachers added at the end, runs only what is missing;
+other settings in the same --out are refused (OUT/settings.json).
 Writes OUT/teacher_mining.json and prints the table (every command is run as a user would run it).
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from scipy.stats import ttest_rel
 from benchlib import env, print_table, write_json  # noqa: E402
 
 from colintern.cli import run_cli, setup_logging  # noqa: E402
+from colintern.errors import UserError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +54,22 @@ def run(*command: str, done_if: Path | None = None) -> None:
     done = subprocess.run([sys.executable, *command], cwd=REPO, env=child_env(1)[0])
     if done.returncode != 0:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}")
+
+
+def check_settings(out: Path, options: argparse.Namespace) -> None:
+    """Finished steps are reused by path, so OUT may only be extended (more seeds, teachers added after the earlier
+    ones) with the settings it was made with: anything else would mix two experiments silently."""
+    settings = {key: getattr(options, key) for key in ("teacher", "data", "student", "batch_size", "lr")}
+    path = out / "settings.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        changed = [key for key in settings if key != "teacher" and earlier.get(key) != settings[key]]
+        if settings["teacher"][:len(earlier["teacher"])] != earlier["teacher"]:
+            changed.insert(0, "teacher")
+        if changed:
+            flags = ", ".join(f"--{key}" for key in changed)
+            raise UserError(f"{out} holds a run with other {flags} ({path}); pass another --out")
+    write_json(path, settings)
 
 
 def ndcg_at_5(summary: Path) -> float:
@@ -71,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     setup_logging()
     out, data = Path(options.out), options.data
+    check_settings(out, options)
     student = out / "student"
     run("-m", "colintern.testing.tiny", str(student), "--backbone", options.student,
         done_if=student / "model.safetensors")
@@ -87,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
               "--overwrite"]
     arms = {"in-batch": ["--train_jsonl", str(mined["teacher, filtered"]), "--num_negs", "0"],
             **{arm: ["--train_jsonl", str(path), "--num_negs", "1"] for arm, path in mined.items()}}
+    slugs = {arm: arm.replace(", ", "_").replace(" ", "_") for arm in arms}  # "teacher 2, filtered" -> folder name
     scores: dict[str, list[float]] = {"epoch 1 (in-batch)": [], **{arm: [] for arm in arms}}
 
     def evaluate(model: str | Path, run_name: str) -> float:
@@ -103,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             done_if=first / "colintern_heads_epoch1.pt")
         scores["epoch 1 (in-batch)"].append(evaluate(first / "colintern_heads_epoch1.pt", f"epoch1_seed{seed}"))
         for arm, data_flags in arms.items():
-            slug = arm.replace(", ", "_").replace(" ", "_")
+            slug = slugs[arm]
             second = out / slug / f"seed{seed}"
             run("train.py", *common, *data_flags, "--resume_ckpt", str(first / "colintern_heads_epoch1.pt"), "--seed",
                 str(seed), "--out_dir", str(second), done_if=second / "colintern_heads_epoch2.pt")
@@ -121,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("spread", "± half range", ".4f"), ("gain", "vs epoch 2 in-batch", "+.4f"),
                        ("wins", "seeds better", "d"), ("p", "paired t-test p", ".3f"), ("seeds", "per seed", "s")])
     verdicts = []
-    for row in rows[2:]:
+    for row in (row for row in rows if row["arm"] in mined):
         helps = row["gain"] > 0 and row["p"] < 0.05
         verdicts.append(f"{row['arm']}: {row['gain']:+.4f} nDCG@5 over in-batch (better on {row['wins']} of "
                         f"{len(options.seeds)} seeds, paired t-test p = {row['p']:.3f}) -> "
@@ -139,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "student": options.student, "seeds": options.seeds, "scores": scores, "rows": rows,
         "verdicts": verdicts})
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

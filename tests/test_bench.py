@@ -428,7 +428,7 @@ def test_teacher_mining_bench_pairs_every_arm_with_in_batch_and_reruns_nothing(t
                                                                                synthetic_tiny_dir, capfd):
     """bench/teacher_mining.py on the tiny corpus, 2 seeds: each arm's scores are its eval summaries, the gains are
     the paired per-seed differences with scipy's paired t-test, the unfiltered mining filtered nothing, and a rerun
-    finds every step done."""
+    finds every step done (and refuses other settings in the same folder)."""
     from scipy.stats import ttest_rel
 
     bench = load_bench("teacher_mining")
@@ -460,3 +460,5 @@ def test_teacher_mining_bench_pairs_every_arm_with_in_batch_and_reruns_nothing(t
     assert bench.main(argv) == 0
     printed = capfd.readouterr().out
     assert "# done already" in printed and not any(line.startswith("$ ") for line in printed.splitlines())
+    with pytest.raises(UserError, match=r"holds a run with other --teacher, --lr .*pass another --out"):
+        bench.main([*argv[2:], "--teacher", str(out / "other.pt"), "--lr", "0.5"])
